@@ -1,0 +1,186 @@
+"""A bounded dynamic batching queue per model: items from all calls are gathered into one model call."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from .metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+# Runs a whole batch; returns one result or one exception per item, in order.
+BatchFn = Callable[[list[Item]], Sequence["Result | Exception"]]
+
+
+@dataclass
+class _Entry(Generic[Item]):
+    item: Item
+    future: asyncio.Future
+
+
+class BatchingQueue(Generic[Item, Result]):
+    """Gathers items until `max_batch_size` or `max_delay_s`, runs the batch off the event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: BatchFn,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        metrics: ServiceMetrics,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1:
+            raise ValueError("max_batch_size and max_queue_size must be at least 1")
+        self.name = name
+        self._run_batch = run_batch
+        self._max_batch = max_batch_size
+        self._max_delay = max_delay_s
+        self._max_queue = max_queue_size
+        self._metrics = metrics
+        self._pending: collections.deque[_Entry] = collections.deque()
+        self._arrived = asyncio.Event()
+        # One thread per model keeps one batch on the model at a time while the event loop keeps serving.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        while self._pending:
+            entry = self._pending.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(Unavailable(f"model {self.name} is shutting down; retry another replica"))
+        self._executor.shutdown(wait=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def submit_many(self, items: Sequence[Item]) -> list[asyncio.Future]:
+        """Queues all items or none: a call that does not fit gets RESOURCE_EXHAUSTED with a retry hint."""
+        if self._worker is None:
+            raise Unavailable(f"model {self.name} is not serving yet (warming up); retry shortly")
+        if len(self._pending) + len(items) > self._max_queue:
+            self._metrics.queue_rejections.labels(self.name).inc(len(items))
+            raise ResourceExhausted(
+                f"model {self.name} queue is full ({len(self._pending)} of {self._max_queue} items waiting, "
+                f"{len(items)} more asked): retry after a short back-off or send smaller batches"
+            )
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            future = loop.create_future()
+            self._pending.append(_Entry(item, future))
+            futures.append(future)
+        self._metrics.queue_depth.labels(self.name).set(len(self._pending))
+        self._arrived.set()
+        return futures
+
+    async def run(self, items: Sequence[Item]) -> list[Result | Exception]:
+        """Submits items and waits; cancelling the caller cancels its still-queued items."""
+        futures = self.submit_many(items)
+        try:
+            return await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+
+    async def run_each(self, raw_items: Sequence, prepare: Callable[[object], Item]) -> list[Result | Exception]:
+        """Prepares each raw item (a failure stays that item's error), batches the rest, keeps the order."""
+        if not raw_items:
+            raise InvalidArgument("the request has no items")
+        outcomes: list[Result | Exception] = [None] * len(raw_items)  # type: ignore[list-item]
+        prepared, positions = [], []
+        for position, raw in enumerate(raw_items):
+            try:
+                prepared.append(prepare(raw))
+                positions.append(position)
+            except ServiceError as error:
+                outcomes[position] = error
+        for position, result in zip(positions, await self.run(prepared) if prepared else []):
+            outcomes[position] = result
+        return outcomes
+
+    async def _gather_batch(self) -> list[_Entry]:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = time.monotonic() + self._max_delay
+        while len(self._pending) < self._max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        batch = []
+        while self._pending and len(batch) < self._max_batch:
+            entry = self._pending.popleft()
+            if not entry.future.done():  # skip items whose caller cancelled
+                batch.append(entry)
+        self._metrics.queue_depth.labels(self.name).set(len(self._pending))
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather_batch()
+            if not batch:
+                continue
+            results = await loop.run_in_executor(self._executor, self._run_safely, [e.item for e in batch])
+            for entry, result in zip(batch, results):
+                if entry.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    entry.future.set_exception(result)
+                else:
+                    entry.future.set_result(result)
+
+    def _run_safely(self, items: list[Item]) -> Sequence[Result | Exception]:
+        """Runs the batch; if the whole call fails, runs items one by one so each gets its own outcome."""
+        labels = self.name
+        started = time.perf_counter()
+        try:
+            results = self._run_batch(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        except Exception as batch_error:
+            if len(items) == 1:
+                results = [batch_error]
+            else:
+                log.warning("batch failed; retrying items one by one", extra={"model": labels, "error": str(batch_error)})
+                results = [self._run_single(item) for item in items]
+        self._metrics.inference_seconds.labels(labels).observe(time.perf_counter() - started)
+        self._metrics.batch_size.labels(labels).observe(len(items))
+        self._metrics.batches.labels(labels).inc()
+        failed = sum(isinstance(r, BaseException) for r in results)
+        self._metrics.items.labels(labels, "ok").inc(len(items) - failed)
+        self._metrics.items.labels(labels, "error").inc(failed)
+        return results
+
+    def _run_single(self, item: Item) -> Result | Exception:
+        try:
+            return self._run_batch([item])[0]
+        except Exception as error:
+            return error

@@ -1,0 +1,181 @@
+"""onnxruntime session creation: install check, provider choice, tensor checks, fixed-batch handling."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+from .manifest import BATCH_DIM, ModelSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+DEV_SUBDIR = "dev"
+
+
+def check_onnxruntime_install(distributions: set[str] | None = None) -> None:
+    """Refuses a mixed onnxruntime + onnxruntime-gpu install: they overwrite each other's files."""
+    if distributions is None:
+        distributions = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+    if {"onnxruntime", "onnxruntime-gpu"} <= distributions:
+        raise ModelLoadError(
+            "both onnxruntime and onnxruntime-gpu are installed and overwrite each other's files: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu, then install exactly one "
+            "(pip install -e .[cpu] or pip install -e .[gpu])"
+        )
+
+
+def choose_providers(preference: str, available: list[str]) -> list[str]:
+    """Maps `auto` or a list like `cuda,cpu` to the available onnxruntime providers, in order."""
+    wanted = ["tensorrt", "cuda", "cpu"] if preference.strip().lower() == "auto" else [
+        p.strip().lower() for p in preference.split(",") if p.strip()
+    ]
+    unknown = [p for p in wanted if p not in PROVIDER_NAMES]
+    if unknown:
+        raise ModelLoadError(f"unknown provider(s) {unknown}: use auto or a list of tensorrt, cuda, cpu")
+    chosen = [PROVIDER_NAMES[p] for p in wanted if PROVIDER_NAMES[p] in available]
+    if not chosen:
+        raise ModelLoadError(f"none of the providers {wanted} is available (onnxruntime offers {available})")
+    return chosen
+
+
+def resolve_model_path(models_dir: str | Path, spec: ModelSpec, allow_dev: bool) -> tuple[Path, bool]:
+    """The real file when present, else the generated dev file if allowed. Returns (path, is_dev)."""
+    real = Path(models_dir) / spec.file
+    if real.is_file():
+        return real, False
+    dev = Path(models_dir) / DEV_SUBDIR / spec.file
+    if allow_dev and dev.is_file():
+        return dev, True
+    hint = "run `make models` (downloads and verifies the real weights)"
+    if allow_dev:
+        hint += " or `make models-dev` (generated demo weights)"
+    raise ModelLoadError(f"model file {real} for {spec.name!r} not found: {hint}")
+
+
+def _dims_match(expected: int | str, actual: object) -> bool:
+    if isinstance(expected, str):
+        return True
+    return not isinstance(actual, int) or actual == expected
+
+
+def _check_tensors(kind: str, expected: tuple[TensorSpec, ...], actual: list, path: Path) -> None:
+    by_name = {t.name: t for t in actual}
+    for position, spec in enumerate(expected):
+        found = actual[position] if spec.name == "*" and position < len(actual) else by_name.get(spec.name)
+        if found is None:
+            names = [t.name for t in actual]
+            raise ModelLoadError(f"{path.name}: expected {kind} tensor {spec.name!r}, the model has {names}")
+        shape = list(found.shape)
+        if len(shape) != len(spec.shape) or not all(map(_dims_match, spec.shape, shape)):
+            raise ModelLoadError(
+                f"{path.name}: {kind} tensor {spec.name!r} has shape {shape}, expected {list(spec.shape)}"
+            )
+
+
+@dataclass
+class OnnxModel:
+    """One resident session plus its spec. `run` takes stacked batches, looping when the batch is fixed at 1."""
+
+    spec: ModelSpec
+    session: object
+    path: Path
+    is_dev: bool
+    fixed_batch: bool
+    providers: list[str]
+    load_seconds: float
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batch = len(next(iter(feeds.values())))
+        if not self.fixed_batch or batch == 1:
+            return self.session.run(None, feeds)  # type: ignore[attr-defined]
+        singles = [self.session.run(None, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
+        return [np.concatenate(parts) for parts in zip(*singles)]
+
+    def run_per_item(self, feeds: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """Outputs per item, for models whose outputs have no batch axis (SCRFD) or a fixed one of 1."""
+        batch = len(next(iter(feeds.values())))
+        if self.fixed_batch:
+            return [self.session.run(None, {k: v[i : i + 1] for k, v in feeds.items()})  # type: ignore[attr-defined]
+                    for i in range(batch)]
+        outputs = self.session.run(None, feeds)  # type: ignore[attr-defined]
+        return [[out[i : i + 1] for out in outputs] for i in range(batch)]
+
+    def random_feeds(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        feeds = {}
+        for tensor in self.spec.inputs:
+            shape = [
+                batch if d == BATCH_DIM else (self.spec.warmup_dims.get(d, 1) if isinstance(d, str) else d)
+                for d in tensor.shape
+            ]
+            if self.fixed_batch:
+                shape[0] = batch
+            feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
+        return feeds
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> float:
+        started = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for batch in batch_sizes:
+            self.run(self.random_feeds(batch, rng))
+        return time.perf_counter() - started
+
+
+def load_model(
+    spec: ModelSpec,
+    models_dir: str | Path,
+    *,
+    providers: str = "auto",
+    require_gpu: bool = False,
+    allow_dev: bool = False,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+) -> OnnxModel:
+    """Creates the session, checks its tensors against the manifest and logs what it runs on."""
+    import onnxruntime as ort
+
+    check_onnxruntime_install()
+    path, is_dev = resolve_model_path(models_dir, spec, allow_dev)
+    chosen = choose_providers(providers, ort.get_available_providers())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    started = time.perf_counter()
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
+        raise ModelLoadError(f"{path}: onnxruntime cannot load it: {exc}") from exc
+    load_seconds = time.perf_counter() - started
+    _check_tensors("input", spec.inputs, session.get_inputs(), path)
+    _check_tensors("output", spec.outputs, session.get_outputs(), path)
+    actual = session.get_providers()
+    if require_gpu and not GPU_PROVIDERS & set(actual):
+        raise ModelLoadError(
+            f"{spec.name}: a GPU provider is required but the session runs on {actual} "
+            "(onnxruntime-gpu falls back to CPU when CUDA or cuDNN is missing; check the driver and libraries)"
+        )
+    batch_dim = session.get_inputs()[0].shape[0]
+    fixed_batch = isinstance(batch_dim, int)
+    log.info(
+        "model loaded",
+        extra={"model": spec.name, "path": str(path), "providers": actual, "dev_weights": is_dev,
+               "load_seconds": round(load_seconds, 3), "fixed_batch": fixed_batch},
+    )
+    if fixed_batch:
+        log.info("model batch dimension is fixed; batches run as consecutive single calls",
+                 extra={"model": spec.name, "batch_dim": batch_dim})
+    if is_dev:
+        log.warning("running on generated demo weights: outputs are noise", extra={"model": spec.name})
+    return OnnxModel(spec, session, path, is_dev, fixed_batch, actual, load_seconds)

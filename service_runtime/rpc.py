@@ -1,0 +1,71 @@
+"""The one place where domain errors become gRPC status codes, with request ids, logs and request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import code_pb2, status_pb2
+
+from .errors import ServiceError
+from .logs import new_request_id, request_id_var
+from .metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def request_id_from(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and value:
+            return str(value)
+    return new_request_id()
+
+
+def item_status(error: BaseException) -> status_pb2.Status:
+    """A per-item google.rpc.Status for one failed item in a batch."""
+    if isinstance(error, ServiceError):
+        return status_pb2.Status(code=error.code.value[0], message=error.message)
+    return status_pb2.Status(code=code_pb2.INTERNAL, message=f"{type(error).__name__}: {error}")
+
+
+def grpc_method(metrics_attr: str = "metrics") -> Callable[[Handler], Handler]:
+    """Wraps a unary servicer method: sets the request id, maps ServiceError to its code, counts and logs."""
+
+    def decorate(func: Handler) -> Handler:
+        method = func.__name__
+
+        @functools.wraps(func)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metrics: ServiceMetrics = getattr(self, metrics_attr)
+            token = request_id_var.set(request_id_from(context))
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await func(self, request, context)
+            except ServiceError as error:
+                code = error.code
+                log.warning("request failed", extra={"method": method, "code": code.name, "error": error.message})
+                await context.abort(code, error.message)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("request crashed", extra={"method": method})
+                await context.abort(code, f"internal error (request id {request_id_var.get()}); see the service log")
+            finally:
+                metrics.requests.labels(method, code.name).inc()
+                metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
+                request_id_var.reset(token)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

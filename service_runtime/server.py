@@ -1,0 +1,166 @@
+"""Service lifecycle: bind, report NOT_SERVING, load and warm up models, SERVING, graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from .batching import BatchingQueue
+from .errors import ModelLoadError
+from .logs import configure_logging
+from .metrics import ServiceMetrics
+from .manifest import ModelSpec
+from .onnx_session import OnnxModel, load_model
+from .settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ModelService(abc.ABC):
+    """One model service: its gRPC names, how it loads its models and how it registers its servicer."""
+
+    name: str
+    grpc_service_names: tuple[str, ...]
+
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.queues: dict[str, BatchingQueue] = {}
+        self.models: dict[str, OnnxModel] = {}
+
+    def new_queue(self, model_key: str, run_batch) -> BatchingQueue:
+        """Creates the batching queue for one model; it accepts items only once warm-up has finished."""
+        queue = BatchingQueue(
+            model_key,
+            run_batch,
+            max_batch_size=self.settings.max_batch_size,
+            max_delay_s=self.settings.max_batch_delay_ms / 1000,
+            max_queue_size=self.settings.max_queue_size,
+            metrics=self.metrics,
+        )
+        self.queues[model_key] = queue
+        return queue
+
+    def load(self, spec: ModelSpec, warmup_dims: dict[str, int] | None = None) -> OnnxModel:
+        """Loads one model with this service's provider and thread settings."""
+        s = self.settings
+        model = load_model(spec, s.models_dir, providers=s.providers, require_gpu=s.require_gpu,
+                           allow_dev=s.allow_dev_models, intra_op_threads=s.intra_op_threads,
+                           inter_op_threads=s.inter_op_threads)
+        if warmup_dims:
+            model.spec = dataclasses.replace(spec, warmup_dims={**spec.warmup_dims, **warmup_dims})
+        return model
+
+    @abc.abstractmethod
+    def load_models(self) -> dict[str, OnnxModel]:
+        """Loads every model (called once, in a worker thread); keys match the queue names."""
+
+    @abc.abstractmethod
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds this service's servicer to the server."""
+
+
+class ModelServer:
+    """Runs one ModelService: health, reflection, metrics endpoint, warm-up, graceful shutdown."""
+
+    def __init__(self, service: ModelService) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *self.service.grpc_service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Binds and starts answering (NOT_SERVING until `warm_up`); returns the gRPC port."""
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.server = grpc.aio.server(options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service.register(self.server)
+        reflection.enable_server_reflection(
+            (*self.service.grpc_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self.server,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        await self.server.start()
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.service.metrics.serve(self.settings.metrics_port, self.settings.host)
+        log.info("listening", extra={"service": self.service.name, "port": self.port,
+                                     "metrics_port": self.metrics_port, "health": "NOT_SERVING"})
+        return self.port
+
+    async def warm_up(self) -> None:
+        """Loads models, runs each once per warm-up batch size, starts the queues, then reports SERVING."""
+        metrics = self.service.metrics
+        models = await asyncio.to_thread(self.service.load_models)
+        self.service.models = models
+        sizes = self.settings.effective_warmup_batch_sizes()
+        for key, model in models.items():
+            metrics.model_loads.labels(key).inc()
+            metrics.model_load_seconds.labels(key).set(model.load_seconds)
+            seconds = await asyncio.to_thread(model.warm_up, sizes)
+            metrics.warmup_seconds.labels(key).set(seconds)
+            log.info("model warmed up", extra={"model": key, "batch_sizes": sizes, "seconds": round(seconds, 3)})
+        for queue in self.service.queues.values():
+            queue.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"service": self.service.name, "port": self.port})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (so load balancers drain), then let in-flight calls finish within the grace."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for queue in self.service.queues.values():
+            await queue.stop()
+        self.service.metrics.close()
+        log.info("stopped", extra={"service": self.service.name})
+
+    async def serve_until_signal(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        warm = asyncio.create_task(self.warm_up())
+        done, _ = await asyncio.wait({warm, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if warm in done and warm.exception() is not None:
+            await self.stop(0)
+            raise warm.exception()  # type: ignore[misc]
+        await stop.wait()
+        log.info("signal received; draining", extra={"service": self.service.name})
+        warm.cancel()
+        await self.stop()
+
+
+def run_service(service: ModelService) -> None:
+    """Process entry point shared by every model service's `__main__`."""
+    configure_logging(service.settings.log_level)
+    try:
+        asyncio.run(ModelServer(service).serve_until_signal())
+    except ModelLoadError as error:
+        log.error("cannot start: %s", error, extra={"service": service.name})
+        sys.exit(2)

@@ -1,0 +1,97 @@
+"""Typed settings parsed once from environment variables, with a documented default for every field."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value its setting cannot take."""
+
+
+def setting(default: Any, doc: str) -> Any:
+    """Declares one setting: its default and the one-line doc shown in the README table."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def _parse(raw: str, kind: Any, variable: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return lowered in {"1", "true", "yes", "on"}
+        if kind in (int, float, str):
+            return kind(raw.strip())
+        if typing.get_origin(kind) is tuple:
+            item_kind = typing.get_args(kind)[0]
+            return tuple(item_kind(part.strip()) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise SettingsError(f"{variable}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    raise TypeError(f"unsupported setting type {kind!r} for {variable}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSettings:
+    """Base for every settings object; subclasses set ENV_PREFIX and declare fields with `setting`."""
+
+    ENV_PREFIX: ClassVar[str] = ""
+
+    @classmethod
+    def env_name(cls, field_name: str) -> str:
+        return f"{cls.ENV_PREFIX}{field_name.upper()}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        """Reads every field from `PREFIX_FIELD`; explicit keyword overrides win (tests use them)."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            variable = cls.env_name(field.name)
+            if variable in environ:
+                values[field.name] = _parse(environ[variable], hints[field.name], variable)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The README settings table for this class."""
+        rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+        for field in dataclasses.fields(cls):
+            default = field.default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+            rows.append(f"| `{cls.env_name(field.name)}` | `{shown}` | {field.metadata['doc']} |")
+        return "\n".join(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSettings(BaseSettings):
+    """What every model service shares; each service subclasses it with its prefix, ports and models."""
+
+    host: str = setting("0.0.0.0", "Address the gRPC server binds.")
+    port: int = setting(0, "gRPC port (0 picks a free one).")
+    metrics_port: int = setting(0, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    models_dir: str = setting("models", "Folder holding the ONNX files and `manifest.json`.")
+    allow_dev_models: bool = setting(
+        False, "Fall back to generated random-weight models in `<models_dir>/dev/` when a real file is missing."
+    )
+    providers: str = setting(
+        "auto", "onnxruntime providers in order of preference: `auto` or a list of `tensorrt`, `cuda`, `cpu`."
+    )
+    require_gpu: bool = setting(False, "Refuse to start unless a session really runs on CUDA or TensorRT.")
+    intra_op_threads: int = setting(0, "onnxruntime threads inside one operator (0 = onnxruntime's choice).")
+    inter_op_threads: int = setting(0, "onnxruntime threads across operators (0 = onnxruntime's choice).")
+    max_batch_size: int = setting(8, "Most items one model call takes from the batching queue.")
+    max_batch_delay_ms: float = setting(5.0, "Longest wait for more items once a batch has its first one.")
+    max_queue_size: int = setting(256, "Items waiting per model; beyond it calls get RESOURCE_EXHAUSTED.")
+    warmup_batch_sizes: tuple[int, ...] = setting((), "Batch sizes run at warm-up (empty = 1 and max_batch_size).")
+    grace_period_s: float = setting(10.0, "Seconds in-flight calls get to finish after SIGTERM.")
+    log_level: str = setting("INFO", "Python log level.")
+
+    def effective_warmup_batch_sizes(self) -> tuple[int, ...]:
+        return self.warmup_batch_sizes or tuple(sorted({1, self.max_batch_size}))

@@ -1,0 +1,1 @@
+"""The three model services: detector, lipsync, enhancer."""

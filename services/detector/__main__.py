@@ -1,0 +1,4 @@
+"""`python -m services.detector` starts the detector service."""
+from .service import main
+
+main()

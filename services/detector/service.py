@@ -1,0 +1,55 @@
+"""Detector service start-up: settings, model loading and servicer registration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from superwav2lip.detector.v1 import detector_pb2, detector_pb2_grpc
+
+from service_runtime.manifest import load_manifest
+from service_runtime.metrics import ServiceMetrics
+from service_runtime.onnx_session import OnnxModel
+from service_runtime.server import ModelService, run_service
+from service_runtime.settings import ServiceSettings, setting
+
+from .model import FaceDetector, FaceEmbedder
+from .servicer import DetectorServicer
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSettings(ServiceSettings):
+    ENV_PREFIX = "SWL_DETECTOR_"
+    port: int = setting(50052, "gRPC port (0 picks a free one).")
+    metrics_port: int = setting(9102, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    detection_model: str = setting("scrfd_2.5g", "Manifest name of the face detector (scrfd_2.5g, yunet, retinaface_r50).")
+    recognition_model: str = setting("arcface_seed", "Manifest name of the face-recognition model.")
+    detection_size: int = setting(640, "Square detector input in pixels (multiple of 32); frames are letterboxed to it.")
+
+
+class DetectorService(ModelService):
+    name = "detector"
+    grpc_service_names = (detector_pb2.DESCRIPTOR.services_by_name["Detector"].full_name,)
+
+    def __init__(self, settings: DetectorSettings, metrics: ServiceMetrics | None = None) -> None:
+        super().__init__(settings, metrics or ServiceMetrics())
+        manifest = load_manifest(settings.models_dir)
+        self.detector = FaceDetector(manifest.get(settings.detection_model), settings.detection_size)
+        self.embedder = FaceEmbedder(manifest.get(settings.recognition_model))
+        self.servicer = DetectorServicer(
+            self.detector, self.embedder,
+            self.new_queue(settings.detection_model, self.detector.run_batch),
+            self.new_queue(settings.recognition_model, self.embedder.run_batch),
+            self.metrics,
+        )
+
+    def load_models(self) -> dict[str, OnnxModel]:
+        self.detector.model = self.load(self.detector.spec, {"H": self.detector.size, "W": self.detector.size})
+        self.embedder.model = self.load(self.embedder.spec)
+        return {self.detector.spec.name: self.detector.model, self.embedder.spec.name: self.embedder.model}
+
+    def register(self, server) -> None:
+        detector_pb2_grpc.add_DetectorServicer_to_server(self.servicer, server)
+
+
+def main() -> None:
+    run_service(DetectorService(DetectorSettings.from_env()))

@@ -1,0 +1,1 @@
+"""GFPGAN face restoration service."""

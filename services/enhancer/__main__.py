@@ -1,0 +1,4 @@
+"""`python -m services.enhancer` starts the enhancer service."""
+from .service import main
+
+main()

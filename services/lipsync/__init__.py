@@ -1,0 +1,1 @@
+"""Wav2Lip lip-sync generation service."""

@@ -1,0 +1,25 @@
+"""gRPC servicer of the lip-sync service."""
+
+from __future__ import annotations
+
+from superwav2lip.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
+
+from service_runtime.batching import BatchingQueue
+from service_runtime.metrics import ServiceMetrics
+from service_runtime.rpc import grpc_method, item_status
+
+from .model import LipSyncGenerator
+
+
+class LipSyncServicer(lipsync_pb2_grpc.LipSyncServicer):
+    def __init__(self, generator: LipSyncGenerator, queue: BatchingQueue, metrics: ServiceMetrics) -> None:
+        self.generator, self.queue, self.metrics = generator, queue, metrics
+
+    @grpc_method()
+    async def Generate(self, request: lipsync_pb2.GenerateRequest, context) -> lipsync_pb2.GenerateResponse:
+        outcomes = await self.queue.run_each(request.items, lambda item: self.generator.prepare(item.face, item.mel))
+        return lipsync_pb2.GenerateResponse(results=[
+            lipsync_pb2.LipSyncResult(error=item_status(o)) if isinstance(o, BaseException)
+            else lipsync_pb2.LipSyncResult(face=o.tobytes())
+            for o in outcomes
+        ])

@@ -1,0 +1,55 @@
+"""Generates the Python stubs, mypy stubs and Envoy descriptor set from protos/ (run by `make protos`)."""
+
+import shutil
+import sys
+from pathlib import Path
+
+from google.api import annotations_pb2
+import grpc_tools
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "protos"
+OUT = ROOT / "generated"
+PACKAGE = OUT / "superwav2lip"
+DESCRIPTOR = OUT / "superwav2lip_descriptor.pb"
+
+
+def _plugin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        sys.exit(f"{name} not found next to {sys.executable}: install mypy-protobuf (pip install -e .[dev])")
+    return f"--plugin={name}={path}"
+
+
+def main() -> None:
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    shutil.rmtree(PACKAGE, ignore_errors=True)
+    OUT.mkdir(exist_ok=True)
+    googleapis = Path(annotations_pb2.__file__).parent.parent.parent
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{googleapis}",
+        f"-I{well_known}",
+        _plugin("protoc-gen-mypy"),
+        _plugin("protoc-gen-mypy_grpc"),
+        f"--python_out={OUT}",
+        f"--grpc_python_out={OUT}",
+        f"--mypy_out={OUT}",
+        f"--mypy_grpc_out={OUT}",
+        "--include_imports",
+        f"--descriptor_set_out={DESCRIPTOR}",
+        *protos,
+    ]
+    if protoc.main(args) != 0:
+        sys.exit("protoc failed")
+    for folder in [PACKAGE, *[p for p in PACKAGE.rglob("*") if p.is_dir()]]:
+        (folder / "__init__.py").write_text('"""Generated from protos/ by `make protos`; do not edit."""\n')
+    (PACKAGE / "py.typed").write_text("")
+    print(f"generated {len(protos)} protos into {OUT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
