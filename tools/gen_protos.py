@@ -10,9 +10,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-OUT = ROOT / "generated"
-PACKAGE = OUT / "superwav2lip"
-DESCRIPTOR = OUT / "superwav2lip_descriptor.pb"
+DEFAULT_OUT = ROOT / "generated"
 
 
 def _plugin(name: str) -> str:
@@ -22,10 +20,13 @@ def _plugin(name: str) -> str:
     return f"--plugin={name}={path}"
 
 
-def main() -> None:
+def generate(out: Path) -> None:
+    """Writes the `superwav2lip` stub package and `superwav2lip_descriptor.pb` into `out`."""
+    package = out / "superwav2lip"
+    descriptor = out / "superwav2lip_descriptor.pb"
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
-    shutil.rmtree(PACKAGE, ignore_errors=True)
-    OUT.mkdir(exist_ok=True)
+    shutil.rmtree(package, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     googleapis = Path(annotations_pb2.__file__).parent.parent.parent
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [
@@ -35,20 +36,24 @@ def main() -> None:
         f"-I{well_known}",
         _plugin("protoc-gen-mypy"),
         _plugin("protoc-gen-mypy_grpc"),
-        f"--python_out={OUT}",
-        f"--grpc_python_out={OUT}",
-        f"--mypy_out={OUT}",
-        f"--mypy_grpc_out={OUT}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
         "--include_imports",
-        f"--descriptor_set_out={DESCRIPTOR}",
+        f"--descriptor_set_out={descriptor}",
         *protos,
     ]
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
-    for folder in [PACKAGE, *[p for p in PACKAGE.rglob("*") if p.is_dir()]]:
+    for folder in [package, *[p for p in package.rglob("*") if p.is_dir()]]:
         (folder / "__init__.py").write_text('"""Generated from protos/ by `make protos`; do not edit."""\n')
-    (PACKAGE / "py.typed").write_text("")
-    print(f"generated {len(protos)} protos into {OUT.relative_to(ROOT)}")
+    (package / "py.typed").write_text("")
+    print(f"generated {len(protos)} protos into {out}")
+
+
+def main() -> None:
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+# The project's verbs. Everything runs from the virtual environment that `make install` builds.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= cpu,dev
+
+.PHONY: install protos models models-dev test run clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+protos: install  ## regenerate stubs, .pyi and the Envoy descriptor set from protos/
+	$(PY) tools/gen_protos.py
+
+models: install  ## download and verify the real weights (needs internet)
+	$(PY) -m service_runtime.model_store
+
+models-dev: install  ## generate small random-weight models into models/dev
+	$(PY) -m service_runtime.dev_models
+
+test: install  ## the whole suite
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf models/dev .pytest_cache

@@ -1,0 +1,69 @@
+"""Shared fixtures: generated models, real-model paths, and in-process services on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service_runtime.manifest import load_manifest
+from service_runtime.dev_models import write_dev_model
+from service_runtime.server import ModelServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+SHARED_MODELS = SHARED / "models"
+SHARED_MEDIA = SHARED / "media"
+
+
+def shared_file(folder: Path, name: str) -> Path:
+    path = folder / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present (real models and media are optional)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dev_models_dir(tmp_path_factory) -> Path:
+    """A models folder with the project manifest and generated random-weight models in dev/."""
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copy(ROOT / "models" / "manifest.json", folder / "manifest.json")
+    manifest = load_manifest(folder)
+    for spec in manifest.models.values():
+        write_dev_model(spec, folder / "dev")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def identity_models_dir(tmp_path_factory) -> Path:
+    """Like dev_models_dir, but the lip-sync and enhancer models copy their (unmasked) input."""
+    folder = tmp_path_factory.mktemp("identity_models")
+    shutil.copy(ROOT / "models" / "manifest.json", folder / "manifest.json")
+    for spec in load_manifest(folder).models.values():
+        write_dev_model(spec, folder / "dev", identity=spec.role in {"lipsync", "enhancer"})
+    return folder
+
+
+def local_settings(settings_cls, models_dir: Path, **overrides):
+    """Settings for an in-process test service: loopback, free ports, dev models allowed."""
+    defaults = dict(host="127.0.0.1", port=0, metrics_port=0, models_dir=str(models_dir), allow_dev_models=True,
+                    warmup_batch_sizes=(1,), grace_period_s=1.0)
+    return settings_cls.from_env({}, **{**defaults, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def started(service, warm: bool = True):
+    """Starts the service's gRPC server in-process; yields (server, channel)."""
+    server = ModelServer(service)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        if warm:
+            await server.warm_up()
+        yield server, channel
+    finally:
+        await channel.close()
+        await server.stop(0)

@@ -1,0 +1,110 @@
+"""The batching queue: cross-call batches, per-item errors, bounded depth, cancellation."""
+
+import asyncio
+import threading
+
+import pytest
+
+from service_runtime.batching import BatchingQueue
+from service_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from service_runtime.metrics import ServiceMetrics
+
+
+class SlowDoubler:
+    """A fake model: doubles numbers, fails on negatives as a whole batch, records every call."""
+
+    def __init__(self, delay: float = 0.05) -> None:
+        self.calls: list[list[int]] = []
+        self.delay = delay
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, items):
+        self.release.wait(5)
+        self.calls.append(list(items))
+        threading.Event().wait(self.delay)
+        if any(i < 0 for i in items):
+            raise ValueError("negative input")
+        return [2 * i for i in items]
+
+
+def make_queue(model, **kwargs):
+    options = dict(max_batch_size=8, max_delay_s=0.02, max_queue_size=64, metrics=ServiceMetrics())
+    options.update(kwargs)
+    return BatchingQueue("fake", model, **options)
+
+
+async def test_concurrent_calls_share_model_invocations():
+    model = SlowDoubler()
+    queue = make_queue(model)
+    queue.start()
+    results = await asyncio.gather(*(queue.run([i]) for i in range(8)))
+    await queue.stop()
+    assert results == [[2 * i] for i in range(8)]
+    assert len(model.calls) < 8
+    assert max(len(c) for c in model.calls) > 1
+
+
+async def test_one_bad_item_fails_alone():
+    model = SlowDoubler(delay=0)
+    queue = make_queue(model)
+    queue.start()
+    results = await queue.run([1, -1, 3])
+    await queue.stop()
+    assert results[0] == 2 and results[2] == 6
+    assert isinstance(results[1], ValueError)
+
+
+async def test_prepare_errors_stay_with_their_item():
+    queue = make_queue(SlowDoubler(delay=0))
+    queue.start()
+
+    def prepare(raw):
+        if raw == "bad":
+            raise InvalidArgument("item is bad")
+        return int(raw)
+
+    results = await queue.run_each(["1", "bad", "5"], prepare)
+    await queue.stop()
+    assert results[0] == 2 and results[2] == 10
+    assert isinstance(results[1], InvalidArgument)
+
+
+async def test_full_queue_refuses_the_whole_call():
+    model = SlowDoubler()
+    model.release.clear()  # hold the worker so the queue fills
+    queue = make_queue(model, max_batch_size=1, max_queue_size=3)
+    queue.start()
+    first = asyncio.ensure_future(queue.run([1]))
+    await asyncio.sleep(0.05)  # the worker has taken item 1 and is blocked in the model
+    waiting = asyncio.ensure_future(queue.run([2, 3, 4]))
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        queue.submit_many([5])
+    model.release.set()
+    assert await first == [2] and await waiting == [4, 6, 8]
+    await queue.stop()
+
+
+async def test_cancelled_items_are_not_executed():
+    model = SlowDoubler()
+    model.release.clear()
+    queue = make_queue(model, max_batch_size=1)
+    queue.start()
+    blocker = asyncio.ensure_future(queue.run([1]))
+    await asyncio.sleep(0.05)
+    cancelled = asyncio.ensure_future(queue.run([100, 101]))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    model.release.set()
+    assert await blocker == [2]
+    assert await queue.run([7]) == [14]
+    await queue.stop()
+    executed = [i for call in model.calls for i in call]
+    assert 100 not in executed and 101 not in executed
+
+
+async def test_queue_that_is_not_started_is_unavailable():
+    with pytest.raises(Unavailable, match="warming up"):
+        make_queue(SlowDoubler()).submit_many([1])

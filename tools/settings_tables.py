@@ -1,0 +1,9 @@
+"""Prints the README settings tables from the settings classes (`python tools/settings_tables.py`)."""
+
+from services.detector.service import DetectorSettings
+from services.enhancer.service import EnhancerSettings
+from services.lipsync.service import LipSyncSettings
+
+for title, settings_cls in (("detector", DetectorSettings), ("lipsync", LipSyncSettings),
+                            ("enhancer", EnhancerSettings)):
+    print(f"#### {title}\n\n{settings_cls.markdown_table()}\n")
