@@ -27,3 +27,6 @@ test: install  ## the whole suite
 
 clean:
 	rm -rf models/dev .pytest_cache
+
+run: install  ## start the whole stack on CPU (real weights when present, generated ones otherwise)
+	$(PY) tools/run_stack.py

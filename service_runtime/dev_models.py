@@ -10,8 +10,12 @@ import numpy as np
 from .manifest import BATCH_DIM, ModelSpec, load_manifest
 
 OPSET = 18
-# A detector that finds nothing is a better demo default than one that "finds" noise everywhere.
+# Generated detectors find nothing in ordinary pictures. The SCRFD one "sees" a face wherever a 32x32 cell
+# is mostly pure green (a marker tests draw), so the whole pipeline can run without real weights.
 NO_FACE_BIAS = -12.0
+MARKER_GAIN, MARKER_BIAS = 20.0, -30.0
+MARKER_HALF_SIZE = 2.5  # box half-size in strides: neighbouring marker cells overlap enough for NMS
+MARKER_KPS = [-0.6, -0.5, 0.6, -0.5, 0.0, 0.0, -0.5, 0.6, 0.5, 0.6]  # eyes, nose, mouth corners, in strides
 
 
 def _onnx():
@@ -106,10 +110,24 @@ def _detector(spec: ModelSpec, g: _Graph) -> list[str]:
         k = kinds[index // 3]
         is_score = index // 3 < (2 if decoder == "yunet" else 1)
         pooled = g.op("AveragePool", [x], kernel_shape=[stride, stride], strides=[stride, stride])
-        y = g.conv(pooled, 3, per_cell * k, bias=NO_FACE_BIAS if is_score else 0.0)
+        if decoder == "scrfd" and stride == 32:
+            y = _green_marker(g, pooled, per_cell, k)
+        else:
+            y = g.conv(pooled, 3, per_cell * k, bias=NO_FACE_BIAS if is_score else 0.0)
         y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 3, 1]), g.const(np.array(shape(k), np.int64))])
         g.op("Sigmoid" if is_score else "Identity", [y], name)
     return names
+
+
+def _green_marker(g: _Graph, pooled: str, per_cell: int, k: int) -> str:
+    """Stride-32 SCRFD head of the marker detector: score from greenness, fixed box and keypoints."""
+    if k == 1:  # score logit = gain * (G - (R + B) / 2) + bias, on RGB input
+        weights = np.tile(np.array([-0.5, 1.0, -0.5], np.float32) * MARKER_GAIN, (per_cell, 1))
+        return g.op("Conv", [pooled, g.const(weights.reshape(per_cell, 3, 1, 1)),
+                             g.const(np.full(per_cell, MARKER_BIAS, np.float32))])
+    values = [MARKER_HALF_SIZE] * 4 if k == 4 else MARKER_KPS
+    bias = np.tile(np.array(values, np.float32), per_cell)
+    return g.op("Conv", [pooled, g.const(np.zeros((per_cell * k, 3, 1, 1), np.float32)), g.const(bias)])
 
 
 def _embedder(spec: ModelSpec, g: _Graph) -> list[str]:

@@ -50,11 +50,15 @@ def choose_providers(preference: str, available: list[str]) -> list[str]:
     return chosen
 
 
-def resolve_model_path(models_dir: str | Path, spec: ModelSpec, allow_dev: bool) -> tuple[Path, bool]:
-    """The real file when present, else the generated dev file if allowed. Returns (path, is_dev)."""
+def resolve_model_path(models_dir: str | Path, spec: ModelSpec, allow_dev: bool,
+                       extra_dirs: tuple[str, ...] = ()) -> tuple[Path, bool]:
+    """The real file when present (models_dir first, then extra_dirs), else the generated dev file if allowed.
+
+    Returns (path, is_dev)."""
     real = Path(models_dir) / spec.file
-    if real.is_file():
-        return real, False
+    for folder in (models_dir, *extra_dirs):
+        if (Path(folder) / spec.file).is_file():
+            return Path(folder) / spec.file, False
     dev = Path(models_dir) / DEV_SUBDIR / spec.file
     if allow_dev and dev.is_file():
         return dev, True
@@ -139,6 +143,7 @@ def load_model(
     providers: str = "auto",
     require_gpu: bool = False,
     allow_dev: bool = False,
+    extra_dirs: tuple[str, ...] = (),
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
 ) -> OnnxModel:
@@ -146,7 +151,7 @@ def load_model(
     import onnxruntime as ort
 
     check_onnxruntime_install()
-    path, is_dev = resolve_model_path(models_dir, spec, allow_dev)
+    path, is_dev = resolve_model_path(models_dir, spec, allow_dev, extra_dirs)
     chosen = choose_providers(providers, ort.get_available_providers())
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

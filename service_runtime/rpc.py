@@ -69,3 +69,39 @@ def grpc_method(metrics_attr: str = "metrics") -> Callable[[Handler], Handler]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def grpc_stream_method(metrics_attr: str = "metrics") -> Callable[[Handler], Handler]:
+    """Like `grpc_method`, for handlers that are async generators (server-streaming RPCs)."""
+
+    def decorate(func: Handler) -> Handler:
+        method = func.__name__
+
+        @functools.wraps(func)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metrics: ServiceMetrics = getattr(self, metrics_attr)
+            token = request_id_var.set(request_id_from(context))
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                async for message in func(self, request, context):
+                    yield message
+            except ServiceError as error:
+                code = error.code
+                log.warning("request failed", extra={"method": method, "code": code.name, "error": error.message})
+                await context.abort(code, error.message)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("request crashed", extra={"method": method})
+                await context.abort(code, f"internal error (request id {request_id_var.get()}); see the service log")
+            finally:
+                metrics.requests.labels(method, code.name).inc()
+                metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
+                request_id_var.reset(token)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

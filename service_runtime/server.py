@@ -20,22 +20,42 @@ from .logs import configure_logging
 from .metrics import ServiceMetrics
 from .manifest import ModelSpec
 from .onnx_session import OnnxModel, load_model
-from .settings import ServiceSettings
+from .settings import ServerSettings, ServiceSettings
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-class ModelService(abc.ABC):
-    """One model service: its gRPC names, how it loads its models and how it registers its servicer."""
+class GrpcService(abc.ABC):
+    """One gRPC process: its service names, its warm-up, its servicer registration and its clean-up."""
 
     name: str
     grpc_service_names: tuple[str, ...]
 
-    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: ServerSettings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
+
+    @abc.abstractmethod
+    async def warm_up(self) -> None:
+        """Everything that must happen before the process reports SERVING."""
+
+    @abc.abstractmethod
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds this service's servicer to the server."""
+
+    async def close(self) -> None:
+        """Releases what warm_up started (after the server has stopped)."""
+
+
+class ModelService(GrpcService):
+    """A model service: loads its ONNX models once, warms them up and serves them through batching queues."""
+
+    settings: ServiceSettings
+
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+        super().__init__(settings, metrics)
         self.queues: dict[str, BatchingQueue] = {}
         self.models: dict[str, OnnxModel] = {}
 
@@ -56,7 +76,7 @@ class ModelService(abc.ABC):
         """Loads one model with this service's provider and thread settings."""
         s = self.settings
         model = load_model(spec, s.models_dir, providers=s.providers, require_gpu=s.require_gpu,
-                           allow_dev=s.allow_dev_models, intra_op_threads=s.intra_op_threads,
+                           allow_dev=s.allow_dev_models, extra_dirs=s.extra_model_dirs, intra_op_threads=s.intra_op_threads,
                            inter_op_threads=s.inter_op_threads)
         if warmup_dims:
             model.spec = dataclasses.replace(spec, warmup_dims={**spec.warmup_dims, **warmup_dims})
@@ -66,15 +86,28 @@ class ModelService(abc.ABC):
     def load_models(self) -> dict[str, OnnxModel]:
         """Loads every model (called once, in a worker thread); keys match the queue names."""
 
-    @abc.abstractmethod
-    def register(self, server: grpc.aio.Server) -> None:
-        """Adds this service's servicer to the server."""
+    async def warm_up(self) -> None:
+        """Loads models, runs each once per warm-up batch size, then opens the queues."""
+        self.models = await asyncio.to_thread(self.load_models)
+        sizes = self.settings.effective_warmup_batch_sizes()
+        for key, model in self.models.items():
+            self.metrics.model_loads.labels(key).inc()
+            self.metrics.model_load_seconds.labels(key).set(model.load_seconds)
+            seconds = await asyncio.to_thread(model.warm_up, sizes)
+            self.metrics.warmup_seconds.labels(key).set(seconds)
+            log.info("model warmed up", extra={"model": key, "batch_sizes": sizes, "seconds": round(seconds, 3)})
+        for queue in self.queues.values():
+            queue.start()
+
+    async def close(self) -> None:
+        for queue in self.queues.values():
+            await queue.stop()
 
 
-class ModelServer:
-    """Runs one ModelService: health, reflection, metrics endpoint, warm-up, graceful shutdown."""
+class ServiceServer:
+    """Runs one GrpcService: health, reflection, metrics endpoint, warm-up, graceful shutdown."""
 
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: GrpcService) -> None:
         self.service = service
         self.settings = service.settings
         self.health = HealthServicer()
@@ -112,19 +145,8 @@ class ModelServer:
         return self.port
 
     async def warm_up(self) -> None:
-        """Loads models, runs each once per warm-up batch size, starts the queues, then reports SERVING."""
-        metrics = self.service.metrics
-        models = await asyncio.to_thread(self.service.load_models)
-        self.service.models = models
-        sizes = self.settings.effective_warmup_batch_sizes()
-        for key, model in models.items():
-            metrics.model_loads.labels(key).inc()
-            metrics.model_load_seconds.labels(key).set(model.load_seconds)
-            seconds = await asyncio.to_thread(model.warm_up, sizes)
-            metrics.warmup_seconds.labels(key).set(seconds)
-            log.info("model warmed up", extra={"model": key, "batch_sizes": sizes, "seconds": round(seconds, 3)})
-        for queue in self.service.queues.values():
-            queue.start()
+        """Runs the service's warm-up, then reports SERVING."""
+        await self.service.warm_up()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"service": self.service.name, "port": self.port})
 
@@ -134,8 +156,7 @@ class ModelServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
-        for queue in self.service.queues.values():
-            await queue.stop()
+        await self.service.close()
         self.service.metrics.close()
         log.info("stopped", extra={"service": self.service.name})
 
@@ -156,11 +177,11 @@ class ModelServer:
         await self.stop()
 
 
-def run_service(service: ModelService) -> None:
-    """Process entry point shared by every model service's `__main__`."""
+def run_service(service: GrpcService) -> None:
+    """Process entry point shared by every service's `__main__`."""
     configure_logging(service.settings.log_level)
     try:
-        asyncio.run(ModelServer(service).serve_until_signal())
+        asyncio.run(ServiceServer(service).serve_until_signal())
     except ModelLoadError as error:
         log.error("cannot start: %s", error, extra={"service": service.name})
         sys.exit(2)

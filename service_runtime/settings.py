@@ -70,13 +70,22 @@ class BaseSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ServiceSettings(BaseSettings):
-    """What every model service shares; each service subclasses it with its prefix, ports and models."""
+class ServerSettings(BaseSettings):
+    """What every gRPC process shares: where it listens, its metrics port, shutdown grace and log level."""
 
     host: str = setting("0.0.0.0", "Address the gRPC server binds.")
     port: int = setting(0, "gRPC port (0 picks a free one).")
     metrics_port: int = setting(0, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    grace_period_s: float = setting(10.0, "Seconds in-flight calls get to finish after SIGTERM.")
+    log_level: str = setting("INFO", "Python log level.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSettings(ServerSettings):
+    """What every model service shares; each service subclasses it with its prefix, ports and models."""
+
     models_dir: str = setting("models", "Folder holding the ONNX files and `manifest.json`.")
+    extra_model_dirs: tuple[str, ...] = setting((), "More folders searched for real weight files, after models_dir.")
     allow_dev_models: bool = setting(
         False, "Fall back to generated random-weight models in `<models_dir>/dev/` when a real file is missing."
     )
@@ -90,8 +99,6 @@ class ServiceSettings(BaseSettings):
     max_batch_delay_ms: float = setting(5.0, "Longest wait for more items once a batch has its first one.")
     max_queue_size: int = setting(256, "Items waiting per model; beyond it calls get RESOURCE_EXHAUSTED.")
     warmup_batch_sizes: tuple[int, ...] = setting((), "Batch sizes run at warm-up (empty = 1 and max_batch_size).")
-    grace_period_s: float = setting(10.0, "Seconds in-flight calls get to finish after SIGTERM.")
-    log_level: str = setting("INFO", "Python log level.")
 
     def effective_warmup_batch_sizes(self) -> tuple[int, ...]:
         return self.warmup_batch_sizes or tuple(sorted({1, self.max_batch_size}))

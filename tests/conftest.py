@@ -11,7 +11,7 @@ import pytest
 
 from service_runtime.manifest import load_manifest
 from service_runtime.dev_models import write_dev_model
-from service_runtime.server import ModelServer
+from service_runtime.server import ServiceServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -57,7 +57,7 @@ def local_settings(settings_cls, models_dir: Path, **overrides):
 @contextlib.asynccontextmanager
 async def started(service, warm: bool = True):
     """Starts the service's gRPC server in-process; yields (server, channel)."""
-    server = ModelServer(service)
+    server = ServiceServer(service)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

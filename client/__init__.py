@@ -1,0 +1,1 @@
+"""Python SDK and command-line client of the Super Wav2Lip gateway."""

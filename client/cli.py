@@ -1,0 +1,114 @@
+"""`superwav2lip`: generate a lip-synced mp4 through the gateway, or check the stack's health."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from superwav2lip.gateway.v1 import gateway_pb2
+
+from .sdk import GatewayClient, GenerationError, health
+
+DEFAULT_ADDRESSES = {"gateway": "localhost:50051", "detector": "localhost:50052", "lipsync": "localhost:50053",
+                     "enhancer": "localhost:50054"}
+BAR_WIDTH = 30
+
+
+class ProgressBar:
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.stage = ""
+
+    def __call__(self, progress: gateway_pb2.Progress) -> None:
+        if progress.message:
+            self.stream.write(f"\n{progress.message}\n")
+        if progress.stage != self.stage and self.stage:
+            self.stream.write("\n")
+        self.stage = progress.stage
+        filled = BAR_WIDTH * progress.done // max(1, progress.total)
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+        self.stream.write(f"\r{progress.stage:<8} [{bar}] {progress.done}/{progress.total}")
+        self.stream.flush()
+
+
+def build_options(args: argparse.Namespace) -> gateway_pb2.GenerateOptions:
+    options = gateway_pb2.GenerateOptions(
+        enhance=args.enhance,
+        no_face_policy=gateway_pb2.NO_FACE_POLICY_KEEP_FRAME if args.no_face == "keep" else gateway_pb2.NO_FACE_POLICY_FAIL,
+        loop_mode=gateway_pb2.LOOP_MODE_LOOP if args.loop == "loop" else gateway_pb2.LOOP_MODE_PING_PONG,
+    )
+    if args.pads is not None:
+        top, bottom, left, right = args.pads
+        options.padding.CopyFrom(gateway_pb2.Padding(top=top, bottom=bottom, left=left, right=right))
+    for field, value in (("smoothing_window", args.smooth), ("max_detection_size", args.max_detection_size),
+                         ("still_fps", args.fps), ("crf", args.crf), ("preset", args.preset)):
+        if value is not None:
+            setattr(options, field, value)
+    return options
+
+
+def generate(args: argparse.Namespace) -> int:
+    bar = ProgressBar()
+    try:
+        with GatewayClient(args.server) as client:
+            result = client.generate(args.face, args.audio, build_options(args), on_progress=bar,
+                                     timeout=args.timeout)
+    except GenerationError as error:
+        sys.stderr.write(f"\nerror: {error.code.name}: {error.message}\n")
+        return 1
+    except FileNotFoundError as error:
+        sys.stderr.write(f"error: {error.filename} does not exist\n")
+        return 1
+    Path(args.output).write_bytes(result.mp4)
+    info = result.info
+    sys.stderr.write(f"\nwrote {args.output}: {info.width}x{info.height}, {info.fps:g} fps, {info.frames} frames, "
+                     f"{info.audio_seconds:.2f} s, {info.size_bytes} bytes\n")
+    return 0
+
+
+def check_health(args: argparse.Namespace) -> int:
+    addresses = {name: getattr(args, name) for name in DEFAULT_ADDRESSES}
+    statuses = {name: health(address) for name, address in addresses.items()}
+    for name, status in statuses.items():
+        print(f"{name:<9} {addresses[name]:<22} {status}")
+    return 0 if all(s == "SERVING" for s in statuses.values()) else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="superwav2lip", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="make a lip-synced mp4 from a face image/video and speech")
+    gen.add_argument("--face", required=True, help="face image or video")
+    gen.add_argument("--audio", required=True, help="speech (any format FFmpeg reads)")
+    gen.add_argument("-o", "--output", required=True, help="mp4 to write")
+    gen.add_argument("--server", default=DEFAULT_ADDRESSES["gateway"], help="gateway host:port")
+    gen.add_argument("--enhance", action="store_true", help="restore faces with GFPGAN (slow on CPU)")
+    gen.add_argument("--pads", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+                     help="face box padding in pixels (default 0 10 0 0)")
+    gen.add_argument("--smooth", type=int, help="box smoothing window in frames (default 5, 0 = off)")
+    gen.add_argument("--max-detection-size", type=int, help="longest side of frames sent to the detector (640)")
+    gen.add_argument("--fps", type=float, help="frame rate for a still image (default 25)")
+    gen.add_argument("--crf", type=int, help="x264 quality, lower is better (default 20)")
+    gen.add_argument("--preset", help="x264 preset (default veryfast)")
+    gen.add_argument("--no-face", choices=("fail", "keep"), default="fail",
+                     help="frames without a face: fail the job (default) or keep them untouched")
+    gen.add_argument("--loop", choices=("ping-pong", "loop"), default="ping-pong",
+                     help="how a video shorter than the speech is reused")
+    gen.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    gen.set_defaults(run=generate)
+    check = commands.add_parser("health", help="print each service's health; exit 0 only if all are SERVING")
+    check.add_argument("--server", dest="gateway", default=DEFAULT_ADDRESSES["gateway"], help="gateway host:port")
+    for name in ("detector", "lipsync", "enhancer"):
+        check.add_argument(f"--{name}", default=DEFAULT_ADDRESSES[name], help=f"{name} host:port")
+    check.set_defaults(run=check_health)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.run(args))
+
+
+if __name__ == "__main__":
+    main()

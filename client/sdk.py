@@ -1,0 +1,91 @@
+"""A small synchronous SDK over the gateway's streaming Generate RPC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+UPLOAD_CHUNK = 1 << 20
+
+
+class GenerationError(Exception):
+    """The gateway refused or failed a job; `code` is the gRPC status code, `message` says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    mp4: bytes
+    info: gateway_pb2.ResultInfo
+
+
+def _read(source: bytes | str | Path) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def _chunks(options: gateway_pb2.GenerateOptions, face: bytes, audio: bytes) -> Iterator[gateway_pb2.GenerateChunk]:
+    yield gateway_pb2.GenerateChunk(options=options)
+    for offset in range(0, len(face), UPLOAD_CHUNK):
+        yield gateway_pb2.GenerateChunk(face_chunk=face[offset : offset + UPLOAD_CHUNK])
+    for offset in range(0, len(audio), UPLOAD_CHUNK):
+        yield gateway_pb2.GenerateChunk(audio_chunk=audio[offset : offset + UPLOAD_CHUNK])
+
+
+class GatewayClient:
+    """`with GatewayClient("localhost:50051") as client: client.generate(face, audio)`."""
+
+    def __init__(self, address: str = "localhost:50051") -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    def __enter__(self) -> "GatewayClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, face: bytes | str | Path, audio: bytes | str | Path,
+                 options: gateway_pb2.GenerateOptions | None = None, *,
+                 on_progress: Callable[[gateway_pb2.Progress], None] | None = None,
+                 timeout: float | None = None) -> GenerationResult:
+        """Uploads in chunks, reports progress, and returns the mp4 with its description."""
+        stream = self._stub.Generate(_chunks(options or gateway_pb2.GenerateOptions(), _read(face), _read(audio)),
+                                     timeout=timeout)
+        info, parts = None, []
+        try:
+            for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "progress" and on_progress:
+                    on_progress(event.progress)
+                elif kind == "result":
+                    info = event.result
+                elif kind == "video_chunk":
+                    parts.append(event.video_chunk)
+        except grpc.RpcError as error:
+            raise GenerationError(error.code(), error.details()) from None
+        if info is None:
+            raise GenerationError(grpc.StatusCode.INTERNAL, "the gateway closed the stream without a result")
+        return GenerationResult(b"".join(parts), info)
+
+
+def health(address: str, service: str = "", timeout: float = 3.0) -> str:
+    """The health status name of one server (SERVING, NOT_SERVING, or UNAVAILABLE when unreachable)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
+        except grpc.RpcError as error:
+            return error.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -1,0 +1,4 @@
+"""`python -m gateway` starts the public gateway."""
+from .service import main
+
+main()

@@ -1,0 +1,22 @@
+"""Gateway metrics: the shared RPC metrics plus pipeline stages, frames and bytes sent to the model services."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service_runtime.metrics import LATENCY_BUCKETS, ServiceMetrics
+
+
+class GatewayMetrics(ServiceMetrics):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
+        self.stage_seconds = Histogram("swl_gateway_stage_seconds", "Time spent per pipeline stage and job.",
+                                       ["stage"], registry=r, buckets=LATENCY_BUCKETS)
+        self.frames = Counter("swl_gateway_frames_total", "Output frames produced.", registry=r)
+        self.jobs = Counter("swl_gateway_jobs_total", "Generation jobs, by outcome code.", ["code"], registry=r)
+        self.inflight = Gauge("swl_gateway_jobs_inflight", "Generation jobs running now.", registry=r)
+        self.sent_bytes = Counter("swl_gateway_sent_bytes_total", "Request bytes sent to each model service.",
+                                  ["service"], registry=r)
+        self.received_bytes = Counter("swl_gateway_received_bytes_total", "Media bytes uploaded by clients.",
+                                      registry=r)

@@ -1,0 +1,65 @@
+"""Gateway start-up: settings, model-service clients, warm-up (librosa's numba kernels) and registration."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+import numpy as np
+from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from service_runtime.server import GrpcService, run_service
+from service_runtime.settings import ServerSettings, setting
+
+from .audio import SAMPLE_RATE, melspectrogram
+from .clients import ModelClients
+from .metrics import GatewayMetrics
+from .servicer import GatewayServicer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySettings(ServerSettings):
+    ENV_PREFIX = "SWL_GATEWAY_"
+    port: int = setting(50051, "gRPC port (0 picks a free one).")
+    metrics_port: int = setting(9101, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    detector_address: str = setting("localhost:50052", "host:port of the detector service.")
+    lipsync_address: str = setting("localhost:50053", "host:port of the lip-sync service.")
+    enhancer_address: str = setting("localhost:50054", "host:port of the enhancer service.")
+    rpc_batch_items: int = setting(32, "Items per RPC to a model service.")
+    max_inflight_rpcs: int = setting(8, "RPCs to model services in flight at once, across all jobs.")
+    chunk_frames: int = setting(64, "Frames per pipeline chunk (bounds memory per job).")
+    chunk_bytes: int = setting(1 << 20, "Bytes per streamed mp4 chunk.")
+    max_upload_mb: int = setting(512, "Largest face + audio upload per job, in MiB.")
+    max_audio_seconds: float = setting(600.0, "Longest speech accepted per job.")
+
+
+class GatewayService(GrpcService):
+    name = "gateway"
+    grpc_service_names = (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,)
+
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
+        super().__init__(settings, metrics or GatewayMetrics())
+        self.clients = ModelClients(settings.detector_address, settings.lipsync_address, settings.enhancer_address,
+                                    batch_items=settings.rpc_batch_items, max_inflight=settings.max_inflight_rpcs,
+                                    metrics=self.metrics)
+        self.servicer = GatewayServicer(self.clients, self.metrics, settings)
+
+    async def warm_up(self) -> None:
+        """Opens the model-service channels; compiles librosa's numba kernels so no request pays for it."""
+        self.clients.open()
+        noise = np.random.default_rng(0).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1
+        await asyncio.to_thread(melspectrogram, noise)
+        log.info("mel warmed up")
+
+    def register(self, server) -> None:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
+
+    async def close(self) -> None:
+        await self.clients.close()
+
+
+def main() -> None:
+    run_service(GatewayService(GatewaySettings.from_env()))

@@ -1,0 +1,144 @@
+"""`make run`: starts detector, lipsync, enhancer and gateway locally, waits for SERVING, stops them on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
+
+from client.sdk import health  # noqa: E402
+from service_runtime.dev_models import write_dev_model  # noqa: E402
+from service_runtime.errors import ModelLoadError  # noqa: E402
+from service_runtime.manifest import load_manifest  # noqa: E402
+from service_runtime.onnx_session import resolve_model_path  # noqa: E402
+from services.detector.service import DetectorSettings  # noqa: E402
+from services.enhancer.service import EnhancerSettings  # noqa: E402
+from services.lipsync.service import LipSyncSettings  # noqa: E402
+
+SERVICES = ("gateway", "detector", "lipsync", "enhancer")  # ports follow this order from --base-port
+MODULES = {"detector": "services.detector", "lipsync": "services.lipsync", "enhancer": "services.enhancer",
+           "gateway": "gateway"}
+
+
+def configured_models() -> list[str]:
+    detector = DetectorSettings.from_env()
+    return [detector.detection_model, detector.recognition_model, LipSyncSettings.from_env().model,
+            EnhancerSettings.from_env().model]
+
+
+def prepare_models(models_dir: Path, extra_dirs: tuple[str, ...]) -> list[str]:
+    """Generates missing dev models; returns the names that will run on generated weights."""
+    manifest = load_manifest(models_dir)
+    generated = []
+    for name in configured_models():
+        spec = manifest.get(name)
+        try:
+            resolve_model_path(models_dir, spec, allow_dev=False, extra_dirs=extra_dirs)
+        except ModelLoadError:
+            if not (models_dir / "dev" / spec.file).is_file():
+                write_dev_model(spec, models_dir / "dev")
+            generated.append(name)
+    return generated
+
+
+def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]) -> dict[str, str]:
+    prefix = f"SWL_{name.upper()}_"
+    index = SERVICES.index(name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "generated")]))
+    env.setdefault(f"{prefix}HOST", args.host)
+    env.setdefault(f"{prefix}PORT", str(args.base_port + index))
+    env.setdefault(f"{prefix}METRICS_PORT", str(args.metrics_base_port + index))
+    if name == "gateway":
+        for other in ("detector", "lipsync", "enhancer"):
+            env.setdefault(f"{prefix}{other.upper()}_ADDRESS", f"{args.host}:{args.base_port + SERVICES.index(other)}")
+    else:
+        env.setdefault(f"{prefix}MODELS_DIR", str(args.models_dir))
+        env.setdefault(f"{prefix}ALLOW_DEV_MODELS", "1")
+        env.setdefault(f"{prefix}EXTRA_MODEL_DIRS", ",".join(extra_dirs))
+    return env
+
+
+def wait_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, str], timeout: float) -> str | None:
+    """None when all report SERVING; else the name of the one that died or never became ready."""
+    deadline = time.monotonic() + timeout
+    waiting = set(processes)
+    while waiting and time.monotonic() < deadline:
+        for name in sorted(waiting):
+            if processes[name].poll() is not None:
+                return name
+            if health(addresses[name], timeout=1.0) == "SERVING":
+                print(f"  {name:<9} SERVING on {addresses[name]}", flush=True)
+                waiting.discard(name)
+        time.sleep(0.3)
+    return min(waiting) if waiting else None
+
+
+def stop_all(processes: dict[str, subprocess.Popen], grace: float = 15.0) -> None:
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes.values():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--base-port", type=int, default=50051, help="gateway port; the others follow it")
+    parser.add_argument("--metrics-base-port", type=int, default=9101)
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "logs")
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    args = parser.parse_args()
+    shared = ROOT.parent / "shared" / "models"
+    extra_dirs = tuple(d for d in os.environ.get("SWL_EXTRA_MODEL_DIRS", "").split(",") if d)
+    extra_dirs += (str(shared),) if shared.is_dir() else ()
+    generated = prepare_models(args.models_dir, extra_dirs)
+    if generated:
+        print(f"NOTE: running on generated demo weights for {', '.join(generated)}: the output will be noise "
+              "where those models act (run `make models` for the real weights).", flush=True)
+    args.logs.mkdir(parents=True, exist_ok=True)
+    addresses = {name: f"{args.host}:{args.base_port + SERVICES.index(name)}" for name in SERVICES}
+    processes = {}
+    for name in SERVICES:
+        log_file = (args.logs / f"{name}.log").open("w")
+        processes[name] = subprocess.Popen([sys.executable, "-m", MODULES[name]], cwd=ROOT, stderr=log_file,
+                                           stdout=log_file, env=service_env(name, args, extra_dirs))
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    print(f"starting (logs in {args.logs})", flush=True)
+    failed = wait_serving(processes, addresses, args.ready_timeout)
+    if failed:
+        print(f"{failed} did not become ready; see {args.logs / (failed + '.log')}", file=sys.stderr, flush=True)
+        stop_all(processes)
+        sys.exit(1)
+    print(f"READY gateway {addresses['gateway']}\n"
+          f"try:  superwav2lip generate --face ../shared/media/face_astronaut.png "
+          f"--audio ../shared/media/speech_en_4s.wav -o out.mp4 --server {addresses['gateway']}\n"
+          "Ctrl-C stops everything.", flush=True)
+    while not stop["now"]:
+        dead = [name for name, p in processes.items() if p.poll() is not None]
+        if dead:
+            print(f"{dead[0]} exited unexpectedly; see {args.logs / (dead[0] + '.log')}", file=sys.stderr)
+            break
+        time.sleep(0.5)
+    print("stopping", flush=True)
+    stop_all(processes)
+    print("stopped", flush=True)
+    sys.exit(0 if stop["now"] else 1)
+
+
+if __name__ == "__main__":
+    main()
