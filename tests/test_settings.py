@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 
 from service_runtime.settings import SettingsError
+from gateway.service import GatewaySettings
 from services.detector.service import DetectorSettings
 from services.enhancer.service import EnhancerSettings
 from services.lipsync.service import LipSyncSettings
 
-ALL = [DetectorSettings, LipSyncSettings, EnhancerSettings]
+ALL = [GatewaySettings, DetectorSettings, LipSyncSettings, EnhancerSettings]
 
 
 def test_values_are_parsed_by_type_with_the_service_prefix():

@@ -100,10 +100,11 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "logs")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
-    args = parser.parse_args()
     shared = ROOT.parent / "shared" / "models"
-    extra_dirs = tuple(d for d in os.environ.get("SWL_EXTRA_MODEL_DIRS", "").split(",") if d)
-    extra_dirs += (str(shared),) if shared.is_dir() else ()
+    parser.add_argument("--extra-model-dirs", default=str(shared) if shared.is_dir() else "",
+                        help="comma-separated folders searched for real weights (default: ../shared/models if present)")
+    args = parser.parse_args()
+    extra_dirs = tuple(d for d in args.extra_model_dirs.split(",") if d)
     generated = prepare_models(args.models_dir, extra_dirs)
     if generated:
         print(f"NOTE: running on generated demo weights for {', '.join(generated)}: the output will be noise "

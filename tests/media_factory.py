@@ -1,0 +1,79 @@
+"""Test media made in the test run: frames with a green marker face (found by the generated detector)."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+
+MARKER = (0, 255, 0)  # BGR pure green: the generated SCRFD "sees" a face there
+
+
+def scene(width: int = 320, height: int = 240, seed: int = 0) -> np.ndarray:
+    """A textured background (gradients plus noise) so that untouched pixels are worth checking."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[:height, :width]
+    base = np.stack([xs * 200 // width, ys * 200 // height, (xs + ys) * 100 // (width + height)], axis=-1)
+    return np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
+
+
+def with_marker(frame: np.ndarray, x: int, y: int, size: int = 72) -> np.ndarray:
+    out = frame.copy()
+    out[y : y + size, x : x + size] = MARKER
+    return out
+
+
+def marker_frames(count: int, width: int = 320, height: int = 240, missing: set[int] = frozenset()) -> list[np.ndarray]:
+    """A marker drifting right a pixel per frame; frames in `missing` have no marker."""
+    frames = []
+    for i in range(count):
+        background = scene(width, height, seed=i)
+        frames.append(background if i in missing else with_marker(background, 100 + i, 80))
+    return frames
+
+
+def encode_video(frames: list[np.ndarray], fps: Fraction = Fraction(25), codec: str = "libx264") -> bytes:
+    buffer = io.BytesIO()
+    height, width = frames[0].shape[:2]
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "10"} if codec == "libx264" else {}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    return cv2.imencode(".png", frame)[1].tobytes()
+
+
+def speech_wav(seconds: float, rate: int = 22050) -> bytes:
+    """A voiced-sounding tone sweep as a 16-bit mono wav."""
+    t = np.arange(int(seconds * rate)) / rate
+    samples = 0.3 * np.sin(2 * np.pi * (150 + 100 * np.sin(2 * np.pi * 2 * t)) * t)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray((samples * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def stream_durations(mp4: bytes) -> dict[str, float]:
+    with av.open(io.BytesIO(mp4)) as container:
+        return {s.type: float(s.duration * s.time_base) for s in container.streams}
+
+
+def decode_all(mp4: bytes) -> tuple[list[np.ndarray], Fraction]:
+    with av.open(io.BytesIO(mp4)) as container:
+        stream = container.streams.video[0]
+        return [f.to_ndarray(format="bgr24") for f in container.decode(stream)], stream.average_rate

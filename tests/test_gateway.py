@@ -1,0 +1,225 @@
+"""The gateway end to end against real in-process model services (generated models, real FFmpeg)."""
+
+import asyncio
+import contextlib
+import tempfile
+import urllib.request
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from gateway.clients import ModelClients
+from gateway.metrics import GatewayMetrics
+from gateway.options import JobOptions
+from gateway.pipeline import LipSyncJob, crop_face
+from gateway.service import GatewayService, GatewaySettings
+from services.detector.service import DetectorService, DetectorSettings
+from services.enhancer.service import EnhancerService, EnhancerSettings
+from services.lipsync.service import LipSyncService, LipSyncSettings
+
+from .conftest import SHARED_MEDIA, local_settings, shared_file, started
+from .media_factory import (
+    decode_all, encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker,
+)
+
+
+class Stack:
+    def __init__(self, servers, channel):
+        self.servers, self.channel = servers, channel
+        self.stub = gateway_pb2_grpc.GatewayStub(channel)
+
+    def address(self, name):
+        return f"127.0.0.1:{self.servers[name].port}"
+
+    async def generate(self, face: bytes, audio: bytes, timeout=120, **options):
+        chunks = [gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions(**options))]
+        chunks += [gateway_pb2.GenerateChunk(face_chunk=face[i : i + 65536]) for i in range(0, len(face), 65536)]
+        chunks += [gateway_pb2.GenerateChunk(audio_chunk=audio)]
+        events = [e async for e in self.stub.Generate(iter(chunks), timeout=timeout)]
+        mp4 = b"".join(e.video_chunk for e in events if e.WhichOneof("event") == "video_chunk")
+        info = next(e.result for e in events if e.WhichOneof("event") == "result")
+        return mp4, info, [e.progress for e in events if e.WhichOneof("event") == "progress"]
+
+    async def metrics_text(self, name):
+        url = f"http://127.0.0.1:{self.servers[name].metrics_port}/metrics"
+        return (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+
+
+@contextlib.asynccontextmanager
+async def running_stack(models_dir, down: str | None = None, **gateway_overrides):
+    """Detector, lipsync, enhancer and gateway in-process; `down` names a service left unstarted."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {}
+        addresses = {}
+        for name, service_cls, settings_cls in (("detector", DetectorService, DetectorSettings),
+                                                ("lipsync", LipSyncService, LipSyncSettings),
+                                                ("enhancer", EnhancerService, EnhancerSettings)):
+            if name == down:
+                addresses[name] = "127.0.0.1:1"  # nothing listens there
+                continue
+            server, _ = await stack.enter_async_context(started(service_cls(local_settings(settings_cls, models_dir))))
+            servers[name] = server
+            addresses[name] = f"127.0.0.1:{server.port}"
+        settings = GatewaySettings.from_env({}, host="127.0.0.1", port=0, metrics_port=0, grace_period_s=1.0,
+                                            detector_address=addresses["detector"],
+                                            lipsync_address=addresses["lipsync"],
+                                            enhancer_address=addresses["enhancer"], **gateway_overrides)
+        server, channel = await stack.enter_async_context(started(GatewayService(settings)))
+        servers["gateway"] = server
+        yield Stack(servers, channel)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+async def test_identity_model_changes_only_the_face_box(identity_models_dir):
+    """Before encoding: pixels outside each box are untouched; inside, only the 96x96 round trip remains."""
+    face = encode_video(marker_frames(20))
+    async with running_stack(identity_models_dir) as stack:
+        clients = ModelClients(stack.address("detector"), stack.address("lipsync"), stack.address("enhancer"),
+                               batch_items=8, max_inflight=4, metrics=GatewayMetrics())
+        clients.open()
+        job = LipSyncJob(clients, JobOptions(), GatewayMetrics(), chunk_frames=16, max_seconds=60)
+        plan = await job.plan(face, speech_wav(1.5))
+        outputs = [(frame, box) async for frame, box in job.frames(plan)]
+        await clients.close()
+    assert len(outputs) == plan.frames == round(plan.speech.seconds * 25)
+    assert len(plan.media.frames) == 20 and all(b is not None for b in plan.boxes)
+    for index, (output, box) in enumerate(outputs):
+        source = plan.media.frames[[*range(20), *range(18, 0, -1)][index % 38]]  # ping-pong
+        x1, y1, x2, y2 = box
+        outside = np.ones(output.shape[:2], bool)
+        outside[y1:y2, x1:x2] = False
+        assert np.array_equal(output[outside], source[outside]), f"frame {index}: pixels outside the box changed"
+        round_trip = cv2.resize(crop_face(source, box), (x2 - x1, y2 - y1))
+        assert psnr(output[y1:y2, x1:x2], round_trip) > 40, f"frame {index}: face region is not the round trip"
+        assert not np.array_equal(output[y1:y2, x1:x2], source[y1:y2, x1:x2])  # the face really was replaced
+
+
+async def test_still_image_gives_an_mp4_as_long_as_the_speech(dev_models_dir):
+    still = with_marker(scene(321, 241), 120, 90)  # odd size: rounded down to even
+    audio = speech_wav(2.3)
+    async with running_stack(dev_models_dir) as stack:
+        mp4, info, progress = await stack.generate(encode_png(still), audio)
+    frames, rate = decode_all(mp4)
+    durations = stream_durations(mp4)
+    assert (info.width, info.height) == (320, 240) and frames[0].shape[:2] == (240, 320)
+    assert rate == 25 and len(frames) == info.frames == round(2.3 * 25)
+    assert abs(durations["video"] - 2.3) <= 1 / 25 and abs(durations["audio"] - 2.3) <= 1 / 25
+    assert mp4[4:8] == b"ftyp" and mp4.index(b"moov") < mp4.index(b"mdat")  # faststart
+    stages = [p.stage for p in progress]
+    assert stages[0] == "decode" and "detect" in stages and "lipsync" in stages and stages[-1] == "encode"
+    assert progress[-1].done == progress[-1].total == info.frames
+
+
+@pytest.mark.parametrize("fps", [25, 30])
+async def test_video_shorter_than_speech_keeps_its_size_and_rate(dev_models_dir, fps):
+    from fractions import Fraction
+
+    face = encode_video(marker_frames(12, 256, 192), fps=Fraction(fps))
+    async with running_stack(dev_models_dir) as stack:
+        mp4, info, _ = await stack.generate(face, speech_wav(1.7))
+    frames, rate = decode_all(mp4)
+    durations = stream_durations(mp4)
+    assert rate == fps and (info.width, info.height) == (256, 192)
+    assert len(frames) == round(1.7 * fps)
+    assert abs(durations["video"] - 1.7) <= 1 / fps and abs(durations["audio"] - 1.7) <= 1 / fps
+
+
+async def test_real_photo_and_speech_with_the_real_detector(dev_models_dir, tmp_path):
+    """The acceptance run on real media: durations equal the audio within one frame, size kept."""
+    import os
+    import shutil
+
+    from .conftest import SHARED_MODELS
+    scrfd = shared_file(SHARED_MODELS, "scrfd_2.5g_bnkps.onnx")
+    shutil.copy(dev_models_dir / "manifest.json", tmp_path / "manifest.json")
+    os.symlink(dev_models_dir / "dev", tmp_path / "dev")
+    os.symlink(scrfd, tmp_path / scrfd.name)
+    photo = shared_file(SHARED_MEDIA, "face_people_0.png").read_bytes()
+    speech = shared_file(SHARED_MEDIA, "speech_en_9s_48k_stereo.mp3").read_bytes()
+    async with running_stack(tmp_path) as stack:
+        mp4, info, _ = await stack.generate(photo, speech)
+    durations = stream_durations(mp4)
+    assert (info.width, info.height) == (474, 474) and info.fps == 25
+    assert abs(durations["video"] - info.audio_seconds) <= 1 / 25
+    assert abs(durations["audio"] - info.audio_seconds) <= 1 / 25
+
+
+async def expect_error(call, code, *fragments):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    assert error.value.code() == code, error.value.details()
+    for fragment in fragments:
+        assert fragment in error.value.details()
+
+
+async def test_bad_inputs_get_their_status_codes(dev_models_dir):
+    good_face = encode_png(with_marker(scene(), 100, 80))
+    audio = speech_wav(1.0)
+    no_face_video = encode_video(marker_frames(6, missing={3, 4}))
+    async with running_stack(dev_models_dir) as stack:
+        await expect_error(stack.generate(b"not media at all" * 10, audio), grpc.StatusCode.INVALID_ARGUMENT, "face")
+        await expect_error(stack.generate(good_face, b"\x01\x02" * 300), grpc.StatusCode.INVALID_ARGUMENT, "audio")
+        await expect_error(stack.generate(good_face, speech_wav(0.005)), grpc.StatusCode.INVALID_ARGUMENT,
+                           "shorter than one mel step")
+        await expect_error(stack.generate(no_face_video, audio), grpc.StatusCode.FAILED_PRECONDITION, "frame 3")
+        await expect_error(stack.generate(good_face, audio, crf=99), grpc.StatusCode.INVALID_ARGUMENT, "crf")
+        # With the keep policy the same clip works, and the frames without a face pass through.
+        mp4, info, _ = await stack.generate(no_face_video, audio, no_face_policy=gateway_pb2.NO_FACE_POLICY_KEEP_FRAME)
+        assert info.frames == 25
+        # The service keeps serving after all of that.
+        mp4, info, _ = await stack.generate(good_face, audio)
+        assert info.frames == 25
+
+
+async def test_a_service_that_is_down_is_named(dev_models_dir):
+    async with running_stack(dev_models_dir, down="lipsync") as stack:
+        await expect_error(stack.generate(encode_png(with_marker(scene(), 100, 80)), speech_wav(1.0)),
+                           grpc.StatusCode.UNAVAILABLE, "lipsync service")
+
+
+async def test_client_deadline_stops_the_work(dev_models_dir):
+    face = encode_video(marker_frames(40))
+    async with running_stack(dev_models_dir, chunk_frames=8, rpc_batch_items=4, max_inflight_rpcs=1) as stack:
+        await expect_error(stack.generate(face, speech_wav(60.0), timeout=1.5), grpc.StatusCode.DEADLINE_EXCEEDED)
+        await asyncio.sleep(0.5)
+        def lipsync_calls(text):
+            lines = [l for l in text.splitlines() if l.startswith("swl_grpc_requests_total") and "Generate" in l]
+            return sum(float(l.split()[-1]) for l in lines)
+        before = lipsync_calls(await stack.metrics_text("lipsync"))
+        await asyncio.sleep(1.5)
+        after = lipsync_calls(await stack.metrics_text("lipsync"))
+        # 60 s of speech is 1500 frames: far from done, yet no more lip-sync calls arrive.
+        assert before < 1500 / 4 and after == before
+
+
+async def test_second_request_reloads_no_model_and_leaves_no_temp_files(dev_models_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    face = encode_png(with_marker(scene(), 100, 80))
+    async with running_stack(dev_models_dir) as stack:
+        for _ in range(2):
+            await stack.generate(face, speech_wav(0.8))
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stack.generate(b"corrupt" * 20, speech_wav(0.8))
+        for name in ("detector", "lipsync", "enhancer"):
+            loads = [l for l in (await stack.metrics_text(name)).splitlines()
+                     if l.startswith("swl_model_loads_total{")]
+            assert loads and all(l.endswith(" 1.0") for l in loads), loads
+        gateway_metrics = await stack.metrics_text("gateway")
+    assert 'swl_gateway_jobs_total{code="OK"} 2.0' in gateway_metrics
+    assert 'swl_gateway_jobs_total{code="INVALID_ARGUMENT"} 1.0' in gateway_metrics
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_http_style_unary_call_returns_video_mp4(dev_models_dir):
+    async with running_stack(dev_models_dir) as stack:
+        body = await stack.stub.GenerateVideo(gateway_pb2.GenerateVideoRequest(
+            face=encode_png(with_marker(scene(), 100, 80)), audio=speech_wav(1.0)), timeout=60)
+    assert body.content_type == "video/mp4"
+    assert abs(stream_durations(body.data)["video"] - 1.0) <= 1 / 25

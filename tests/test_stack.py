@@ -1,0 +1,79 @@
+"""`make run`'s stack runner and the `superwav2lip` CLI, as separate processes on real ports."""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from .conftest import ROOT
+from .media_factory import encode_png, scene, speech_wav, stream_durations, with_marker
+
+
+def free_port_block(count: int) -> int:
+    for _ in range(50):
+        base = random.randint(20000, 40000)
+        sockets = []
+        try:
+            for offset in range(count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + offset))
+                sockets.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'generated'}"))
+
+
+def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
+    base, metrics = free_port_block(4), free_port_block(4)
+    runner = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(base), "--metrics-base-port",
+         str(metrics), "--models-dir", str(dev_models_dir), "--logs", str(tmp_path / "logs"),
+         "--extra-model-dirs", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    output = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = runner.stdout.readline()
+            output.append(line)
+            if line.startswith("READY") or not line:
+                break
+        assert any(l.startswith("READY") for l in output), "".join(output)
+        assert any("generated demo weights" in l for l in output)
+        servers = [f"--{n}=127.0.0.1:{base + i}" for i, n in enumerate(("server", "detector", "lipsync", "enhancer"))]
+        health = cli("health", *servers)
+        assert health.returncode == 0 and health.stdout.count("SERVING") == 4, health.stdout
+
+        (tmp_path / "face.png").write_bytes(encode_png(with_marker(scene(), 100, 80)))
+        (tmp_path / "speech.wav").write_bytes(speech_wav(1.2))
+        out = tmp_path / "out.mp4"
+        made = cli("generate", "--face", str(tmp_path / "face.png"), "--audio", str(tmp_path / "speech.wav"),
+                   "-o", str(out), "--server", f"127.0.0.1:{base}")
+        assert made.returncode == 0, made.stderr
+        assert "lipsync" in made.stderr and "wrote" in made.stderr  # progress bar and summary
+        durations = stream_durations(out.read_bytes())
+        assert abs(durations["video"] - 1.2) <= 0.04 and abs(durations["audio"] - 1.2) <= 0.04
+
+        refused = cli("generate", "--face", str(tmp_path / "speech.wav"), "--audio", str(tmp_path / "speech.wav"),
+                      "-o", str(tmp_path / "bad.mp4"), "--server", f"127.0.0.1:{base}")
+        assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        rest, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 0, "".join(output) + rest
+    assert "stopped" in rest
+    down = cli("health", *servers)
+    assert down.returncode == 1 and "SERVING" not in down.stdout.replace("NOT_SERVING", "")
