@@ -113,6 +113,9 @@ class ModelClients:
 
         return await self._batched(list(zip(faces, mels)), run)
 
+    async def describe_enhancer(self, timeout: float | None = None) -> enhancer_pb2.DescribeResponse:
+        return await self._call("enhancer", self._enhancer.Describe, enhancer_pb2.DescribeRequest(), timeout)
+
     async def enhance(self, faces: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
         async def run(part):
             request = enhancer_pb2.EnhanceRequest(faces=[encode_image(f) for f in part])

@@ -18,5 +18,7 @@ class GatewayMetrics(ServiceMetrics):
         self.inflight = Gauge("swl_gateway_jobs_inflight", "Generation jobs running now.", registry=r)
         self.sent_bytes = Counter("swl_gateway_sent_bytes_total", "Request bytes sent to each model service.",
                                   ["service"], registry=r)
+        self.track_embeddings = Counter("swl_gateway_track_embeddings_total",
+                                        "Face tracks embedded to compare with a reference photo.", registry=r)
         self.received_bytes = Counter("swl_gateway_received_bytes_total", "Media bytes uploaded by clients.",
                                       registry=r)

@@ -22,24 +22,42 @@ class JobOptions:
     enhance: bool = False
     keep_frames_without_face: bool = False
     ping_pong: bool = True
+    reference_face: bytes = b""
+    target_rule: str = "largest"
+    similarity_threshold: float = 0.4
+    detect_every: int = 1
+    crop_mode: str = "aligned"
+    mouth_padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, bottom, left, right
+    enhance_region: str = "face"
 
     @classmethod
     def from_proto(cls, message: gateway_pb2.GenerateOptions) -> "JobOptions":
         defaults = cls()
-        pads = defaults.pads
-        if message.HasField("padding"):
-            p = message.padding
-            pads = (p.top, p.bottom, p.left, p.right)
+
+        def optional(name: str):
+            return getattr(message, name) if message.HasField(name) else getattr(defaults, name)
+
+        def padding(name: str, default):
+            p = getattr(message, name)
+            return (p.top, p.bottom, p.left, p.right) if message.HasField(name) else default
+
         options = cls(
-            pads=pads,
-            smoothing_window=message.smoothing_window if message.HasField("smoothing_window") else defaults.smoothing_window,
-            max_detection_size=message.max_detection_size if message.HasField("max_detection_size") else defaults.max_detection_size,
-            still_fps=message.still_fps if message.HasField("still_fps") else defaults.still_fps,
-            crf=message.crf if message.HasField("crf") else defaults.crf,
-            preset=message.preset if message.HasField("preset") else defaults.preset,
+            pads=padding("padding", defaults.pads),
+            smoothing_window=optional("smoothing_window"),
+            max_detection_size=optional("max_detection_size"),
+            still_fps=optional("still_fps"),
+            crf=optional("crf"),
+            preset=optional("preset"),
             enhance=message.enhance,
             keep_frames_without_face=message.no_face_policy == gateway_pb2.NO_FACE_POLICY_KEEP_FRAME,
             ping_pong=message.loop_mode != gateway_pb2.LOOP_MODE_LOOP,
+            reference_face=message.reference_face,
+            target_rule="center" if message.target_rule == gateway_pb2.TARGET_RULE_CENTER else "largest",
+            similarity_threshold=optional("similarity_threshold"),
+            detect_every=optional("detect_every"),
+            crop_mode="box" if message.crop_mode == gateway_pb2.CROP_MODE_BOX else "aligned",
+            mouth_padding=padding("mouth_padding", defaults.mouth_padding),
+            enhance_region="mouth" if message.enhance_region == gateway_pb2.ENHANCE_REGION_MOUTH else "face",
         )
         options.validate()
         return options
@@ -55,5 +73,11 @@ class JobOptions:
             raise InvalidArgument(f"still_fps {self.still_fps} must be above 0 and at most 120")
         if not 0 <= self.crf <= 51:
             raise InvalidArgument(f"crf {self.crf} must be between 0 and 51")
+        if not -1 <= self.similarity_threshold <= 1:
+            raise InvalidArgument(f"similarity_threshold {self.similarity_threshold} must be a cosine in [-1, 1]")
+        if not 1 <= self.detect_every <= 100:
+            raise InvalidArgument(f"detect_every {self.detect_every} must be between 1 and 100 frames")
+        if max(abs(v) for v in self.mouth_padding) > 60:
+            raise InvalidArgument(f"mouth_padding {self.mouth_padding} must move each edge by at most 60 pixels")
         if self.preset not in X264_PRESETS:
             raise InvalidArgument(f"preset {self.preset!r} is not an x264 preset ({', '.join(X264_PRESETS)})")

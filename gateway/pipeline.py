@@ -1,4 +1,4 @@
-"""The Wav2Lip pipeline: speech + face media -> detected, smoothed boxes -> lip-synced frames -> mp4."""
+"""The Wav2Lip pipeline: speech + face media -> target face per frame -> lip-synced frames -> mp4."""
 
 from __future__ import annotations
 
@@ -14,34 +14,50 @@ import numpy as np
 
 from service_runtime.errors import FailedPrecondition, InvalidArgument
 
+from .alignment import (
+    align_face, feathered_ellipse_mask, feathered_rect_mask, paste_aligned, template,
+)
 from .audio import Speech, decode_speech, frame_count, mel_window, melspectrogram
 from .clients import Face, ModelClients
 from .media import FaceMedia, Mp4Writer, decode_face, face_rate, source_index
 from .metrics import GatewayMetrics
 from .options import JobOptions
+from .tracking import build_tracks, detection_indices, interpolate, rank_tracks, target_per_frame
 
 log = logging.getLogger(__name__)
 
 FACE_SIZE = 96
+ALIGNED_SIZE = 256
+MOUTH_WINDOW = (65, 241, 62, 194)  # rows top, bottom, columns left, right of the 256 aligned crop
+LOWER_FACE_MASK = feathered_ellipse_mask(ALIGNED_SIZE, (128, 178), (66, 60), blur=8)
 ENHANCE_SIZE = 512
+ENHANCE_MASKS = {
+    "face": feathered_rect_mask(ENHANCE_SIZE, erode=24, blur=16),
+    "mouth": feathered_ellipse_mask(ENHANCE_SIZE, (257, 371), (120, 90), blur=16),
+}
+GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 Progress = Callable[[str, int, int, str], Awaitable[None]]
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2, integer pixels, x2/y2 exclusive
 
 
 @dataclass(frozen=True)
+class Target:
+    """The face to animate in one frame: its padded, smoothed box and its smoothed 5 landmarks."""
+
+    box: Box
+    landmarks: np.ndarray
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Everything decided before frames are generated: media, speech, mel, output length and boxes."""
+    """Everything decided before frames are generated: media, speech, mel, output length and targets."""
 
     media: FaceMedia
     speech: Speech
     mel: np.ndarray
     fps: Fraction
     frames: int
-    boxes: list[Box | None]  # per decoded frame; None = no face (kept untouched)
-
-
-def largest_face(faces: list[Face]) -> Face | None:
-    return max(faces, key=lambda f: f.area) if faces else None
+    targets: list[Target | None]  # per decoded frame; None = no target (frame kept untouched)
 
 
 def padded_box(face: Face, pads: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
@@ -51,14 +67,14 @@ def padded_box(face: Face, pads: tuple[int, int, int, int], width: int, height: 
     return np.array([max(0.0, x1 - left), max(0.0, y1 - top), min(width, x2 + right), min(height, y2 + bottom)])
 
 
-def smooth_boxes(boxes: list[np.ndarray | None], window: int) -> list[np.ndarray | None]:
-    """Each box becomes the mean of itself and the following boxes within `window` frames (fewer at the end)."""
+def smooth(values: list[np.ndarray | None], window: int) -> list[np.ndarray | None]:
+    """Each value becomes the mean of itself and the following ones within `window` frames (fewer at the end)."""
     if window <= 1:
-        return boxes
+        return values
     smoothed = []
-    for index, box in enumerate(boxes):
-        following = [b for b in boxes[index : index + window] if b is not None]
-        smoothed.append(None if box is None else np.mean(following, axis=0))
+    for index, value in enumerate(values):
+        following = [v for v in values[index : index + window] if v is not None]
+        smoothed.append(None if value is None else np.mean(following, axis=0))
     return smoothed
 
 
@@ -92,6 +108,35 @@ def paste_face(frame: np.ndarray, box: Box, face: np.ndarray) -> np.ndarray:
     return out
 
 
+def mouth_window(padding: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    top, bottom, left, right = MOUTH_WINDOW
+    pad_top, pad_bottom, pad_left, pad_right = padding
+    return (max(0, top - pad_top), min(ALIGNED_SIZE, bottom + pad_bottom),
+            max(0, left - pad_left), min(ALIGNED_SIZE, right + pad_right))
+
+
+@dataclass(frozen=True)
+class AlignedCrop:
+    crop: np.ndarray  # 256x256 FFHQ-aligned
+    matrix: np.ndarray  # frame -> crop
+
+
+def aligned_input(frame: np.ndarray, target: Target, window: tuple[int, int, int, int]) -> tuple[AlignedCrop, np.ndarray]:
+    """The aligned 256 crop and its mouth window resized to Wav2Lip's 96x96."""
+    crop, matrix = align_face(frame, target.landmarks, template("ffhq", ALIGNED_SIZE), ALIGNED_SIZE)
+    top, bottom, left, right = window
+    return AlignedCrop(crop, matrix), cv2.resize(crop[top:bottom, left:right], (FACE_SIZE, FACE_SIZE))
+
+
+def aligned_paste(frame: np.ndarray, aligned: AlignedCrop, face: np.ndarray,
+                  window: tuple[int, int, int, int]) -> np.ndarray:
+    """Writes the prediction into the mouth window, then blends the lower face back through the inverse transform."""
+    top, bottom, left, right = window
+    crop = aligned.crop.copy()
+    crop[top:bottom, left:right] = cv2.resize(face, (right - left, bottom - top))
+    return paste_aligned(frame, crop, aligned.matrix, LOWER_FACE_MASK)
+
+
 class LipSyncJob:
     """One generation request, run against the model services."""
 
@@ -102,6 +147,7 @@ class LipSyncJob:
         self.chunk_frames, self.max_seconds = chunk_frames, max_seconds
         self._progress = progress
         self._timeout = timeout
+        self._window = mouth_window(options.mouth_padding)
 
     async def progress(self, stage: str, done: int, total: int, message: str = "") -> None:
         if self._progress is not None:
@@ -120,72 +166,143 @@ class LipSyncJob:
         media = await asyncio.to_thread(decode_face, face, self.options.still_fps, frames)
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         await self.progress("decode", 1, 1)
-        boxes = await self.find_boxes(media)
-        return Plan(media, speech, mel, fps, frames, boxes)
+        if self.options.enhance:
+            await self.warn_if_enhancer_is_slow()
+        targets = await self.find_targets(media)
+        return Plan(media, speech, mel, fps, frames, targets)
 
-    async def find_boxes(self, media: FaceMedia) -> list[Box | None]:
+    async def warn_if_enhancer_is_slow(self) -> None:
+        info = await self.clients.describe_enhancer(timeout=self._timeout())
+        if not GPU_PROVIDERS & set(info.providers):
+            await self.progress("detect", 0, 1, f"warning: the enhancer ({info.model}) runs on CPU only; "
+                                "expect about a second per frame")
+
+    async def detect(self, frames: list[np.ndarray], stage: str | None = None) -> list[list[Face]]:
+        """Faces in full-resolution coordinates; frames are sent downscaled."""
+        found: list[list[Face]] = []
+        for start in range(0, len(frames), self.chunk_frames):
+            part = frames[start : start + self.chunk_frames]
+            shrunk = await asyncio.to_thread(lambda: [detection_frame(f, self.options.max_detection_size) for f in part])
+            replies = await self.clients.detect([small for small, _ in shrunk], timeout=self._timeout())
+            for faces, (_, scale) in zip(replies, shrunk):
+                found.append([Face(f.box * scale, f.score, f.landmarks * scale) for f in faces])
+            if stage:
+                await self.progress(stage, len(found), len(frames))
+        return found
+
+    async def reference_embedding(self) -> np.ndarray:
+        picture = cv2.imdecode(np.frombuffer(self.options.reference_face, np.uint8), cv2.IMREAD_COLOR)
+        if picture is None:
+            raise InvalidArgument("reference_face: not a picture OpenCV can decode (send PNG or JPEG)")
+        (faces,) = await self.detect([picture])
+        if not faces:
+            raise InvalidArgument("reference_face: no face found in the reference photo")
+        largest = max(faces, key=lambda f: f.area)
+        crop, _ = align_face(picture, largest.landmarks, template("arcface", 112), 112)
+        (embedding,) = await self.clients.embed([crop], timeout=self._timeout())
+        return embedding
+
+    async def score_tracks(self, media: FaceMedia, tracks) -> None:
+        """One embedding per track, from its most confident face, compared with the reference."""
+        reference = await self.reference_embedding()
+        crops = []
+        for track in tracks:
+            index, face = track.best()
+            crops.append(align_face(media.frames[index], face.landmarks, template("arcface", 112), 112)[0])
+        embeddings = await self.clients.embed(crops, timeout=self._timeout()) if crops else []
+        self.metrics.track_embeddings.inc(len(crops))
+        for track, embedding in zip(tracks, embeddings):
+            track.similarity = float(reference @ embedding)
+
+    async def find_targets(self, media: FaceMedia) -> list[Target | None]:
         started = time.perf_counter()
         total = len(media.frames)
-        detected: list[list[Face]] = []
-        step = max(1, self.chunk_frames)
-        for start in range(0, total, step):
-            part = media.frames[start : start + step]
-            shrunk = await asyncio.to_thread(lambda: [detection_frame(f, self.options.max_detection_size) for f in part])
-            faces = await self.clients.detect([small for small, _ in shrunk], timeout=self._timeout())
-            for found, (_, scale) in zip(faces, shrunk):
-                detected.append([Face(f.box * scale, f.score, f.landmarks * scale) for f in found])
-            await self.progress("detect", len(detected), total)
+        indices = detection_indices(total, self.options.detect_every)
+        detected = dict(zip(indices, await self.detect([media.frames[i] for i in indices], "detect")))
+        tracks = build_tracks(detected)
+        if self.options.reference_face:
+            await self.score_tracks(media, tracks)
+            candidates = [t for t in tracks if t.similarity is not None and t.similarity >= self.options.similarity_threshold]
+        else:
+            candidates = tracks
+        ranked = rank_tracks(candidates, self.options.target_rule, media.size)
+        faces = interpolate(target_per_frame(ranked, indices), indices, total)
         width, height = media.size
-        chosen = [largest_face(faces) for faces in detected]
-        padded = [None if f is None else padded_box(f, self.options.pads, width, height) for f in chosen]
-        boxes = [to_pixels(b) for b in smooth_boxes(padded, self.options.smoothing_window)]
-        missing = [i for i, box in enumerate(boxes) if box is None]
+        boxes = smooth([None if f is None else padded_box(f, self.options.pads, width, height) for f in faces],
+                       self.options.smoothing_window)
+        points = smooth([None if f is None else f.landmarks for f in faces], self.options.smoothing_window)
+        targets = [None if (box := to_pixels(b)) is None else Target(box, p) for b, p in zip(boxes, points)]
         self.metrics.stage_seconds.labels("detect").observe(time.perf_counter() - started)
+        missing = [i for i, t in enumerate(targets) if t is None]
         if missing and not self.options.keep_frames_without_face:
-            raise FailedPrecondition(
-                f"no face found in frame {missing[0]} of the face input ({len(missing)} of {total} frames have none); "
-                "use a clip where the face is visible throughout, or the keep-frame no-face policy"
-            )
-        return boxes
+            raise FailedPrecondition(self._missing_message(missing, total, tracks))
+        return targets
 
-    async def frames(self, plan: Plan) -> AsyncIterator[tuple[np.ndarray, Box | None]]:
-        """Output frames in order, each with the box that was replaced (None = untouched)."""
+    def _missing_message(self, missing: list[int], total: int, tracks) -> str:
+        where = f"frame {missing[0]} of the face input ({len(missing)} of {total} frames)"
+        if self.options.reference_face:
+            best = max((t.similarity for t in tracks if t.similarity is not None), default=None)
+            seen = "no face at all" if best is None else f"best similarity {best:.2f}"
+            return (f"the reference person is not in {where}: {seen}, threshold "
+                    f"{self.options.similarity_threshold:.2f}; check the photo or use the keep-frame no-face policy")
+        return (f"no face found in {where}; use a clip where the face is visible throughout, "
+                "or the keep-frame no-face policy")
+
+    async def frames(self, plan: Plan) -> AsyncIterator[tuple[np.ndarray, Target | None]]:
+        """Output frames in order, each with the target that was replaced (None = untouched)."""
         fps = float(plan.fps)
         for start in range(0, plan.frames, self.chunk_frames):
-            indices = range(start, min(plan.frames, start + self.chunk_frames))
+            indices = list(range(start, min(plan.frames, start + self.chunk_frames)))
             sources = [source_index(i, len(plan.media.frames), self.options.ping_pong) for i in indices]
             frames = [plan.media.frames[s] for s in sources]
-            boxes = [plan.boxes[s] for s in sources]
-            outputs = await self._sync_chunk(plan, list(indices), frames, boxes, fps)
+            targets = [plan.targets[s] for s in sources]
+            outputs = await self._sync_chunk(plan, indices, frames, targets, fps)
             self.metrics.frames.inc(len(outputs))
-            for output, box in zip(outputs, boxes):
-                yield output, box
+            for output, target in zip(outputs, targets):
+                yield output, target
             await self.progress("lipsync", indices[-1] + 1, plan.frames)
 
     async def _sync_chunk(self, plan: Plan, indices: list[int], frames: list[np.ndarray],
-                          boxes: list[Box | None], fps: float) -> list[np.ndarray]:
+                          targets: list[Target | None], fps: float) -> list[np.ndarray]:
         started = time.perf_counter()
-        todo = [k for k, box in enumerate(boxes) if box is not None]
-        crops = await asyncio.to_thread(lambda: [crop_face(frames[k], boxes[k]) for k in todo])
+        todo = [k for k, target in enumerate(targets) if target is not None]
+        aligned = self.options.crop_mode == "aligned"
+
+        def prepare():
+            if aligned:
+                return [aligned_input(frames[k], targets[k], self._window) for k in todo]
+            return [(None, crop_face(frames[k], targets[k].box)) for k in todo]
+
+        prepared = await asyncio.to_thread(prepare)
         mels = [mel_window(plan.mel, indices[k], fps) for k in todo]
-        faces = await self.clients.lipsync(crops, mels, timeout=self._timeout()) if todo else []
+        faces = await self.clients.lipsync([c for _, c in prepared], mels, timeout=self._timeout()) if todo else []
+
+        def paste():
+            if aligned:
+                return [aligned_paste(frames[k], a, f, self._window) for k, (a, _), f in zip(todo, prepared, faces)]
+            return [paste_face(frames[k], targets[k].box, f) for k, f in zip(todo, faces)]
+
         outputs = list(frames)
-        pasted = await asyncio.to_thread(lambda: [paste_face(frames[k], boxes[k], f) for k, f in zip(todo, faces)])
-        for k, frame in zip(todo, pasted):
+        for k, frame in zip(todo, await asyncio.to_thread(paste)):
             outputs[k] = frame
         if self.options.enhance and todo:
-            outputs = await self._enhance(outputs, boxes, todo)
+            outputs = await self._enhance(outputs, targets, todo)
         self.metrics.stage_seconds.labels("lipsync").observe(time.perf_counter() - started)
         return outputs
 
-    async def _enhance(self, frames: list[np.ndarray], boxes: list[Box | None], todo: list[int]) -> list[np.ndarray]:
-        """Restores each synthesised face region at GFPGAN's 512x512 input size and pastes it back."""
-        crops = [cv2.resize(frames[k][b[1]:b[3], b[0]:b[2]], (ENHANCE_SIZE, ENHANCE_SIZE))
-                 for k in todo if (b := boxes[k])]
-        restored = await self.clients.enhance(crops, timeout=self._timeout())
+    async def _enhance(self, frames: list[np.ndarray], targets: list[Target | None], todo: list[int]) -> list[np.ndarray]:
+        """Aligns each synthesised face to FFHQ 512, restores it, and blends it back through a feathered mask."""
+        points = template("ffhq", ENHANCE_SIZE)
+        aligned = await asyncio.to_thread(
+            lambda: [align_face(frames[k], targets[k].landmarks, points, ENHANCE_SIZE) for k in todo])
+        restored = await self.clients.enhance([crop for crop, _ in aligned], timeout=self._timeout())
+        mask = ENHANCE_MASKS[self.options.enhance_region]
+        pasted = await asyncio.to_thread(
+            lambda: [paste_aligned(frames[k], face, matrix, mask)
+                     for k, face, (_, matrix) in zip(todo, restored, aligned)])
         outputs = list(frames)
-        for k, face in zip(todo, restored):
-            outputs[k] = paste_face(frames[k], boxes[k], face)  # type: ignore[arg-type]
+        for k, frame in zip(todo, pasted):
+            outputs[k] = frame
         return outputs
 
     async def render(self, face: bytes, audio: bytes) -> tuple[Plan, bytes]:

@@ -84,14 +84,15 @@ async def test_identity_model_changes_only_the_face_box(identity_models_dir):
         clients = ModelClients(stack.address("detector"), stack.address("lipsync"), stack.address("enhancer"),
                                batch_items=8, max_inflight=4, metrics=GatewayMetrics())
         clients.open()
-        job = LipSyncJob(clients, JobOptions(), GatewayMetrics(), chunk_frames=16, max_seconds=60)
+        job = LipSyncJob(clients, JobOptions(crop_mode="box"), GatewayMetrics(), chunk_frames=16, max_seconds=60)
         plan = await job.plan(face, speech_wav(1.5))
         outputs = [(frame, box) async for frame, box in job.frames(plan)]
         await clients.close()
     assert len(outputs) == plan.frames == round(plan.speech.seconds * 25)
-    assert len(plan.media.frames) == 20 and all(b is not None for b in plan.boxes)
-    for index, (output, box) in enumerate(outputs):
+    assert len(plan.media.frames) == 20 and all(t is not None for t in plan.targets)
+    for index, (output, target) in enumerate(outputs):
         source = plan.media.frames[[*range(20), *range(18, 0, -1)][index % 38]]  # ping-pong
+        box = target.box
         x1, y1, x2, y2 = box
         outside = np.ones(output.shape[:2], bool)
         outside[y1:y2, x1:x2] = False

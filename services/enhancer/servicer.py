@@ -5,6 +5,7 @@ from __future__ import annotations
 from superwav2lip.enhancer.v1 import enhancer_pb2, enhancer_pb2_grpc
 
 from service_runtime.batching import BatchingQueue
+from service_runtime.errors import Unavailable
 from service_runtime.images import decode_image, encode_image
 from service_runtime.metrics import ServiceMetrics
 from service_runtime.rpc import grpc_method, item_status
@@ -26,3 +27,11 @@ class EnhancerServicer(enhancer_pb2_grpc.EnhancerServicer):
             else enhancer_pb2.EnhancedFace(face=encode_image(o))
             for o in outcomes
         ])
+
+    @grpc_method()
+    async def Describe(self, request: enhancer_pb2.DescribeRequest, context) -> enhancer_pb2.DescribeResponse:
+        model = self.restorer.model
+        if model is None:
+            raise Unavailable("the enhancer is still loading its model; retry shortly")
+        return enhancer_pb2.DescribeResponse(model=model.spec.name, providers=model.providers,
+                                             generated_weights=model.is_dev)

@@ -26,19 +26,23 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from superwav2lip.common.v1 import media_pb2 as superwav2lip_dot_common_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'superwav2lip/enhancer/v1/enhancer.proto\x12\x18superwav2lip.enhancer.v1\x1a\x17google/rpc/status.proto\x1a\"superwav2lip/common/v1/media.proto\">\n\x0e\x45nhanceRequest\x12,\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x1d.superwav2lip.common.v1.Image\"^\n\x0c\x45nhancedFace\x12+\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x1d.superwav2lip.common.v1.Image\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"H\n\x0f\x45nhanceResponse\x12\x35\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32&.superwav2lip.enhancer.v1.EnhancedFace2j\n\x08\x45nhancer\x12^\n\x07\x45nhance\x12(.superwav2lip.enhancer.v1.EnhanceRequest\x1a).superwav2lip.enhancer.v1.EnhanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'superwav2lip/enhancer/v1/enhancer.proto\x12\x18superwav2lip.enhancer.v1\x1a\x17google/rpc/status.proto\x1a\"superwav2lip/common/v1/media.proto\"\x11\n\x0f\x44\x65scribeRequest\"O\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tproviders\x18\x02 \x03(\t\x12\x19\n\x11generated_weights\x18\x03 \x01(\x08\">\n\x0e\x45nhanceRequest\x12,\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x1d.superwav2lip.common.v1.Image\"^\n\x0c\x45nhancedFace\x12+\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x1d.superwav2lip.common.v1.Image\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"H\n\x0f\x45nhanceResponse\x12\x35\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32&.superwav2lip.enhancer.v1.EnhancedFace2\xcd\x01\n\x08\x45nhancer\x12^\n\x07\x45nhance\x12(.superwav2lip.enhancer.v1.EnhanceRequest\x1a).superwav2lip.enhancer.v1.EnhanceResponse\x12\x61\n\x08\x44\x65scribe\x12).superwav2lip.enhancer.v1.DescribeRequest\x1a*.superwav2lip.enhancer.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'superwav2lip.enhancer.v1.enhancer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENHANCEREQUEST']._serialized_start=130
-  _globals['_ENHANCEREQUEST']._serialized_end=192
-  _globals['_ENHANCEDFACE']._serialized_start=194
-  _globals['_ENHANCEDFACE']._serialized_end=288
-  _globals['_ENHANCERESPONSE']._serialized_start=290
-  _globals['_ENHANCERESPONSE']._serialized_end=362
-  _globals['_ENHANCER']._serialized_start=364
-  _globals['_ENHANCER']._serialized_end=470
+  _globals['_DESCRIBEREQUEST']._serialized_start=130
+  _globals['_DESCRIBEREQUEST']._serialized_end=147
+  _globals['_DESCRIBERESPONSE']._serialized_start=149
+  _globals['_DESCRIBERESPONSE']._serialized_end=228
+  _globals['_ENHANCEREQUEST']._serialized_start=230
+  _globals['_ENHANCEREQUEST']._serialized_end=292
+  _globals['_ENHANCEDFACE']._serialized_start=294
+  _globals['_ENHANCEDFACE']._serialized_end=388
+  _globals['_ENHANCERESPONSE']._serialized_start=390
+  _globals['_ENHANCERESPONSE']._serialized_end=462
+  _globals['_ENHANCER']._serialized_start=465
+  _globals['_ENHANCER']._serialized_end=670
 # @@protoc_insertion_point(module_scope)

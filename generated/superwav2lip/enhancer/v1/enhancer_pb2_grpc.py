@@ -39,6 +39,11 @@ class EnhancerStub:
                 request_serializer=superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.EnhanceRequest.SerializeToString,
                 response_deserializer=superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.EnhanceResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/superwav2lip.enhancer.v1.Enhancer/Describe',
+                request_serializer=superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.DescribeResponse.FromString,
+                _registered_method=True)
 
 
 class EnhancerServicer:
@@ -51,6 +56,13 @@ class EnhancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """What the enhancer runs on, so callers can warn when restoration will be slow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnhancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +70,11 @@ def add_EnhancerServicer_to_server(servicer, server):
                     servicer.Enhance,
                     request_deserializer=superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.EnhanceRequest.FromString,
                     response_serializer=superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.EnhanceResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.DescribeRequest.FromString,
+                    response_serializer=superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +104,33 @@ class Enhancer:
             '/superwav2lip.enhancer.v1.Enhancer/Enhance',
             superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.EnhanceRequest.SerializeToString,
             superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.EnhanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.enhancer.v1.Enhancer/Describe',
+            superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.DescribeRequest.SerializeToString,
+            superwav2lip_dot_enhancer_dot_v1_dot_enhancer__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,12 +33,16 @@ class EnhancerStub:
     def __new__(cls, channel: _aio.Channel) -> EnhancerAsyncStub: ...
     Enhance: _grpc.UnaryUnaryMultiCallable[_enhancer_pb2.EnhanceRequest, _enhancer_pb2.EnhanceResponse]
     """Restores each aligned 512x512 face; returns the same size, uint8 BGR."""
+    Describe: _grpc.UnaryUnaryMultiCallable[_enhancer_pb2.DescribeRequest, _enhancer_pb2.DescribeResponse]
+    """What the enhancer runs on, so callers can warn when restoration will be slow."""
 
 @_typing.type_check_only
 class EnhancerAsyncStub(EnhancerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Enhance: _aio.UnaryUnaryMultiCallable[_enhancer_pb2.EnhanceRequest, _enhancer_pb2.EnhanceResponse]  # type: ignore[assignment]
     """Restores each aligned 512x512 face; returns the same size, uint8 BGR."""
+    Describe: _aio.UnaryUnaryMultiCallable[_enhancer_pb2.DescribeRequest, _enhancer_pb2.DescribeResponse]  # type: ignore[assignment]
+    """What the enhancer runs on, so callers can warn when restoration will be slow."""
 
 class EnhancerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,5 +52,13 @@ class EnhancerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_enhancer_pb2.EnhanceResponse, _abc.Awaitable[_enhancer_pb2.EnhanceResponse]]:
         """Restores each aligned 512x512 face; returns the same size, uint8 BGR."""
+
+    @_abc_1.abstractmethod
+    def Describe(
+        self,
+        request: _enhancer_pb2.DescribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enhancer_pb2.DescribeResponse, _abc.Awaitable[_enhancer_pb2.DescribeResponse]]:
+        """What the enhancer runs on, so callers can warn when restoration will be slow."""
 
 def add_EnhancerServicer_to_server(servicer: EnhancerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -63,6 +63,71 @@ LOOP_MODE_LOOP: LoopMode.ValueType  # 2
 """restart from the first frame"""
 Global___LoopMode: _TypeAlias = LoopMode  # noqa: Y015
 
+class _TargetRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TargetRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TargetRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TARGET_RULE_UNSPECIFIED: _TargetRule.ValueType  # 0
+    """= LARGEST"""
+    TARGET_RULE_LARGEST: _TargetRule.ValueType  # 1
+    """the person whose face is largest on average"""
+    TARGET_RULE_CENTER: _TargetRule.ValueType  # 2
+    """the person nearest the centre of the frame on average"""
+
+class TargetRule(_TargetRule, metaclass=_TargetRuleEnumTypeWrapper): ...
+
+TARGET_RULE_UNSPECIFIED: TargetRule.ValueType  # 0
+"""= LARGEST"""
+TARGET_RULE_LARGEST: TargetRule.ValueType  # 1
+"""the person whose face is largest on average"""
+TARGET_RULE_CENTER: TargetRule.ValueType  # 2
+"""the person nearest the centre of the frame on average"""
+Global___TargetRule: _TypeAlias = TargetRule  # noqa: Y015
+
+class _CropMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CropModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CropMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CROP_MODE_UNSPECIFIED: _CropMode.ValueType  # 0
+    """= ALIGNED"""
+    CROP_MODE_BOX: _CropMode.ValueType  # 1
+    """Rudrabha/Wav2Lip: padded detector box, hard paste"""
+    CROP_MODE_ALIGNED: _CropMode.ValueType  # 2
+    """5-point FFHQ alignment, mouth window, feathered paste-back"""
+
+class CropMode(_CropMode, metaclass=_CropModeEnumTypeWrapper): ...
+
+CROP_MODE_UNSPECIFIED: CropMode.ValueType  # 0
+"""= ALIGNED"""
+CROP_MODE_BOX: CropMode.ValueType  # 1
+"""Rudrabha/Wav2Lip: padded detector box, hard paste"""
+CROP_MODE_ALIGNED: CropMode.ValueType  # 2
+"""5-point FFHQ alignment, mouth window, feathered paste-back"""
+Global___CropMode: _TypeAlias = CropMode  # noqa: Y015
+
+class _EnhanceRegion:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnhanceRegionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnhanceRegion.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENHANCE_REGION_UNSPECIFIED: _EnhanceRegion.ValueType  # 0
+    """= FACE"""
+    ENHANCE_REGION_FACE: _EnhanceRegion.ValueType  # 1
+    ENHANCE_REGION_MOUTH: _EnhanceRegion.ValueType  # 2
+
+class EnhanceRegion(_EnhanceRegion, metaclass=_EnhanceRegionEnumTypeWrapper): ...
+
+ENHANCE_REGION_UNSPECIFIED: EnhanceRegion.ValueType  # 0
+"""= FACE"""
+ENHANCE_REGION_FACE: EnhanceRegion.ValueType  # 1
+ENHANCE_REGION_MOUTH: EnhanceRegion.ValueType  # 2
+Global___EnhanceRegion: _TypeAlias = EnhanceRegion  # noqa: Y015
+
 @_typing.final
 class Padding(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -105,6 +170,13 @@ class GenerateOptions(_message.Message):
     NO_FACE_POLICY_FIELD_NUMBER: _builtins.int
     LOOP_MODE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REFERENCE_FACE_FIELD_NUMBER: _builtins.int
+    TARGET_RULE_FIELD_NUMBER: _builtins.int
+    SIMILARITY_THRESHOLD_FIELD_NUMBER: _builtins.int
+    DETECT_EVERY_FIELD_NUMBER: _builtins.int
+    CROP_MODE_FIELD_NUMBER: _builtins.int
+    MOUTH_PADDING_FIELD_NUMBER: _builtins.int
+    ENHANCE_REGION_FIELD_NUMBER: _builtins.int
     smoothing_window: _builtins.int
     """Box smoothing window in frames; unset means 5, 0 turns smoothing off."""
     max_detection_size: _builtins.int
@@ -120,9 +192,23 @@ class GenerateOptions(_message.Message):
     loop_mode: Global___LoopMode.ValueType
     request_id: _builtins.str
     """Client-chosen id echoed in logs; generated when empty."""
+    reference_face: _builtins.bytes
+    """Photo (PNG, JPEG...) of the person to animate; their face is found by identity and followed."""
+    target_rule: Global___TargetRule.ValueType
+    """Who to animate when no reference photo is given."""
+    similarity_threshold: _builtins.float
+    """Cosine similarity at or above which a face is the reference person; unset means 0.4."""
+    detect_every: _builtins.int
+    """Run detection on every k-th frame and interpolate between; unset means 1 (every frame)."""
+    crop_mode: Global___CropMode.ValueType
+    enhance_region: Global___EnhanceRegion.ValueType
     @_builtins.property
     def padding(self) -> Global___Padding:
         """Detector box padding in pixels; unset means (0, 10, 0, 0) as in Wav2Lip."""
+
+    @_builtins.property
+    def mouth_padding(self) -> Global___Padding:
+        """Moves the edges of the aligned mouth window (rows 65-241, columns 62-194 of the 256 crop), in pixels."""
 
     def __init__(
         self,
@@ -137,19 +223,32 @@ class GenerateOptions(_message.Message):
         no_face_policy: Global___NoFacePolicy.ValueType = ...,
         loop_mode: Global___LoopMode.ValueType = ...,
         request_id: _builtins.str = ...,
+        reference_face: _builtins.bytes = ...,
+        target_rule: Global___TargetRule.ValueType = ...,
+        similarity_threshold: _builtins.float | None = ...,
+        detect_every: _builtins.int | None = ...,
+        crop_mode: Global___CropMode.ValueType = ...,
+        mouth_padding: Global___Padding | None = ...,
+        enhance_region: Global___EnhanceRegion.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_crf", b"_crf", "_max_detection_size", b"_max_detection_size", "_padding", b"_padding", "_preset", b"_preset", "_smoothing_window", b"_smoothing_window", "_still_fps", b"_still_fps", "crf", b"crf", "max_detection_size", b"max_detection_size", "padding", b"padding", "preset", b"preset", "smoothing_window", b"smoothing_window", "still_fps", b"still_fps"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crf", b"_crf", "_detect_every", b"_detect_every", "_max_detection_size", b"_max_detection_size", "_mouth_padding", b"_mouth_padding", "_padding", b"_padding", "_preset", b"_preset", "_similarity_threshold", b"_similarity_threshold", "_smoothing_window", b"_smoothing_window", "_still_fps", b"_still_fps", "crf", b"crf", "detect_every", b"detect_every", "max_detection_size", b"max_detection_size", "mouth_padding", b"mouth_padding", "padding", b"padding", "preset", b"preset", "similarity_threshold", b"similarity_threshold", "smoothing_window", b"smoothing_window", "still_fps", b"still_fps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crf", b"_crf", "_max_detection_size", b"_max_detection_size", "_padding", b"_padding", "_preset", b"_preset", "_smoothing_window", b"_smoothing_window", "_still_fps", b"_still_fps", "crf", b"crf", "enhance", b"enhance", "loop_mode", b"loop_mode", "max_detection_size", b"max_detection_size", "no_face_policy", b"no_face_policy", "padding", b"padding", "preset", b"preset", "request_id", b"request_id", "smoothing_window", b"smoothing_window", "still_fps", b"still_fps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crf", b"_crf", "_detect_every", b"_detect_every", "_max_detection_size", b"_max_detection_size", "_mouth_padding", b"_mouth_padding", "_padding", b"_padding", "_preset", b"_preset", "_similarity_threshold", b"_similarity_threshold", "_smoothing_window", b"_smoothing_window", "_still_fps", b"_still_fps", "crf", b"crf", "crop_mode", b"crop_mode", "detect_every", b"detect_every", "enhance", b"enhance", "enhance_region", b"enhance_region", "loop_mode", b"loop_mode", "max_detection_size", b"max_detection_size", "mouth_padding", b"mouth_padding", "no_face_policy", b"no_face_policy", "padding", b"padding", "preset", b"preset", "reference_face", b"reference_face", "request_id", b"request_id", "similarity_threshold", b"similarity_threshold", "smoothing_window", b"smoothing_window", "still_fps", b"still_fps", "target_rule", b"target_rule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__crf: _TypeAlias = _typing.Literal["crf"]  # noqa: Y015
     _WhichOneofArgType__crf: _TypeAlias = _typing.Literal["_crf", b"_crf"]  # noqa: Y015
+    _WhichOneofReturnType__detect_every: _TypeAlias = _typing.Literal["detect_every"]  # noqa: Y015
+    _WhichOneofArgType__detect_every: _TypeAlias = _typing.Literal["_detect_every", b"_detect_every"]  # noqa: Y015
     _WhichOneofReturnType__max_detection_size: _TypeAlias = _typing.Literal["max_detection_size"]  # noqa: Y015
     _WhichOneofArgType__max_detection_size: _TypeAlias = _typing.Literal["_max_detection_size", b"_max_detection_size"]  # noqa: Y015
+    _WhichOneofReturnType__mouth_padding: _TypeAlias = _typing.Literal["mouth_padding"]  # noqa: Y015
+    _WhichOneofArgType__mouth_padding: _TypeAlias = _typing.Literal["_mouth_padding", b"_mouth_padding"]  # noqa: Y015
     _WhichOneofReturnType__padding: _TypeAlias = _typing.Literal["padding"]  # noqa: Y015
     _WhichOneofArgType__padding: _TypeAlias = _typing.Literal["_padding", b"_padding"]  # noqa: Y015
     _WhichOneofReturnType__preset: _TypeAlias = _typing.Literal["preset"]  # noqa: Y015
     _WhichOneofArgType__preset: _TypeAlias = _typing.Literal["_preset", b"_preset"]  # noqa: Y015
+    _WhichOneofReturnType__similarity_threshold: _TypeAlias = _typing.Literal["similarity_threshold"]  # noqa: Y015
+    _WhichOneofArgType__similarity_threshold: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold"]  # noqa: Y015
     _WhichOneofReturnType__smoothing_window: _TypeAlias = _typing.Literal["smoothing_window"]  # noqa: Y015
     _WhichOneofArgType__smoothing_window: _TypeAlias = _typing.Literal["_smoothing_window", b"_smoothing_window"]  # noqa: Y015
     _WhichOneofReturnType__still_fps: _TypeAlias = _typing.Literal["still_fps"]  # noqa: Y015
@@ -157,11 +256,17 @@ class GenerateOptions(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__crf) -> _WhichOneofReturnType__crf | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__detect_every) -> _WhichOneofReturnType__detect_every | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_detection_size) -> _WhichOneofReturnType__max_detection_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mouth_padding) -> _WhichOneofReturnType__mouth_padding | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__padding) -> _WhichOneofReturnType__padding | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__preset) -> _WhichOneofReturnType__preset | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__similarity_threshold) -> _WhichOneofReturnType__similarity_threshold | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__smoothing_window) -> _WhichOneofReturnType__smoothing_window | None: ...
     @_typing.overload
