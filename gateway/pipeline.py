@@ -195,6 +195,11 @@ class LipSyncJob:
         if picture is None:
             raise InvalidArgument("reference_face: not a picture OpenCV can decode (send PNG or JPEG)")
         (faces,) = await self.detect([picture])
+        if not faces:  # a tight crop of a face gives detectors too little context: add a neutral border
+            margin = max(picture.shape[:2]) // 2
+            picture = cv2.copyMakeBorder(picture, margin, margin, margin, margin, cv2.BORDER_CONSTANT,
+                                         value=(127, 127, 127))
+            (faces,) = await self.detect([picture])
         if not faces:
             raise InvalidArgument("reference_face: no face found in the reference photo")
         largest = max(faces, key=lambda f: f.area)

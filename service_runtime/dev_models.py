@@ -10,12 +10,15 @@ import numpy as np
 from .manifest import BATCH_DIM, ModelSpec, load_manifest
 
 OPSET = 18
-# Generated detectors find nothing in ordinary pictures. The SCRFD one "sees" a face wherever a 32x32 cell
-# is mostly pure green (a marker tests draw), so the whole pipeline can run without real weights.
+# Generated detectors find nothing in ordinary pictures. The SCRFD one "sees" one face at the top-left corner
+# of a pure green marker (which tests draw), so the whole pipeline can run without real weights.
 NO_FACE_BIAS = -12.0
-MARKER_GAIN, MARKER_BIAS = 20.0, -30.0
-MARKER_HALF_SIZE = 2.5  # box half-size in strides: neighbouring marker cells overlap enough for NMS
-MARKER_KPS = [-0.6, -0.5, 0.6, -0.5, 0.0, 0.0, -0.5, 0.6, 0.5, 0.6]  # eyes, nose, mouth corners, in strides
+MARKER_GAIN, MARKER_BIAS = 20.0, -8.0
+# "Is green" = clip(4 * (G - (R + B) / 2 - 0.8), 0, 1): G - (R + B) / 2 is 1.99 for pure green on SCRFD's
+# scale, so a cell at least 60% covered by the marker counts fully; muted colours stay at 0.
+GREEN_SLOPE, GREEN_FLOOR = 4.0, 0.8
+MARKER_BOX = [0.5, 0.5, 4.0, 4.0]  # left, top, right, bottom distances from the corner anchor, in strides
+MARKER_KPS = [1.2, 1.4, 2.8, 1.4, 2.0, 2.2, 1.4, 3.0, 2.6, 3.0]  # eyes, nose, mouth corners, in strides
 
 
 def _onnx():
@@ -120,12 +123,19 @@ def _detector(spec: ModelSpec, g: _Graph) -> list[str]:
 
 
 def _green_marker(g: _Graph, pooled: str, per_cell: int, k: int) -> str:
-    """Stride-32 SCRFD head of the marker detector: score from greenness, fixed box and keypoints."""
-    if k == 1:  # score logit = gain * (G - (R + B) / 2) + bias, on RGB input
-        weights = np.tile(np.array([-0.5, 1.0, -0.5], np.float32) * MARKER_GAIN, (per_cell, 1))
-        return g.op("Conv", [pooled, g.const(weights.reshape(per_cell, 3, 1, 1)),
-                             g.const(np.full(per_cell, MARKER_BIAS, np.float32))])
-    values = [MARKER_HALF_SIZE] * 4 if k == 4 else MARKER_KPS
+    """Stride-32 SCRFD head of the marker detector: a score at the marker's top-left cell, fixed box and points."""
+    if k == 1:
+        # greenness = G - (R + B) / 2 per cell; the score fires where a cell is green but the cells to its
+        # left and above are not, so each marker gives one corner (neighbours of it are removed by NMS).
+        greenness = g.op("Clip", [g.op("Conv", [
+            pooled, g.const(np.array([-0.5, 1.0, -0.5], np.float32).reshape(1, 3, 1, 1) * GREEN_SLOPE),
+            g.const(np.full(1, -GREEN_FLOOR * GREEN_SLOPE, np.float32))]),
+            g.const(np.array(0.0, np.float32)), g.const(np.array(1.0, np.float32))])
+        corner = np.zeros((per_cell, 1, 3, 3), np.float32)
+        corner[:, 0, 1, 1], corner[:, 0, 1, 0], corner[:, 0, 0, 1] = 1.0, -1.0, -1.0
+        return g.op("Conv", [greenness, g.const(corner * MARKER_GAIN), g.const(np.full(per_cell, MARKER_BIAS,
+                                                                                        np.float32))], pads=[1] * 4)
+    values = MARKER_BOX if k == 4 else MARKER_KPS
     bias = np.tile(np.array(values, np.float32), per_cell)
     return g.op("Conv", [pooled, g.const(np.zeros((per_cell * k, 3, 1, 1), np.float32)), g.const(bias)])
 

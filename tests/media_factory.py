@@ -13,11 +13,12 @@ MARKER = (0, 255, 0)  # BGR pure green: the generated SCRFD "sees" a face there
 
 
 def scene(width: int = 320, height: int = 240, seed: int = 0) -> np.ndarray:
-    """A textured background (gradients plus noise) so that untouched pixels are worth checking."""
+    """A textured, muted background (gradients plus noise) so that untouched pixels are worth checking."""
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[:height, :width]
-    base = np.stack([xs * 200 // width, ys * 200 // height, (xs + ys) * 100 // (width + height)], axis=-1)
-    return np.clip(base + rng.integers(0, 50, base.shape), 0, 255).astype(np.uint8)
+    base = np.stack([60 + xs * 100 // width, 60 + ys * 100 // height, 60 + (xs + ys) * 100 // (width + height)],
+                    axis=-1)
+    return np.clip(base + rng.integers(0, 30, base.shape), 0, 255).astype(np.uint8)
 
 
 def with_marker(frame: np.ndarray, x: int, y: int, size: int = 72) -> np.ndarray:

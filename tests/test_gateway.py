@@ -3,73 +3,22 @@
 import asyncio
 import contextlib
 import tempfile
-import urllib.request
 
 import cv2
 import grpc
 import numpy as np
 import pytest
-from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from superwav2lip.gateway.v1 import gateway_pb2
 
-from gateway.clients import ModelClients
 from gateway.metrics import GatewayMetrics
 from gateway.options import JobOptions
 from gateway.pipeline import LipSyncJob, crop_face
-from gateway.service import GatewayService, GatewaySettings
-from services.detector.service import DetectorService, DetectorSettings
-from services.enhancer.service import EnhancerService, EnhancerSettings
-from services.lipsync.service import LipSyncService, LipSyncSettings
 
-from .conftest import SHARED_MEDIA, local_settings, shared_file, started
+from .conftest import SHARED_MEDIA, shared_file
+from .stack import model_clients, running_stack
 from .media_factory import (
     decode_all, encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker,
 )
-
-
-class Stack:
-    def __init__(self, servers, channel):
-        self.servers, self.channel = servers, channel
-        self.stub = gateway_pb2_grpc.GatewayStub(channel)
-
-    def address(self, name):
-        return f"127.0.0.1:{self.servers[name].port}"
-
-    async def generate(self, face: bytes, audio: bytes, timeout=120, **options):
-        chunks = [gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions(**options))]
-        chunks += [gateway_pb2.GenerateChunk(face_chunk=face[i : i + 65536]) for i in range(0, len(face), 65536)]
-        chunks += [gateway_pb2.GenerateChunk(audio_chunk=audio)]
-        events = [e async for e in self.stub.Generate(iter(chunks), timeout=timeout)]
-        mp4 = b"".join(e.video_chunk for e in events if e.WhichOneof("event") == "video_chunk")
-        info = next(e.result for e in events if e.WhichOneof("event") == "result")
-        return mp4, info, [e.progress for e in events if e.WhichOneof("event") == "progress"]
-
-    async def metrics_text(self, name):
-        url = f"http://127.0.0.1:{self.servers[name].metrics_port}/metrics"
-        return (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
-
-
-@contextlib.asynccontextmanager
-async def running_stack(models_dir, down: str | None = None, **gateway_overrides):
-    """Detector, lipsync, enhancer and gateway in-process; `down` names a service left unstarted."""
-    async with contextlib.AsyncExitStack() as stack:
-        servers = {}
-        addresses = {}
-        for name, service_cls, settings_cls in (("detector", DetectorService, DetectorSettings),
-                                                ("lipsync", LipSyncService, LipSyncSettings),
-                                                ("enhancer", EnhancerService, EnhancerSettings)):
-            if name == down:
-                addresses[name] = "127.0.0.1:1"  # nothing listens there
-                continue
-            server, _ = await stack.enter_async_context(started(service_cls(local_settings(settings_cls, models_dir))))
-            servers[name] = server
-            addresses[name] = f"127.0.0.1:{server.port}"
-        settings = GatewaySettings.from_env({}, host="127.0.0.1", port=0, metrics_port=0, grace_period_s=1.0,
-                                            detector_address=addresses["detector"],
-                                            lipsync_address=addresses["lipsync"],
-                                            enhancer_address=addresses["enhancer"], **gateway_overrides)
-        server, channel = await stack.enter_async_context(started(GatewayService(settings)))
-        servers["gateway"] = server
-        yield Stack(servers, channel)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,8 +30,7 @@ async def test_identity_model_changes_only_the_face_box(identity_models_dir):
     """Before encoding: pixels outside each box are untouched; inside, only the 96x96 round trip remains."""
     face = encode_video(marker_frames(20))
     async with running_stack(identity_models_dir) as stack:
-        clients = ModelClients(stack.address("detector"), stack.address("lipsync"), stack.address("enhancer"),
-                               batch_items=8, max_inflight=4, metrics=GatewayMetrics())
+        clients = model_clients(stack)
         clients.open()
         job = LipSyncJob(clients, JobOptions(crop_mode="box"), GatewayMetrics(), chunk_frames=16, max_seconds=60)
         plan = await job.plan(face, speech_wav(1.5))
@@ -220,7 +168,6 @@ async def test_second_request_reloads_no_model_and_leaves_no_temp_files(dev_mode
 
 async def test_http_style_unary_call_returns_video_mp4(dev_models_dir):
     async with running_stack(dev_models_dir) as stack:
-        body = await stack.stub.GenerateVideo(gateway_pb2.GenerateVideoRequest(
-            face=encode_png(with_marker(scene(), 100, 80)), audio=speech_wav(1.0)), timeout=60)
+        body = await stack.generate_video(encode_png(with_marker(scene(), 100, 80)), speech_wav(1.0))
     assert body.content_type == "video/mp4"
     assert abs(stream_durations(body.data)["video"] - 1.0) <= 1 / 25

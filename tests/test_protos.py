@@ -2,7 +2,6 @@
 
 import filecmp
 import importlib.util
-import sys
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
