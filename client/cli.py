@@ -37,12 +37,22 @@ def build_options(args: argparse.Namespace) -> gateway_pb2.GenerateOptions:
         enhance=args.enhance,
         no_face_policy=gateway_pb2.NO_FACE_POLICY_KEEP_FRAME if args.no_face == "keep" else gateway_pb2.NO_FACE_POLICY_FAIL,
         loop_mode=gateway_pb2.LOOP_MODE_LOOP if args.loop == "loop" else gateway_pb2.LOOP_MODE_PING_PONG,
+        target_rule=gateway_pb2.TARGET_RULE_CENTER if args.target == "center" else gateway_pb2.TARGET_RULE_LARGEST,
+        crop_mode=gateway_pb2.CROP_MODE_BOX if args.crop_mode == "box" else gateway_pb2.CROP_MODE_ALIGNED,
+        enhance_region=(gateway_pb2.ENHANCE_REGION_MOUTH if args.enhance_region == "mouth"
+                        else gateway_pb2.ENHANCE_REGION_FACE),
     )
+    if args.reference_face:
+        options.reference_face = Path(args.reference_face).read_bytes()
+    if args.mouth_pads is not None:
+        top, bottom, left, right = args.mouth_pads
+        options.mouth_padding.CopyFrom(gateway_pb2.Padding(top=top, bottom=bottom, left=left, right=right))
     if args.pads is not None:
         top, bottom, left, right = args.pads
         options.padding.CopyFrom(gateway_pb2.Padding(top=top, bottom=bottom, left=left, right=right))
     for field, value in (("smoothing_window", args.smooth), ("max_detection_size", args.max_detection_size),
-                         ("still_fps", args.fps), ("crf", args.crf), ("preset", args.preset)):
+                         ("still_fps", args.fps), ("crf", args.crf), ("preset", args.preset),
+                         ("similarity_threshold", args.similarity), ("detect_every", args.detect_every)):
         if value is not None:
             setattr(options, field, value)
     return options
@@ -95,6 +105,17 @@ def parser() -> argparse.ArgumentParser:
                      help="frames without a face: fail the job (default) or keep them untouched")
     gen.add_argument("--loop", choices=("ping-pong", "loop"), default="ping-pong",
                      help="how a video shorter than the speech is reused")
+    gen.add_argument("--reference-face", help="photo of the person to animate (default: pick by --target)")
+    gen.add_argument("--target", choices=("largest", "center"), default="largest",
+                     help="who to animate without a reference photo")
+    gen.add_argument("--similarity", type=float, help="cosine threshold for the reference person (default 0.4)")
+    gen.add_argument("--detect-every", type=int, help="detect faces every k-th frame, interpolate between (1)")
+    gen.add_argument("--crop-mode", choices=("aligned", "box"), default="aligned",
+                     help="aligned: 5-point alignment and feathered paste (default); box: Wav2Lip's reference")
+    gen.add_argument("--mouth-pads", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+                     help="move the aligned mouth window's edges, in pixels of the 256 crop")
+    gen.add_argument("--enhance-region", choices=("face", "mouth"), default="face",
+                     help="what --enhance restores")
     gen.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     gen.set_defaults(run=generate)
     check = commands.add_parser("health", help="print each service's health; exit 0 only if all are SERVING")

@@ -7,9 +7,8 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from superwav2lip.gateway.v1 import gateway_pb2
 
-from gateway.alignment import FFHQ_512, align_face, footprint, paste_aligned, similarity_transform, template
+from gateway.alignment import FFHQ_512, align_face, footprint, paste_aligned, similarity_transform
 from gateway.clients import Face
 from gateway.options import JobOptions
 from gateway.pipeline import ENHANCE_MASKS, LipSyncJob
