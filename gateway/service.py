@@ -34,6 +34,7 @@ class GatewaySettings(ServerSettings):
     chunk_bytes: int = setting(1 << 20, "Bytes per streamed mp4 chunk.")
     max_upload_mb: int = setting(512, "Largest face + audio upload per job, in MiB.")
     max_audio_seconds: float = setting(600.0, "Longest speech accepted per job.")
+    serial_jobs: bool = setting(False, "Run one job at a time behind a lock, as the seed did (for comparisons).")
 
 
 class GatewayService(GrpcService):

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, clients: ModelClients, metrics: GatewayMetrics, settings) -> None:
         self.clients, self.metrics, self.settings = clients, metrics, settings
+        self._serial = asyncio.Lock() if settings.serial_jobs else None
 
     def _job(self, options: JobOptions, context, progress=None) -> LipSyncJob:
         return LipSyncJob(self.clients, options, self.metrics, chunk_frames=self.settings.chunk_frames,
@@ -56,7 +57,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.metrics.inflight.inc()
         code = "OK"
         try:
-            return await job.render(face, audio)
+            if self._serial is None:
+                return await job.render(face, audio)
+            async with self._serial:
+                return await job.render(face, audio)
         except ServiceError as error:
             code = error.code.name
             raise

@@ -26,6 +26,7 @@ BatchFn = Callable[[list[Item]], Sequence["Result | Exception"]]
 class _Entry(Generic[Item]):
     item: Item
     future: asyncio.Future
+    call: int  # which submit_many call the item came with
 
 
 class BatchingQueue(Generic[Item, Result]):
@@ -40,6 +41,7 @@ class BatchingQueue(Generic[Item, Result]):
         max_delay_s: float,
         max_queue_size: int,
         metrics: ServiceMetrics,
+        across_calls: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be at least 1")
@@ -49,6 +51,8 @@ class BatchingQueue(Generic[Item, Result]):
         self._max_delay = max_delay_s
         self._max_queue = max_queue_size
         self._metrics = metrics
+        self._across_calls = across_calls
+        self._calls = 0
         self._pending: collections.deque[_Entry] = collections.deque()
         self._arrived = asyncio.Event()
         # One thread per model keeps one batch on the model at a time while the event loop keeps serving.
@@ -86,9 +90,10 @@ class BatchingQueue(Generic[Item, Result]):
             )
         loop = asyncio.get_running_loop()
         futures = []
+        self._calls += 1
         for item in items:
             future = loop.create_future()
-            self._pending.append(_Entry(item, future))
+            self._pending.append(_Entry(item, future, self._calls))
             futures.append(future)
         self._metrics.queue_depth.labels(self.name).set(len(self._pending))
         self._arrived.set()
@@ -124,6 +129,8 @@ class BatchingQueue(Generic[Item, Result]):
         while not self._pending:
             self._arrived.clear()
             await self._arrived.wait()
+        if not self._across_calls:  # the seed's behaviour: one call's items at a time, no waiting for others
+            return self._take(lambda entry, first: entry.call == first.call)
         deadline = time.monotonic() + self._max_delay
         while len(self._pending) < self._max_batch:
             remaining = deadline - time.monotonic()
@@ -134,8 +141,11 @@ class BatchingQueue(Generic[Item, Result]):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 break
-        batch = []
-        while self._pending and len(batch) < self._max_batch:
+        return self._take(lambda entry, first: True)
+
+    def _take(self, belongs: Callable[[_Entry, _Entry], bool]) -> list[_Entry]:
+        batch: list[_Entry] = []
+        while self._pending and len(batch) < self._max_batch and (not batch or belongs(self._pending[0], batch[0])):
             entry = self._pending.popleft()
             if not entry.future.done():  # skip items whose caller cancelled
                 batch.append(entry)

@@ -68,6 +68,7 @@ class ModelService(GrpcService):
             max_delay_s=self.settings.max_batch_delay_ms / 1000,
             max_queue_size=self.settings.max_queue_size,
             metrics=self.metrics,
+            across_calls=self.settings.batch_across_calls,
         )
         self.queues[model_key] = queue
         return queue

@@ -97,6 +97,9 @@ class ServiceSettings(ServerSettings):
     inter_op_threads: int = setting(0, "onnxruntime threads across operators (0 = onnxruntime's choice).")
     max_batch_size: int = setting(8, "Most items one model call takes from the batching queue.")
     max_batch_delay_ms: float = setting(5.0, "Longest wait for more items once a batch has its first one.")
+    batch_across_calls: bool = setting(
+        True, "Gather items from concurrent calls into one model call (false = the seed's one call at a time)."
+    )
     max_queue_size: int = setting(256, "Items waiting per model; beyond it calls get RESOURCE_EXHAUSTED.")
     warmup_batch_sizes: tuple[int, ...] = setting((), "Batch sizes run at warm-up (empty = 1 and max_batch_size).")
 

@@ -108,3 +108,13 @@ async def test_cancelled_items_are_not_executed():
 async def test_queue_that_is_not_started_is_unavailable():
     with pytest.raises(Unavailable, match="warming up"):
         make_queue(SlowDoubler()).submit_many([1])
+
+
+async def test_without_cross_call_batching_each_batch_holds_one_call():
+    model = SlowDoubler(delay=0.01)
+    queue = make_queue(model, across_calls=False)
+    queue.start()
+    results = await asyncio.gather(*(queue.run([i, i + 100]) for i in range(6)))
+    await queue.stop()
+    assert results == [[2 * i, 2 * (i + 100)] for i in range(6)]
+    assert sorted(model.calls) == [[i, i + 100] for i in range(6)]  # never mixed
