@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -19,81 +18,96 @@ from .faststart import faststart
 AAC_RATE = 48000
 
 
-@dataclass
-class FaceMedia:
-    """Decoded face frames (BGR, even width and height) and their rate; a still has one frame."""
-
-    frames: list[np.ndarray]
-    fps: Fraction
-    is_still: bool
-
-    @property
-    def size(self) -> tuple[int, int]:
-        height, width = self.frames[0].shape[:2]
-        return width, height
-
-
 def even_crop(frame: np.ndarray) -> np.ndarray:
     """H.264 with yuv420p needs even dimensions: drop a last odd row or column."""
     height, width = frame.shape[:2]
     return frame[: height - height % 2, : width - width % 2]
 
 
-def _video_frames(data: bytes, max_frames: int) -> tuple[list[np.ndarray], Fraction]:
-    with av.open(io.BytesIO(data), mode="r") as container:
-        if not container.streams.video:
-            raise InvalidArgument("face: the file has no video stream and is not a picture")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        frames = []
-        for frame in container.decode(stream):
-            frames.append(even_crop(frame.to_ndarray(format="bgr24")))
-            if len(frames) >= max_frames:
-                break
-    return frames, Fraction(rate)
+def _decode_error(error: Exception) -> InvalidArgument:
+    return InvalidArgument(f"face: neither a picture nor a video FFmpeg can decode ({error})")
 
 
-def face_rate(data: bytes, still_fps: float) -> Fraction:
-    """The output frame rate: the video's own, or `still_fps` for a picture. Decodes nothing else."""
-    if not data:
-        raise InvalidArgument("face: no bytes were sent")
-    if _looks_like_picture(data):
-        return Fraction(still_fps).limit_denominator(1001)
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.video:
+class FaceSource:
+    """The face input's frames by index, decoded on demand: a video is never held whole in memory.
+
+    Reading forward decodes on; reading backwards (ping-pong) seeks to the keyframe before and decodes
+    from there."""
+
+    def __init__(self, data: bytes, still_fps: float) -> None:
+        if not data:
+            raise InvalidArgument("face: no bytes were sent")
+        self._data = data
+        self._container = None
+        picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        self.is_still = picture is not None
+        if self.is_still:
+            self._still = even_crop(picture)
+            self.fps = Fraction(still_fps).limit_denominator(1001)
+        else:
+            self._open()
+            first = self.read(0, 1)
+            if not first:
+                raise InvalidArgument("face: the video has no decodable frames")
+            self._still = None
+            self._size_frame = first[0]
+        frame = self._still if self.is_still else self._size_frame
+        if min(frame.shape[:2]) < 2:
+            raise InvalidArgument("face: frames are too small")
+        self.size = (frame.shape[1], frame.shape[0])
+
+    def _open(self) -> None:
+        try:
+            self._container = av.open(io.BytesIO(self._data), mode="r")
+            if not self._container.streams.video:
                 raise InvalidArgument("face: the file has no video stream and is not a picture")
-            stream = container.streams.video[0]
-            return Fraction(stream.average_rate or stream.guessed_rate or 25)
-    except InvalidArgument:
-        raise
-    except (av.FFmpegError, ValueError, IndexError) as error:
-        raise InvalidArgument(f"face: neither a picture nor a video FFmpeg can decode ({error})") from None
+            self._stream = self._container.streams.video[0]
+            self._stream.thread_type = "AUTO"
+        except InvalidArgument:
+            raise
+        except (av.FFmpegError, ValueError, IndexError) as error:
+            raise _decode_error(error) from None
+        self.fps = Fraction(self._stream.average_rate or self._stream.guessed_rate or 25)
+        self._start = self._stream.start_time or 0
+        self._frames = None  # the decoder's frame iterator
+        self._next = 0  # index of the frame it yields next
 
+    def _index_of(self, frame: av.VideoFrame, fallback: int) -> int:
+        if frame.pts is None:
+            return fallback
+        return round(float((frame.pts - self._start) * self._stream.time_base * self.fps))
 
-def _looks_like_picture(data: bytes) -> bool:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None
+    def _seek(self, index: int) -> None:
+        target = self._start + int(index / self.fps / self._stream.time_base)
+        self._container.seek(target, stream=self._stream, backward=True)
+        self._frames = None
+        self._next = -1  # unknown until the first frame's timestamp is read
 
+    def read(self, start: int, stop: int) -> list[np.ndarray]:
+        """Frames [start, stop); fewer when the video ends first. A still repeats its picture."""
+        if self.is_still:
+            return [self._still] * max(0, stop - start)
+        if self._frames is not None and self._next > start:
+            self._seek(start)
+        out: list[np.ndarray] = []
+        try:
+            if self._frames is None:
+                self._frames = self._container.decode(self._stream)
+            for frame in self._frames:
+                index = self._index_of(frame, self._next)
+                self._next = index + 1
+                if index >= start:
+                    out.append(even_crop(frame.to_ndarray(format="bgr24")))
+                if self._next >= stop:
+                    break
+        except (av.FFmpegError, ValueError) as error:
+            raise _decode_error(error) from None
+        return out
 
-def decode_face(data: bytes, still_fps: float, max_frames: int) -> FaceMedia:
-    """A picture (PNG, JPEG, ...) or a video; reads at most `max_frames` frames (the rest is never used)."""
-    if not data:
-        raise InvalidArgument("face: no bytes were sent")
-    picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if picture is not None:
-        return FaceMedia([even_crop(picture)], Fraction(still_fps).limit_denominator(1001), True)
-    try:
-        frames, rate = _video_frames(data, max_frames)
-    except InvalidArgument:
-        raise
-    except (av.FFmpegError, ValueError, IndexError) as error:
-        raise InvalidArgument(f"face: neither a picture nor a video FFmpeg can decode ({error})") from None
-    if not frames:
-        raise InvalidArgument("face: the video has no decodable frames")
-    if min(frames[0].shape[:2]) < 2:
-        raise InvalidArgument("face: frames are too small")
-    return FaceMedia(frames, rate, False)
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
 
 
 def source_index(index: int, available: int, ping_pong: bool) -> int:

@@ -19,10 +19,10 @@ from .alignment import (
 )
 from .audio import Speech, decode_speech, frame_count, mel_window, melspectrogram
 from .clients import Face, ModelClients
-from .media import FaceMedia, Mp4Writer, decode_face, face_rate, source_index
+from .media import FaceSource, Mp4Writer, source_index
 from .metrics import GatewayMetrics
 from .options import JobOptions
-from .tracking import build_tracks, detection_indices, interpolate, rank_tracks, target_per_frame
+from .tracking import Tracker, interpolate, rank_tracks, target_per_frame
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,44 @@ class Target:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything decided before frames are generated: media, speech, mel, output length and targets."""
+    """Everything decided before frames are generated: the face source, speech, mel, length and targets."""
 
-    media: FaceMedia
+    source: FaceSource
     speech: Speech
     mel: np.ndarray
     fps: Fraction
     frames: int
-    targets: list[Target | None]  # per decoded frame; None = no target (frame kept untouched)
+    targets: list[Target | None]  # per source frame used; None = no target (frame kept untouched)
+
+    @property
+    def source_frames(self) -> int:
+        return len(self.targets)
+
+    def source_of(self, index: int, ping_pong: bool) -> int:
+        return source_index(index, self.source_frames, ping_pong)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Carries a stage's exception down the stage queues so the consumer re-raises it."""
+
+    error: BaseException
+
+
+def read_in_order(source: FaceSource, indices: list[int]) -> list[np.ndarray]:
+    """Frames for source indices that run forwards or backwards (ping-pong), one decode per run."""
+    frames: list[np.ndarray] = []
+    start = 0
+    while start < len(indices):
+        end = start + 1
+        step = indices[end] - indices[start] if end < len(indices) else 1
+        while end < len(indices) and indices[end] - indices[end - 1] == step and step in (1, -1):
+            end += 1
+        low, high = min(indices[start:end]), max(indices[start:end])
+        run = source.read(low, high + 1)
+        frames.extend(run if indices[start] == low else run[::-1])
+        start = end
+    return frames
 
 
 def padded_box(face: Face, pads: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
@@ -161,15 +191,14 @@ class LipSyncJob:
             raise InvalidArgument(f"audio: {speech.seconds:.1f} s is longer than this gateway's limit of "
                                   f"{self.max_seconds:.0f} s; split the speech into shorter parts")
         mel = await asyncio.to_thread(melspectrogram, speech.samples)
-        fps = await asyncio.to_thread(face_rate, face, self.options.still_fps)
-        frames = frame_count(speech.seconds, float(fps))
-        media = await asyncio.to_thread(decode_face, face, self.options.still_fps, frames)
+        source = await asyncio.to_thread(FaceSource, face, self.options.still_fps)
+        frames = frame_count(speech.seconds, float(source.fps))
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         await self.progress("decode", 1, 1)
         if self.options.enhance:
             await self.warn_if_enhancer_is_slow()
-        targets = await self.find_targets(media)
-        return Plan(media, speech, mel, fps, frames, targets)
+        targets = await self.find_targets(source, 1 if source.is_still else frames)
+        return Plan(source, speech, mel, source.fps, frames, targets)
 
     async def warn_if_enhancer_is_slow(self) -> None:
         info = await self.clients.describe_enhancer(timeout=self._timeout())
@@ -207,32 +236,57 @@ class LipSyncJob:
         (embedding,) = await self.clients.embed([crop], timeout=self._timeout())
         return embedding
 
-    async def score_tracks(self, media: FaceMedia, tracks) -> None:
+    async def score_tracks(self, tracks) -> None:
         """One embedding per track, from its most confident face, compared with the reference."""
         reference = await self.reference_embedding()
-        crops = []
-        for track in tracks:
-            index, face = track.best()
-            crops.append(align_face(media.frames[index], face.landmarks, template("arcface", 112), 112)[0])
+        crops = [t.best_crop for t in tracks]
         embeddings = await self.clients.embed(crops, timeout=self._timeout()) if crops else []
         self.metrics.track_embeddings.inc(len(crops))
         for track, embedding in zip(tracks, embeddings):
             track.similarity = float(reference @ embedding)
 
-    async def find_targets(self, media: FaceMedia) -> list[Target | None]:
+    async def detect_stream(self, source: FaceSource, wanted: int, tracker: Tracker) -> tuple[int, list[int]]:
+        """Decodes up to `wanted` frames chunk by chunk (the next chunk decodes while this one is detected).
+
+        Returns how many frames the source has (up to `wanted`) and the detected indices."""
+        every, step = self.options.detect_every, self.chunk_frames
+        detected: list[int] = []
+        count = 0
+        pending = asyncio.ensure_future(asyncio.to_thread(source.read, 0, min(wanted, step)))
+        while True:
+            chunk = await pending
+            last_chunk = len(chunk) < min(step, wanted - count) or count + len(chunk) >= wanted
+            if not last_chunk:
+                pending = asyncio.ensure_future(asyncio.to_thread(source.read, count + len(chunk),
+                                                                  min(wanted, count + len(chunk) + step)))
+            picks = [j for j in range(len(chunk)) if (count + j) % every == 0 or (last_chunk and j == len(chunk) - 1)]
+            for j, faces in zip(picks, await self.detect([chunk[j] for j in picks])):
+                tracker.update(count + j, faces, chunk[j])
+                detected.append(count + j)
+            count += len(chunk)
+            await self.progress("detect", count, wanted)
+            if last_chunk:
+                return count, detected
+
+    async def find_targets(self, source: FaceSource, wanted: int) -> list[Target | None]:
         started = time.perf_counter()
-        total = len(media.frames)
-        indices = detection_indices(total, self.options.detect_every)
-        detected = dict(zip(indices, await self.detect([media.frames[i] for i in indices], "detect")))
-        tracks = build_tracks(detected)
+        crop = None
         if self.options.reference_face:
-            await self.score_tracks(media, tracks)
+            def crop(frame, face):
+                return align_face(frame, face.landmarks, template("arcface", 112), 112)[0]
+        tracker = Tracker(crop)
+        total, indices = await self.detect_stream(source, wanted, tracker)
+        if total == 0:
+            raise InvalidArgument("face: the video has no decodable frames")
+        tracks = tracker.tracks
+        if self.options.reference_face:
+            await self.score_tracks(tracks)
             candidates = [t for t in tracks if t.similarity is not None and t.similarity >= self.options.similarity_threshold]
         else:
             candidates = tracks
-        ranked = rank_tracks(candidates, self.options.target_rule, media.size)
+        ranked = rank_tracks(candidates, self.options.target_rule, source.size)
         faces = interpolate(target_per_frame(ranked, indices), indices, total)
-        width, height = media.size
+        width, height = source.size
         boxes = smooth([None if f is None else padded_box(f, self.options.pads, width, height) for f in faces],
                        self.options.smoothing_window)
         points = smooth([None if f is None else f.landmarks for f in faces], self.options.smoothing_window)
@@ -254,18 +308,53 @@ class LipSyncJob:
                 "or the keep-frame no-face policy")
 
     async def frames(self, plan: Plan) -> AsyncIterator[tuple[np.ndarray, Target | None]]:
-        """Output frames in order, each with the target that was replaced (None = untouched)."""
+        """Output frames in order, each with the target that was replaced (None = untouched).
+
+        Decoding and synthesis run as separate tasks joined by small bounded queues, so the frames
+        already made are encoded while later ones are decoded, and memory holds a few chunks only."""
+        decoded: asyncio.Queue = asyncio.Queue(maxsize=2)
+        synthesised: asyncio.Queue = asyncio.Queue(maxsize=2)
+        stages = [asyncio.create_task(self._decode_stage(plan, decoded)),
+                  asyncio.create_task(self._synthesis_stage(plan, decoded, synthesised))]
+        try:
+            while (item := await synthesised.get()) is not None:
+                if isinstance(item, _Failure):
+                    raise item.error
+                outputs, targets, done = item
+                self.metrics.frames.inc(len(outputs))
+                for output, target in zip(outputs, targets):
+                    yield output, target
+                await self.progress("lipsync", done, plan.frames)
+        finally:
+            for stage in stages:
+                stage.cancel()
+            await asyncio.gather(*stages, return_exceptions=True)
+
+    async def _decode_stage(self, plan: Plan, out: asyncio.Queue) -> None:
+        try:
+            for start in range(0, plan.frames, self.chunk_frames):
+                indices = list(range(start, min(plan.frames, start + self.chunk_frames)))
+                sources = [plan.source_of(i, self.options.ping_pong) for i in indices]
+                frames = await asyncio.to_thread(read_in_order, plan.source, sources)
+                if len(frames) != len(sources):
+                    raise InvalidArgument("face: the video could not be decoded a second time")
+                await out.put((indices, frames, [plan.targets[s] for s in sources]))
+            await out.put(None)
+        except Exception as error:
+            await out.put(_Failure(error))
+
+    async def _synthesis_stage(self, plan: Plan, inp: asyncio.Queue, out: asyncio.Queue) -> None:
         fps = float(plan.fps)
-        for start in range(0, plan.frames, self.chunk_frames):
-            indices = list(range(start, min(plan.frames, start + self.chunk_frames)))
-            sources = [source_index(i, len(plan.media.frames), self.options.ping_pong) for i in indices]
-            frames = [plan.media.frames[s] for s in sources]
-            targets = [plan.targets[s] for s in sources]
-            outputs = await self._sync_chunk(plan, indices, frames, targets, fps)
-            self.metrics.frames.inc(len(outputs))
-            for output, target in zip(outputs, targets):
-                yield output, target
-            await self.progress("lipsync", indices[-1] + 1, plan.frames)
+        try:
+            while (item := await inp.get()) is not None:
+                if isinstance(item, _Failure):
+                    raise item.error
+                indices, frames, targets = item
+                outputs = await self._sync_chunk(plan, indices, frames, targets, fps)
+                await out.put((outputs, targets, indices[-1] + 1))
+            await out.put(None)
+        except Exception as error:
+            await out.put(_Failure(error))
 
     async def _sync_chunk(self, plan: Plan, indices: list[int], frames: list[np.ndarray],
                           targets: list[Target | None], fps: float) -> list[np.ndarray]:
@@ -313,7 +402,7 @@ class LipSyncJob:
     async def render(self, face: bytes, audio: bytes) -> tuple[Plan, bytes]:
         """Runs the whole job and returns the plan and the mp4 bytes."""
         plan = await self.plan(face, audio)
-        width, height = plan.media.size
+        width, height = plan.source.size
         writer = Mp4Writer(width, height, plan.fps, self.options.crf, self.options.preset, plan.speech.source)
         try:
             pending: list[np.ndarray] = []
@@ -329,4 +418,6 @@ class LipSyncJob:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            plan.source.close()
         return plan, mp4

@@ -93,7 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             plan, mp4 = task.result()
         finally:
             task.cancel()
-        width, height = plan.media.size
+        width, height = plan.source.size
         yield gateway_pb2.GenerateEvent(result=gateway_pb2.ResultInfo(
             width=width, height=height, fps=float(plan.fps), frames=plan.frames,
             audio_seconds=plan.speech.seconds, size_bytes=len(mp4)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,14 +26,20 @@ class Track:
 
     faces: dict[int, Face] = field(default_factory=dict)
     similarity: float | None = None
+    # The aligned crop of the track's most confident face so far: what its one embedding is computed from.
+    best_crop: np.ndarray | None = None
+    best_score: float = -1.0
 
     @property
     def last(self) -> Face:
         return self.faces[max(self.faces)]
 
-    def best(self) -> tuple[int, Face]:
-        """The frame and face with the highest detector score (used for the track's one embedding)."""
-        return max(self.faces.items(), key=lambda item: item[1].score)
+    def add(self, index: int, face: Face, frame: np.ndarray | None, crop: Callable | None) -> None:
+        self.faces[index] = face
+        if face.score > self.best_score:
+            self.best_score = face.score
+            if crop is not None and frame is not None:
+                self.best_crop = crop(frame, face)
 
     def mean_area(self) -> float:
         return float(np.mean([f.area for f in self.faces.values()]))
@@ -42,28 +48,42 @@ class Track:
         return float(np.mean([np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - center) for f in self.faces.values()]))
 
 
-def build_tracks(detections: dict[int, list[Face]]) -> list[Track]:
-    """Greedy IoU matching of each detected frame's faces to the tracks alive in the previous one."""
-    tracks: list[Track] = []
-    alive: list[Track] = []
-    for index in sorted(detections):
-        pairs = sorted(((iou(t.last.box, f.box), ti, fi) for ti, t in enumerate(alive)
-                        for fi, f in enumerate(detections[index])), reverse=True)
-        taken_tracks, taken_faces, next_alive = set(), set(), []
+class Tracker:
+    """Greedy IoU matching of each detected frame's faces to the tracks alive in the previous detected frame.
+
+    Frames arrive in order while the video streams by; `crop` (frame, face) -> aligned crop keeps each
+    track's best crop so that no frame has to be kept for the embedding."""
+
+    def __init__(self, crop: Callable[[np.ndarray, Face], np.ndarray] | None = None) -> None:
+        self.tracks: list[Track] = []
+        self._alive: list[Track] = []
+        self._crop = crop
+
+    def update(self, index: int, faces: list[Face], frame: np.ndarray | None = None) -> None:
+        pairs = sorted(((iou(t.last.box, f.box), ti, fi) for ti, t in enumerate(self._alive)
+                        for fi, f in enumerate(faces)), reverse=True)
+        taken_tracks, taken_faces, alive = set(), set(), []
         for overlap, ti, fi in pairs:
             if overlap < TRACK_IOU or ti in taken_tracks or fi in taken_faces:
                 continue
-            alive[ti].faces[index] = detections[index][fi]
+            self._alive[ti].add(index, faces[fi], frame, self._crop)
             taken_tracks.add(ti)
             taken_faces.add(fi)
-            next_alive.append(alive[ti])
-        for fi, face in enumerate(detections[index]):
+            alive.append(self._alive[ti])
+        for fi, face in enumerate(faces):
             if fi not in taken_faces:
-                track = Track({index: face})
-                tracks.append(track)
-                next_alive.append(track)
-        alive = next_alive
-    return tracks
+                track = Track()
+                track.add(index, face, frame, self._crop)
+                self.tracks.append(track)
+                alive.append(track)
+        self._alive = alive
+
+
+def build_tracks(detections: dict[int, list[Face]]) -> list[Track]:
+    tracker = Tracker()
+    for index in sorted(detections):
+        tracker.update(index, detections[index])
+    return tracker.tracks
 
 
 def rank_tracks(tracks: list[Track], rule: str, frame_size: tuple[int, int]) -> list[Track]:
