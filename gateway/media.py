@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
 from fractions import Fraction
 
@@ -39,6 +40,9 @@ class FaceSource:
             raise InvalidArgument("face: no bytes were sent")
         self._data = data
         self._container = None
+        # A cancelled job closes the source while a worker thread may still be decoding: FFmpeg must not
+        # see both at once.
+        self._lock = threading.Lock()
         picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         self.is_still = picture is not None
         if self.is_still:
@@ -48,6 +52,7 @@ class FaceSource:
             self._open()
             first = self.read(0, 1)
             if not first:
+                self.close()
                 raise InvalidArgument("face: the video has no decodable frames")
             self._still = None
             self._size_frame = first[0]
@@ -87,6 +92,12 @@ class FaceSource:
         """Frames [start, stop); fewer when the video ends first. A still repeats its picture."""
         if self.is_still:
             return [self._still] * max(0, stop - start)
+        with self._lock:
+            if self._container is None:
+                raise InvalidArgument("face: the video was closed (the job ended)")
+            return self._read(start, stop)
+
+    def _read(self, start: int, stop: int) -> list[np.ndarray]:
         if self._frames is not None and self._next > start:
             self._seek(start)
         out: list[np.ndarray] = []
@@ -105,9 +116,10 @@ class FaceSource:
         return out
 
     def close(self) -> None:
-        if self._container is not None:
-            self._container.close()
-            self._container = None
+        with self._lock:
+            if self._container is not None:
+                self._container.close()
+                self._container = None
 
 
 def source_index(index: int, available: int, ping_pong: bool) -> int:

@@ -195,9 +195,13 @@ class LipSyncJob:
         frames = frame_count(speech.seconds, float(source.fps))
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         await self.progress("decode", 1, 1)
-        if self.options.enhance:
-            await self.warn_if_enhancer_is_slow()
-        targets = await self.find_targets(source, 1 if source.is_still else frames)
+        try:
+            if self.options.enhance:
+                await self.warn_if_enhancer_is_slow()
+            targets = await self.find_targets(source, 1 if source.is_still else frames)
+        except BaseException:
+            source.close()
+            raise
         return Plan(source, speech, mel, source.fps, frames, targets)
 
     async def warn_if_enhancer_is_slow(self) -> None:
