@@ -172,3 +172,29 @@ async def test_http_style_unary_call_returns_video_mp4(dev_models_dir):
         body = await stack.generate_video(encode_png(with_marker(scene(), 100, 80)), speech_wav(1.0))
     assert body.content_type == "video/mp4"
     assert abs(stream_durations(body.data)["video"] - 1.0) <= 1 / 25
+
+
+async def test_memory_stays_flat_as_the_clip_grows(dev_models_dir):
+    """Peak Python-tracked memory of planning and synthesising a 4x longer clip stays about the same."""
+    import tracemalloc
+
+    async def peak(frames):
+        face = encode_video(marker_frames(frames, 320, 240))
+        audio = speech_wav(frames / 25)
+        async with running_stack(dev_models_dir) as stack:
+            clients = model_clients(stack)
+            clients.open()
+            job = LipSyncJob(clients, JobOptions(), GatewayMetrics(), chunk_frames=16, max_seconds=60)
+            tracemalloc.start()
+            plan = await job.plan(face, audio)
+            count = sum([1 async for _ in job.frames(plan)])
+            _, top = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            plan.source.close()
+            await clients.close()
+        assert count == frames
+        return top
+
+    short, long = await peak(50), await peak(200)
+    frame_bytes = 320 * 240 * 3
+    assert long < short + 20 * frame_bytes, (short, long)  # holding every frame would add 150 frames
