@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev
 
-.PHONY: install protos models models-dev test run clean
+.PHONY: install protos models models-dev test run bench clean
 
 install: $(VENV)/.installed
 
@@ -30,3 +30,6 @@ clean:
 
 run: install  ## start the whole stack on CPU (real weights when present, generated ones otherwise)
 	$(PY) tools/run_stack.py
+
+bench: install  ## throughput (batched vs the seed's lock), gateway memory and wire bytes; prints tables
+	$(PY) -m bench.throughput

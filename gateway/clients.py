@@ -7,8 +7,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import cv2
 import grpc
 import numpy as np
+from superwav2lip.common.v1 import media_pb2
 from superwav2lip.detector.v1 import detector_pb2, detector_pb2_grpc
 from superwav2lip.enhancer.v1 import enhancer_pb2, enhancer_pb2_grpc
 from superwav2lip.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
@@ -51,9 +53,10 @@ class ModelClients:
     """One channel per model service; splits work into RPC-sized batches with a bounded number in flight."""
 
     def __init__(self, detector: str, lipsync: str, enhancer: str, *, batch_items: int, max_inflight: int,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, detection_jpeg_quality: int = 0) -> None:
         self.addresses = {"detector": detector, "lipsync": lipsync, "enhancer": enhancer}
         self._batch_items = batch_items
+        self._jpeg_quality = detection_jpeg_quality
         self._max_inflight = max_inflight
         self._metrics = metrics
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -87,11 +90,20 @@ class ModelClients:
 
     async def detect(self, frames: Sequence[np.ndarray], timeout: float | None = None) -> list[list[Face]]:
         async def run(part):
-            request = detector_pb2.DetectRequest(frames=[encode_image(f) for f in part])
-            reply = await self._call("detector", self._detector.Detect, request, timeout)
+            images = await asyncio.to_thread(lambda: [self._detection_image(f) for f in part])
+            reply = await self._call("detector", self._detector.Detect, detector_pb2.DetectRequest(frames=images),
+                                     timeout)
             return [_faces(frame) for frame in reply.frames]
 
         return await self._batched(frames, run)
+
+    def _detection_image(self, frame: np.ndarray) -> media_pb2.Image:
+        if not self._jpeg_quality:
+            return encode_image(frame)
+        ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self._jpeg_quality])
+        if not ok:
+            return encode_image(frame)
+        return media_pb2.Image(data=data.tobytes(), format=media_pb2.PIXEL_FORMAT_ENCODED)
 
     async def embed(self, crops: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
         async def run(part):

@@ -316,8 +316,8 @@ class LipSyncJob:
 
         Decoding and synthesis run as separate tasks joined by small bounded queues, so the frames
         already made are encoded while later ones are decoded, and memory holds a few chunks only."""
-        decoded: asyncio.Queue = asyncio.Queue(maxsize=2)
-        synthesised: asyncio.Queue = asyncio.Queue(maxsize=2)
+        decoded: asyncio.Queue = asyncio.Queue(maxsize=1)
+        synthesised: asyncio.Queue = asyncio.Queue(maxsize=1)
         stages = [asyncio.create_task(self._decode_stage(plan, decoded)),
                   asyncio.create_task(self._synthesis_stage(plan, decoded, synthesised))]
         try:

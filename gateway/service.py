@@ -30,7 +30,9 @@ class GatewaySettings(ServerSettings):
     enhancer_address: str = setting("localhost:50054", "host:port of the enhancer service.")
     rpc_batch_items: int = setting(32, "Items per RPC to a model service.")
     max_inflight_rpcs: int = setting(8, "RPCs to model services in flight at once, across all jobs.")
-    chunk_frames: int = setting(64, "Frames per pipeline chunk (bounds memory per job).")
+    chunk_frames: int = setting(16, "Frames per pipeline chunk; a job holds a few chunks at a time.")
+    detection_jpeg_quality: int = setting(
+        90, "Detector frames travel as JPEG of this quality (1-100) to save bandwidth; 0 sends raw BGR.")
     chunk_bytes: int = setting(1 << 20, "Bytes per streamed mp4 chunk.")
     max_upload_mb: int = setting(512, "Largest face + audio upload per job, in MiB.")
     max_audio_seconds: float = setting(600.0, "Longest speech accepted per job.")
@@ -45,7 +47,7 @@ class GatewayService(GrpcService):
         super().__init__(settings, metrics or GatewayMetrics())
         self.clients = ModelClients(settings.detector_address, settings.lipsync_address, settings.enhancer_address,
                                     batch_items=settings.rpc_batch_items, max_inflight=settings.max_inflight_rpcs,
-                                    metrics=self.metrics)
+                                    metrics=self.metrics, detection_jpeg_quality=settings.detection_jpeg_quality)
         self.servicer = GatewayServicer(self.clients, self.metrics, settings)
 
     async def warm_up(self) -> None:

@@ -1,0 +1,241 @@
+"""Whole-stack benchmark: cross-request batching vs the seed's lock, gateway memory, bytes on the wire.
+
+Runs `tools/run_stack.py` as real processes with a full-size Wav2Lip (real layer structure, random
+weights), the real SCRFD detector from ../shared/models when present, and prints markdown tables."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
+
+from bench.full_size_models import write_wav2lip  # noqa: E402
+from client.sdk import GatewayClient  # noqa: E402
+from service_runtime.dev_models import write_dev_model  # noqa: E402
+from service_runtime.manifest import load_manifest  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+SEED_ENV = {"SWL_GATEWAY_SERIAL_JOBS": "1", "SWL_DETECTOR_BATCH_ACROSS_CALLS": "0",
+            "SWL_LIPSYNC_BATCH_ACROSS_CALLS": "0", "SWL_ENHANCER_BATCH_ACROSS_CALLS": "0"}
+
+
+def prepare_models(folder: Path) -> str:
+    """Manifest, full-size Wav2Lip, real SCRFD if available, generated small models for the rest."""
+    shutil.copy(ROOT / "models" / "manifest.json", folder / "manifest.json")
+    manifest = load_manifest(folder)
+    for spec in manifest.models.values():
+        write_dev_model(spec, folder / "dev")
+    cached = ROOT / "bench" / "models" / "wav2lip_gan.onnx"
+    if cached.is_file():
+        shutil.copy(cached, folder / cached.name)
+    else:
+        write_wav2lip(folder, folder)
+    scrfd = SHARED / "models" / "scrfd_2.5g_bnkps.onnx"
+    if scrfd.is_file():
+        os.symlink(scrfd, folder / scrfd.name)
+        return "SCRFD-2.5G (real weights)"
+    return "generated marker detector (cheaper than SCRFD-2.5G)"
+
+
+def speech(seconds: float) -> bytes:
+    """`seconds` of the shared 60 s speech (or a tone sweep without it), as a 16 kHz mono wav."""
+    source = SHARED / "media" / "speech_en_60s_16k.wav"
+    if source.is_file():
+        with av.open(str(source)) as container:
+            samples = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+    else:
+        t = np.arange(16000 * 60) / 16000
+        samples = (np.sin(2 * np.pi * 200 * t) * 8000).astype(np.int16)
+    samples = samples[: int(seconds * 16000)].astype(np.int16)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples[None], format="s16", layout="mono")
+        frame.sample_rate = 16000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def clip(seconds: float) -> bytes:
+    """A 720p25 clip: the shared moving-astronaut video, ping-ponged to length (or a marker clip without it)."""
+    source = SHARED / "media" / "face_astronaut_moving_720p25_5s.mp4"
+    if source.is_file():
+        with av.open(str(source)) as container:
+            frames = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    else:
+        frames = []
+        for i in range(125):
+            frame = np.full((720, 1280, 3), 110, np.uint8)
+            frame[200:400, 300 + 4 * i : 500 + 4 * i] = (0, 255, 0)
+            frames.append(frame)
+    needed = int(seconds * 25)
+    order = [i % (2 * len(frames) - 2) for i in range(needed)]
+    order = [i if i < len(frames) else 2 * len(frames) - 2 - i for i in order]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
+        stream.options = {"crf": "23", "preset": "veryfast"}
+        for i in order:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frames[i], format="bgr24")))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def free_base_port() -> int:
+    for _ in range(100):
+        base = random.randint(21000, 39000)
+        try:
+            for offset in range(4):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+class Stack:
+    """`tools/run_stack.py` in a subprocess, with the gateway's process id for memory readings."""
+
+    def __init__(self, models: Path, logs: Path, env: dict[str, str]) -> None:
+        self.base, metrics = free_base_port(), free_base_port()
+        self.metrics_port = metrics
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(self.base),
+             "--metrics-base-port", str(metrics), "--models-dir", str(models), "--logs", str(logs),
+             "--extra-model-dirs", ""],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}, cwd=ROOT)
+        for line in self.process.stdout:
+            if line.startswith("READY"):
+                break
+        else:
+            raise RuntimeError("the stack did not start; see " + str(logs))
+        threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
+        self.address = f"127.0.0.1:{self.base}"
+
+    def gateway_pid(self) -> int:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        for pid in children:
+            if "gateway" in Path(f"/proc/{pid}/cmdline").read_text():
+                return int(pid)
+        raise RuntimeError("gateway process not found")
+
+    def gateway_peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.gateway_pid()}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def gateway_metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def run_clients(address: str, face: bytes, audio: bytes, clients: int) -> float:
+    """Wall seconds for `clients` simultaneous generations of the same clip."""
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            with GatewayClient(address) as client:
+                client.generate(face, audio, timeout=1800)
+        except BaseException as error:  # reported after the run
+            errors.append(error)
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {clients} generations failed: {errors[0]}")
+    return time.perf_counter() - started
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", default="1,4,8")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--long-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="swl-bench-"))
+    try:
+        detector = prepare_models(work)
+        face, audio = clip(args.seconds), speech(args.seconds)
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+              f"Wav2Lip full size (36.9 M params, random weights); detector: {detector}; "
+              f"clip {args.seconds:g} s 1280x720 25 fps\n")
+        rows: dict[str, dict[int, float]] = {}
+        wire = {}
+        for mode, env in (("batched", {}), ("seed lock", SEED_ENV)):
+            stack = Stack(work, work / f"logs-{mode.replace(' ', '-')}", env)
+            try:
+                run_clients(stack.address, face, audio, 1)  # first request: nothing left to warm
+                rows[mode] = {n: run_clients(stack.address, face, audio, n) for n in counts}
+                if mode == "batched":
+                    text = stack.gateway_metrics()
+                    frames = metric(text, "swl_gateway_frames_total")
+                    wire = {s: metric(text, f'swl_gateway_sent_bytes_total{{service="{s}"}}') / frames
+                            for s in ("detector", "lipsync", "enhancer")}
+            finally:
+                stack.stop()
+        print("| clients | batched req/s | batched x real time | seed-lock req/s | seed-lock x real time | batched / seed |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for n in counts:
+            fast, slow = rows["batched"][n], rows["seed lock"][n]
+            print(f"| {n} | {n / fast:.3f} | {n * args.seconds / fast:.2f} | {n / slow:.3f} | "
+                  f"{n * args.seconds / slow:.2f} | {slow / fast:.2f} |")
+        raw = 1280 * 720 * 3
+        total = sum(wire.values())
+        print(f"\n| bytes sent per output frame | detector | lipsync | enhancer | all | raw 720p frame | ratio |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| gateway -> services | {wire['detector']:.0f} | {wire['lipsync']:.0f} | {wire['enhancer']:.0f} | "
+              f"{total:.0f} | {raw} | {total / raw:.3f} |")
+        long_face, long_audio = clip(args.long_seconds), speech(args.long_seconds)
+        peaks = {}
+        for label, f, a in ((f"{args.seconds:g} s", face, audio), (f"{args.long_seconds:g} s", long_face, long_audio)):
+            stack = Stack(work, work / "logs-rss", {})
+            try:
+                run_clients(stack.address, f, a, 1)
+                peaks[label] = stack.gateway_peak_rss_mb()
+            finally:
+                stack.stop()
+        (short, short_mb), (long, long_mb) = peaks.items()
+        print(f"\n| gateway peak RSS | {short} clip | {long} clip | ratio |")
+        print("| --- | --- | --- | --- |")
+        print(f"| MiB | {short_mb:.0f} | {long_mb:.0f} | {long_mb / short_mb:.2f} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
