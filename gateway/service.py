@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 
@@ -64,5 +65,19 @@ class GatewayService(GrpcService):
         await self.clients.close()
 
 
+def keep_large_buffers_returnable() -> None:
+    """Frames are megabytes each: keep them in mmap'd blocks that glibc returns to the system when freed.
+
+    Otherwise glibc raises its mmap threshold after the first frees and serves frames from the heap, whose
+    fragmentation makes the gateway's memory creep up with the length of each video."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 def main() -> None:
+    keep_large_buffers_returnable()
     run_service(GatewayService(GatewaySettings.from_env()))

@@ -146,6 +146,7 @@ def load_model(
     extra_dirs: tuple[str, ...] = (),
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
+    spin_wait: bool = False,
 ) -> OnnxModel:
     """Creates the session, checks its tensors against the manifest and logs what it runs on."""
     import onnxruntime as ort
@@ -157,6 +158,8 @@ def load_model(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin_wait else "0")
     started = time.perf_counter()
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)

@@ -78,7 +78,7 @@ class ModelService(GrpcService):
         s = self.settings
         model = load_model(spec, s.models_dir, providers=s.providers, require_gpu=s.require_gpu,
                            allow_dev=s.allow_dev_models, extra_dirs=s.extra_model_dirs, intra_op_threads=s.intra_op_threads,
-                           inter_op_threads=s.inter_op_threads)
+                           inter_op_threads=s.inter_op_threads, spin_wait=s.spin_wait)
         if warmup_dims:
             model.spec = dataclasses.replace(spec, warmup_dims={**spec.warmup_dims, **warmup_dims})
         return model

@@ -95,6 +95,9 @@ class ServiceSettings(ServerSettings):
     require_gpu: bool = setting(False, "Refuse to start unless a session really runs on CUDA or TensorRT.")
     intra_op_threads: int = setting(0, "onnxruntime threads inside one operator (0 = onnxruntime's choice).")
     inter_op_threads: int = setting(0, "onnxruntime threads across operators (0 = onnxruntime's choice).")
+    spin_wait: bool = setting(
+        False, "Let onnxruntime's threads busy-wait between operators (faster alone, wasteful when services share cores)."
+    )
     max_batch_size: int = setting(8, "Most items one model call takes from the batching queue.")
     max_batch_delay_ms: float = setting(5.0, "Longest wait for more items once a batch has its first one.")
     batch_across_calls: bool = setting(
