@@ -1,0 +1,39 @@
+"""`make models`: verification by sha256 and plain messages when weights cannot be had."""
+
+import hashlib
+import json
+import shutil
+
+from service_runtime import model_store
+from service_runtime.manifest import load_manifest
+
+from .conftest import ROOT
+
+
+def models_folder(tmp_path, **changes):
+    shutil.copy(ROOT / "models" / "manifest.json", tmp_path / "manifest.json")
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for name, fields in changes.items():
+        raw["models"][name].update(fields)
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+def test_a_file_with_the_right_checksum_is_accepted_and_a_wrong_one_named(tmp_path):
+    data = b"pretend weights"
+    folder = models_folder(tmp_path, wav2lip={"sha256": hashlib.sha256(data).hexdigest()})
+    spec = load_manifest(folder).get("wav2lip")
+    (folder / spec.file).write_bytes(data)
+    assert model_store.verify(spec, folder / spec.file) is None
+    (folder / spec.file).write_bytes(data + b"!")
+    assert "does not match the manifest" in model_store.verify(spec, folder / spec.file)
+
+
+def test_unreachable_download_says_so_and_leaves_nothing_behind(tmp_path, capsys):
+    folder = models_folder(tmp_path, wav2lip={"url": "http://127.0.0.1:9/wav2lip.onnx"})
+    missing = model_store.fetch_all(folder, ["wav2lip", "wav2lip_gan"])
+    out = capsys.readouterr().out
+    assert missing == 2
+    assert "failed   wav2lip.onnx" in out and "no internet here?" in out
+    assert "manual   wav2lip_gan.onnx: no public download address" in out
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]
