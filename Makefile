@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev
 
-.PHONY: install protos models models-dev test run bench clean
+.PHONY: install protos models models-dev lint test run bench clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ models: install  ## download and verify the real weights (needs internet)
 
 models-dev: install  ## generate small random-weight models into models/dev
 	$(PY) -m service_runtime.dev_models
+
+lint: install  ## pyflakes-level checks (unused imports and names, syntax)
+	$(PY) -m ruff check .
 
 test: install  ## the whole suite
 	$(PY) -m pytest -q -p no:cacheprovider

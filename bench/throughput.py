@@ -216,7 +216,7 @@ def main() -> None:
                   f"{n * args.seconds / slow:.2f} | {slow / fast:.2f} |")
         raw = 1280 * 720 * 3
         total = sum(wire.values())
-        print(f"\n| bytes sent per output frame | detector | lipsync | enhancer | all | raw 720p frame | ratio |")
+        print("\n| bytes sent per output frame | detector | lipsync | enhancer | all | raw 720p frame | ratio |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         print(f"| gateway -> services | {wire['detector']:.0f} | {wire['lipsync']:.0f} | {wire['enhancer']:.0f} | "
               f"{total:.0f} | {raw} | {total / raw:.3f} |")

@@ -11,7 +11,7 @@ import numpy as np
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from service_runtime.server import GrpcService, run_service
-from service_runtime.settings import ServerSettings, setting
+from service_runtime.settings import ServerSettings, metrics_port_setting, port_setting, setting
 
 from .audio import SAMPLE_RATE, melspectrogram
 from .clients import ModelClients
@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class GatewaySettings(ServerSettings):
     ENV_PREFIX = "SWL_GATEWAY_"
-    port: int = setting(50051, "gRPC port (0 picks a free one).")
-    metrics_port: int = setting(9101, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    port: int = port_setting(50051)
+    metrics_port: int = metrics_port_setting(9101)
     detector_address: str = setting("localhost:50052", "host:port of the detector service.")
     lipsync_address: str = setting("localhost:50053", "host:port of the lip-sync service.")
     enhancer_address: str = setting("localhost:50054", "host:port of the enhancer service.")

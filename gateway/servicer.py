@@ -20,6 +20,8 @@ from .pipeline import LipSyncJob
 
 log = logging.getLogger(__name__)
 
+WARNING_TRAILER = "x-swl-warning"
+
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, clients: ModelClients, metrics: GatewayMetrics, settings) -> None:
@@ -106,6 +108,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if request.options.request_id:
             request_id_var.set(request.options.request_id)
         self.metrics.received_bytes.inc(len(request.face) + len(request.audio))
-        job = self._job(JobOptions.from_proto(request.options), context)
+        warnings: list[str] = []
+
+        async def progress(stage: str, done: int, total: int, message: str = "") -> None:
+            if message:
+                warnings.append(message)
+
+        job = self._job(JobOptions.from_proto(request.options), context, progress)
         _, mp4 = await self._run(job, request.face, request.audio)
+        if warnings:  # no progress stream here: warnings travel as trailers (HTTP headers through Envoy)
+            context.set_trailing_metadata(tuple((WARNING_TRAILER, w) for w in warnings))
         return httpbody_pb2.HttpBody(content_type="video/mp4", data=mp4)

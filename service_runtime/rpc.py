@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -36,35 +37,39 @@ def item_status(error: BaseException) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message=f"{type(error).__name__}: {error}")
 
 
+@contextlib.asynccontextmanager
+async def _handled(metrics: ServiceMetrics, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Request id in, ServiceError -> its status code, crashes -> INTERNAL, and one count per RPC."""
+    token = request_id_var.set(request_id_from(context))
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except ServiceError as error:
+        code = error.code
+        log.warning("request failed", extra={"method": method, "code": code.name, "error": error.message})
+        await context.abort(code, error.message)
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("request crashed", extra={"method": method})
+        await context.abort(code, f"internal error (request id {request_id_var.get()}); see the service log")
+    finally:
+        metrics.requests.labels(method, code.name).inc()
+        metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
+        request_id_var.reset(token)
+
+
 def grpc_method(metrics_attr: str = "metrics") -> Callable[[Handler], Handler]:
-    """Wraps a unary servicer method: sets the request id, maps ServiceError to its code, counts and logs."""
+    """Wraps a unary servicer method with `_handled` (the servicer holds its metrics in `metrics_attr`)."""
 
     def decorate(func: Handler) -> Handler:
-        method = func.__name__
-
         @functools.wraps(func)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics: ServiceMetrics = getattr(self, metrics_attr)
-            token = request_id_var.set(request_id_from(context))
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with _handled(getattr(self, metrics_attr), func.__name__, context):
                 return await func(self, request, context)
-            except ServiceError as error:
-                code = error.code
-                log.warning("request failed", extra={"method": method, "code": code.name, "error": error.message})
-                await context.abort(code, error.message)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("request crashed", extra={"method": method})
-                await context.abort(code, f"internal error (request id {request_id_var.get()}); see the service log")
-            finally:
-                metrics.requests.labels(method, code.name).inc()
-                metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
-                request_id_var.reset(token)
 
         return wrapper  # type: ignore[return-value]
 
@@ -75,32 +80,11 @@ def grpc_stream_method(metrics_attr: str = "metrics") -> Callable[[Handler], Han
     """Like `grpc_method`, for handlers that are async generators (server-streaming RPCs)."""
 
     def decorate(func: Handler) -> Handler:
-        method = func.__name__
-
         @functools.wraps(func)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics: ServiceMetrics = getattr(self, metrics_attr)
-            token = request_id_var.set(request_id_from(context))
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with _handled(getattr(self, metrics_attr), func.__name__, context):
                 async for message in func(self, request, context):
                     yield message
-            except ServiceError as error:
-                code = error.code
-                log.warning("request failed", extra={"method": method, "code": code.name, "error": error.message})
-                await context.abort(code, error.message)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("request crashed", extra={"method": method})
-                await context.abort(code, f"internal error (request id {request_id_var.get()}); see the service log")
-            finally:
-                metrics.requests.labels(method, code.name).inc()
-                metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
-                request_id_var.reset(token)
 
         return wrapper  # type: ignore[return-value]
 

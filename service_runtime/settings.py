@@ -35,6 +35,14 @@ def _parse(raw: str, kind: Any, variable: str) -> Any:
     raise TypeError(f"unsupported setting type {kind!r} for {variable}")
 
 
+def port_setting(default: int) -> Any:
+    return setting(default, "gRPC port (0 picks a free one).")
+
+
+def metrics_port_setting(default: int) -> Any:
+    return setting(default, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseSettings:
     """Base for every settings object; subclasses set ENV_PREFIX and declare fields with `setting`."""
@@ -74,8 +82,8 @@ class ServerSettings(BaseSettings):
     """What every gRPC process shares: where it listens, its metrics port, shutdown grace and log level."""
 
     host: str = setting("0.0.0.0", "Address the gRPC server binds.")
-    port: int = setting(0, "gRPC port (0 picks a free one).")
-    metrics_port: int = setting(0, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    port: int = port_setting(0)
+    metrics_port: int = metrics_port_setting(0)
     grace_period_s: float = setting(10.0, "Seconds in-flight calls get to finish after SIGTERM.")
     log_level: str = setting("INFO", "Python log level.")
 

@@ -7,6 +7,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from superwav2lip.gateway.v1 import gateway_pb2
 
 from gateway.alignment import FFHQ_512, align_face, footprint, paste_aligned, similarity_transform
 from gateway.clients import Face
@@ -112,8 +113,13 @@ async def test_enhancer_warning_and_identity_enhancement_in_the_pipeline(identit
     async with running_stack(identity_models_dir) as stack:
         clip = encode_video(marker_frames(10))
         mp4, info, progress = await stack.generate(clip, speech_wav(0.4), enhance=True)
+        call = stack.stub.GenerateVideo(gateway_pb2.GenerateVideoRequest(
+            options=gateway_pb2.GenerateOptions(enhance=True), face=clip, audio=speech_wav(0.4)), timeout=60)
+        await call
+        trailers = dict(await call.trailing_metadata())
     messages = [p.message for p in progress if p.message]
     assert messages and "runs on CPU only" in messages[0]
+    assert "runs on CPU only" in trailers["x-swl-warning"]
     assert info.frames == 10
 
 

@@ -10,7 +10,7 @@ from service_runtime.manifest import load_manifest
 from service_runtime.metrics import ServiceMetrics
 from service_runtime.onnx_session import OnnxModel
 from service_runtime.server import ModelService, run_service
-from service_runtime.settings import ServiceSettings, setting
+from service_runtime.settings import ServiceSettings, metrics_port_setting, port_setting, setting
 
 from .model import FaceDetector, FaceEmbedder
 from .servicer import DetectorServicer
@@ -19,8 +19,8 @@ from .servicer import DetectorServicer
 @dataclasses.dataclass(frozen=True)
 class DetectorSettings(ServiceSettings):
     ENV_PREFIX = "SWL_DETECTOR_"
-    port: int = setting(50052, "gRPC port (0 picks a free one).")
-    metrics_port: int = setting(9102, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    port: int = port_setting(50052)
+    metrics_port: int = metrics_port_setting(9102)
     detection_model: str = setting("scrfd_2.5g", "Manifest name of the face detector (scrfd_2.5g, yunet, retinaface_r50).")
     recognition_model: str = setting("arcface_seed", "Manifest name of the face-recognition model.")
     detection_size: int = setting(640, "Square detector input in pixels (multiple of 32); frames are letterboxed to it.")

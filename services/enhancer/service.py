@@ -10,7 +10,7 @@ from service_runtime.manifest import load_manifest
 from service_runtime.metrics import ServiceMetrics
 from service_runtime.onnx_session import OnnxModel
 from service_runtime.server import ModelService, run_service
-from service_runtime.settings import ServiceSettings, setting
+from service_runtime.settings import ServiceSettings, metrics_port_setting, port_setting, setting
 
 from .model import FaceRestorer
 from .servicer import EnhancerServicer
@@ -19,8 +19,8 @@ from .servicer import EnhancerServicer
 @dataclasses.dataclass(frozen=True)
 class EnhancerSettings(ServiceSettings):
     ENV_PREFIX = "SWL_ENHANCER_"
-    port: int = setting(50054, "gRPC port (0 picks a free one).")
-    metrics_port: int = setting(9104, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    port: int = port_setting(50054)
+    metrics_port: int = metrics_port_setting(9104)
     model: str = setting("gfpgan_v1.4", "Manifest name of the face restorer.")
     max_batch_size: int = setting(4, "Most items one model call takes from the batching queue.")
 

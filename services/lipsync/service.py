@@ -10,7 +10,7 @@ from service_runtime.manifest import load_manifest
 from service_runtime.metrics import ServiceMetrics
 from service_runtime.onnx_session import OnnxModel
 from service_runtime.server import ModelService, run_service
-from service_runtime.settings import ServiceSettings, setting
+from service_runtime.settings import ServiceSettings, metrics_port_setting, port_setting, setting
 
 from .model import LipSyncGenerator
 from .servicer import LipSyncServicer
@@ -19,8 +19,8 @@ from .servicer import LipSyncServicer
 @dataclasses.dataclass(frozen=True)
 class LipSyncSettings(ServiceSettings):
     ENV_PREFIX = "SWL_LIPSYNC_"
-    port: int = setting(50053, "gRPC port (0 picks a free one).")
-    metrics_port: int = setting(9103, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    port: int = port_setting(50053)
+    metrics_port: int = metrics_port_setting(9103)
     model: str = setting("wav2lip_gan", "Manifest name of the Wav2Lip generator (wav2lip or wav2lip_gan).")
     max_batch_size: int = setting(32, "Most items one model call takes from the batching queue.")
 
