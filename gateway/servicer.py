@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
@@ -58,6 +59,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _run(self, job: LipSyncJob, face: bytes, audio: bytes):
         self.metrics.inflight.inc()
         code = "OK"
+        started = time.perf_counter()
+        log.info("job started", extra={"face_bytes": len(face), "audio_bytes": len(audio),
+                                       "crop_mode": job.options.crop_mode, "enhance": job.options.enhance})
         try:
             if self._serial is None:
                 return await job.render(face, audio)
@@ -72,6 +76,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         finally:
             self.metrics.inflight.dec()
             self.metrics.jobs.labels(code).inc()
+            log.info("job finished", extra={"code": code, "seconds": round(time.perf_counter() - started, 3)})
 
     @grpc_stream_method()
     async def Generate(self, request_iterator, context):
