@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from .manifest import BATCH_DIM, ModelSpec, load_manifest
+from .manifest import BATCH_DIM, ModelSpec, TensorSpec, load_manifest
 
 OPSET = 18
 # Generated detectors find nothing in ordinary pictures. The SCRFD one "sees" one face at the top-left corner
@@ -82,9 +83,7 @@ def _output_names(spec: ModelSpec) -> list[str]:
 
 
 def _fix_wildcards(spec: ModelSpec) -> ModelSpec:
-    import dataclasses
-
-    from .manifest import TensorSpec
+    """Gives "*" outputs a concrete name so that the generated file can declare them."""
     outs = tuple(TensorSpec(n, t.shape) for n, t in zip(_output_names(spec), spec.outputs))
     return dataclasses.replace(spec, outputs=outs)
 

@@ -12,7 +12,8 @@ from superwav2lip.gateway.v1 import gateway_pb2
 from gateway.alignment import FFHQ_512, align_face, footprint, paste_aligned, similarity_transform
 from gateway.clients import Face
 from gateway.options import JobOptions
-from gateway.pipeline import ENHANCE_MASKS, LipSyncJob
+from gateway.compositing import ENHANCE_MASKS
+from gateway.pipeline import LipSyncJob
 from gateway.metrics import GatewayMetrics
 from gateway.tracking import build_tracks, detection_indices, interpolate, rank_tracks, target_per_frame
 

@@ -12,7 +12,8 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from gateway.metrics import GatewayMetrics
 from gateway.options import JobOptions
-from gateway.pipeline import LipSyncJob, crop_face
+from gateway.compositing import crop_face
+from gateway.pipeline import LipSyncJob
 
 from .conftest import SHARED_MEDIA, shared_file
 from .stack import model_clients, running_stack
