@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,7 +25,20 @@ from .metrics import GatewayMetrics
 
 T = TypeVar("T")
 R = TypeVar("R")
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+# A model service that is briefly full or restarting should cost a job a short wait, not its life: gRPC
+# retries such calls itself, with exponential back-off, before the error reaches the pipeline.
+RETRY_POLICY = {
+    "methodConfig": [{
+        "name": [{"service": "superwav2lip.detector.v1.Detector"}, {"service": "superwav2lip.lipsync.v1.LipSync"},
+                 {"service": "superwav2lip.enhancer.v1.Enhancer"}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
+    }]
+}
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+                   ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY)),
+                   # A call is retried only while its request is buffered: room for the largest batches.
+                   ("grpc.per_rpc_retry_buffer_size", 64 << 20), ("grpc.retry_buffer_size", 256 << 20)]
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(models_dir, down: str | None = None, detector_overrides=None, **gateway_overrides):
-    """Detector, lipsync, enhancer and gateway in-process; `down` names a service left unstarted."""
+async def running_stack(models_dir, down: str | None = None, overrides=None, **gateway_overrides):
+    """Detector, lipsync, enhancer and gateway in-process; `down` names a service left unstarted,
+    `overrides` maps a service name to settings for it."""
     async with contextlib.AsyncExitStack() as stack:
         servers = {}
         addresses = {}
@@ -54,8 +55,7 @@ async def running_stack(models_dir, down: str | None = None, detector_overrides=
             if name == down:
                 addresses[name] = "127.0.0.1:1"  # nothing listens there
                 continue
-            overrides = (detector_overrides or {}) if name == "detector" else {}
-            settings = local_settings(settings_cls, models_dir, **overrides)
+            settings = local_settings(settings_cls, models_dir, **(overrides or {}).get(name, {}))
             server, _ = await stack.enter_async_context(started(service_cls(settings)))
             servers[name] = server
             addresses[name] = f"127.0.0.1:{server.port}"

@@ -197,7 +197,7 @@ def assert_changes_only_inside(sources, outputs, box, pads=(0, 10, 0, 0)):
 async def test_reference_photo_picks_the_right_hand_person(real_stack_models):
     canvas = two_faces(260, 220)  # the left face is larger: only the reference can pick the right one
     clip = [canvas] * 15
-    async with running_stack(real_stack_models, detector_overrides={"recognition_model": recognition_model()}) as stack:
+    async with running_stack(real_stack_models, overrides={"detector": {"recognition_model": recognition_model()}}) as stack:
         left_box, right_box = await detected_boxes(stack, canvas)
         x1, y1, x2, y2 = right_box.astype(int)
         reference = encode_png(canvas[y1:y2, x1:x2].copy())  # cut from the same pixels as the target
@@ -208,7 +208,7 @@ async def test_reference_photo_picks_the_right_hand_person(real_stack_models):
 
 async def test_without_a_reference_the_largest_face_is_animated(real_stack_models):
     canvas = two_faces(260, 220)
-    async with running_stack(real_stack_models, detector_overrides={"recognition_model": recognition_model()}) as stack:
+    async with running_stack(real_stack_models, overrides={"detector": {"recognition_model": recognition_model()}}) as stack:
         left_box, _ = await detected_boxes(stack, canvas)
         sources, outputs = await run_job(stack, [canvas] * 15)
     assert_changes_only_inside(sources, outputs, left_box)
@@ -220,7 +220,7 @@ async def test_reference_of_someone_else_fails_or_keeps_frames(real_stack_models
     stranger = shared_file(SHARED_MEDIA, "talking_mpeg4_512_25fps_8s.mp4")
     first_frame = cv2.VideoCapture(str(stranger)).read()[1]
     reference = encode_png(first_frame)
-    async with running_stack(real_stack_models, detector_overrides={"recognition_model": "mobilefacenet"}) as stack:
+    async with running_stack(real_stack_models, overrides={"detector": {"recognition_model": "mobilefacenet"}}) as stack:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stack.generate(encode_video([canvas] * 10), speech_wav(0.4), reference_face=reference)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION

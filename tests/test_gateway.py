@@ -199,3 +199,13 @@ async def test_memory_stays_flat_as_the_clip_grows(dev_models_dir):
     short, long = await peak(50), await peak(200)
     frame_bytes = 320 * 240 * 3
     assert long < short + 20 * frame_bytes, (short, long)  # holding every frame would add 150 frames
+
+
+async def test_an_overloaded_model_service_is_named_after_retries(dev_models_dir):
+    """Every lip-sync call is larger than the lip-sync queue: retries cannot help, the client is told why."""
+    async with running_stack(dev_models_dir, overrides={"lipsync": {"max_queue_size": 4}}) as stack:
+        await expect_error(stack.generate(encode_png(with_marker(scene(), 100, 80)), speech_wav(1.0)),
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, "lipsync service is overloaded")
+        lipsync_metrics = await stack.metrics_text("lipsync")
+    rejected = [l for l in lipsync_metrics.splitlines() if l.startswith("swl_queue_rejections_total{")]
+    assert rejected and float(rejected[0].split()[-1]) >= 4 * 16  # the first call and its 3 retries
