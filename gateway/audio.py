@@ -53,10 +53,10 @@ def decode_speech(data: bytes) -> Speech:
     except (av.FFmpegError, ValueError, IndexError) as error:
         raise InvalidArgument(f"audio: FFmpeg cannot decode it ({error})") from None
     samples = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-    if len(samples) < HOP:
+    if len(samples) < MEL_STEPS * HOP:
         raise InvalidArgument(
-            f"audio: {len(samples) / SAMPLE_RATE * 1000:.1f} ms of sound is shorter than one mel step "
-            f"({HOP / SAMPLE_RATE * 1000:.1f} ms); send at least one video frame's worth of speech"
+            f"audio: {len(samples) / SAMPLE_RATE * 1000:.0f} ms of sound is shorter than one Wav2Lip window "
+            f"({MEL_STEPS * HOP / SAMPLE_RATE * 1000:.0f} ms of speech); send a longer clip"
         )
     return Speech(samples, data)
 

@@ -104,7 +104,7 @@ def test_bad_audio_is_invalid_argument(data, message):
 
 
 def test_audio_shorter_than_one_mel_step_is_refused():
-    with pytest.raises(InvalidArgument, match="shorter than one mel step"):
+    with pytest.raises(InvalidArgument, match="shorter than one Wav2Lip window"):
         decode_speech(_encode(np.zeros(100, np.int16), 16000, "pcm_s16le", "wav"))
 
 

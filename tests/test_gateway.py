@@ -118,7 +118,7 @@ async def test_bad_inputs_get_their_status_codes(dev_models_dir):
         await expect_error(stack.generate(b"not media at all" * 10, audio), grpc.StatusCode.INVALID_ARGUMENT, "face")
         await expect_error(stack.generate(good_face, b"\x01\x02" * 300), grpc.StatusCode.INVALID_ARGUMENT, "audio")
         await expect_error(stack.generate(good_face, speech_wav(0.005)), grpc.StatusCode.INVALID_ARGUMENT,
-                           "shorter than one mel step")
+                           "shorter than one Wav2Lip window")
         await expect_error(stack.generate(no_face_video, audio), grpc.StatusCode.FAILED_PRECONDITION, "frame 3")
         await expect_error(stack.generate(good_face, audio, crf=99), grpc.StatusCode.INVALID_ARGUMENT, "crf")
         # With the keep policy the same clip works, and the frames without a face pass through.
