@@ -76,7 +76,13 @@ class BatchingQueue(Generic[Item, Result]):
 
     @property
     def depth(self) -> int:
+        """Entries in the queue, including those of cancelled calls not yet skipped."""
         return len(self._pending)
+
+    @property
+    def waiting(self) -> int:
+        """Items still wanted by a caller."""
+        return sum(not entry.future.done() for entry in self._pending)
 
     def submit_many(self, items: Sequence[Item]) -> list[asyncio.Future]:
         """Queues all items or none: a call that does not fit gets RESOURCE_EXHAUSTED with a retry hint."""

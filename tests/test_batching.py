@@ -18,8 +18,10 @@ class SlowDoubler:
         self.delay = delay
         self.release = threading.Event()
         self.release.set()
+        self.entered = threading.Event()  # set once the model has started on a batch
 
     def __call__(self, items):
+        self.entered.set()
         self.release.wait(5)
         self.calls.append(list(items))
         threading.Event().wait(self.delay)
@@ -76,7 +78,7 @@ async def test_full_queue_refuses_the_whole_call():
     queue = make_queue(model, max_batch_size=1, max_queue_size=3)
     queue.start()
     first = asyncio.ensure_future(queue.run([1]))
-    await asyncio.sleep(0.05)  # the worker has taken item 1 and is blocked in the model
+    assert await asyncio.to_thread(model.entered.wait, 5)  # the worker took item 1 and is blocked in the model
     waiting = asyncio.ensure_future(queue.run([2, 3, 4]))
     await asyncio.sleep(0)
     with pytest.raises(ResourceExhausted, match="queue is full"):
@@ -92,7 +94,7 @@ async def test_cancelled_items_are_not_executed():
     queue = make_queue(model, max_batch_size=1)
     queue.start()
     blocker = asyncio.ensure_future(queue.run([1]))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(model.entered.wait, 5)
     cancelled = asyncio.ensure_future(queue.run([100, 101]))
     await asyncio.sleep(0)
     cancelled.cancel()

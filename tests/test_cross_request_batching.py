@@ -31,8 +31,10 @@ class SlowModel:
         self.batches: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set once the model has started on a batch
 
     def __call__(self, items):
+        self.entered.set()
         self.gate.wait(10)
         threading.Event().wait(self.delay)
         self.batches.append(len(items))
@@ -84,11 +86,14 @@ async def test_cancelled_call_items_are_not_executed(dev_models_dir):
         stub = lipsync_pb2_grpc.LipSyncStub(channel)
         slow.gate.clear()  # the model is busy with the first call
         first = asyncio.ensure_future(stub.Generate(lipsync_pb2.GenerateRequest(items=[item()])))
-        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(slow.entered.wait, 10)
         doomed = stub.Generate(lipsync_pb2.GenerateRequest(items=[item() for _ in range(5)]))
-        await asyncio.sleep(0.2)
+        queue = service.queues[service.settings.model]
+        while queue.waiting < 5:  # the doomed items are queued
+            await asyncio.sleep(0.01)
         doomed.cancel()
-        await asyncio.sleep(0.2)
+        while queue.waiting:  # the server has seen the cancellation
+            await asyncio.sleep(0.01)
         slow.gate.set()
         await first
         after = await stub.Generate(lipsync_pb2.GenerateRequest(items=[item()]))
@@ -102,7 +107,9 @@ async def test_full_queue_is_resource_exhausted_with_a_retry_hint(dev_models_dir
         stub = lipsync_pb2_grpc.LipSyncStub(channel)
         slow.gate.clear()
         busy = asyncio.ensure_future(stub.Generate(lipsync_pb2.GenerateRequest(items=[item() for _ in range(4)])))
-        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(slow.entered.wait, 10)
+        while service.queues[service.settings.model].depth < 3:  # one item in the model, three waiting
+            await asyncio.sleep(0.01)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.Generate(lipsync_pb2.GenerateRequest(items=[item(), item()]))
         slow.gate.set()
