@@ -109,6 +109,14 @@ def detection_frame(frame: np.ndarray, max_size: int) -> tuple[np.ndarray, float
     return small, 1.0 / scale
 
 
+def replaced(frames: list[np.ndarray], positions: list[int], new: list[np.ndarray]) -> list[np.ndarray]:
+    """A copy of the chunk's frame list with the frames at `positions` swapped for `new` ones."""
+    outputs = list(frames)
+    for position, frame in zip(positions, new):
+        outputs[position] = frame
+    return outputs
+
+
 class LipSyncJob:
     """One generation request, run against the model services."""
 
@@ -253,8 +261,8 @@ class LipSyncJob:
         return (f"no face found in {where}; use a clip where the face is visible throughout, "
                 "or the keep-frame no-face policy")
 
-    async def frames(self, plan: Plan) -> AsyncIterator[tuple[np.ndarray, Target | None]]:
-        """Output frames in order, each with the target that was replaced (None = untouched).
+    async def chunks(self, plan: Plan) -> AsyncIterator[tuple[list[np.ndarray], list[Target | None]]]:
+        """Output frames in order, a chunk at a time, each with the target that was replaced (None = untouched).
 
         Decoding and synthesis run as separate tasks joined by small bounded queues, so the frames
         already made are encoded while later ones are decoded, and memory holds a few chunks only."""
@@ -268,13 +276,18 @@ class LipSyncJob:
                     raise item.error
                 outputs, targets, done = item
                 self.metrics.frames.inc(len(outputs))
-                for output, target in zip(outputs, targets):
-                    yield output, target
+                yield outputs, targets
                 await self.progress("lipsync", done, plan.frames)
         finally:
             for stage in stages:
                 stage.cancel()
             await asyncio.gather(*stages, return_exceptions=True)
+
+    async def frames(self, plan: Plan) -> AsyncIterator[tuple[np.ndarray, Target | None]]:
+        """`chunks`, one frame at a time."""
+        async for outputs, targets in self.chunks(plan):
+            for output, target in zip(outputs, targets):
+                yield output, target
 
     async def _decode_stage(self, plan: Plan, out: asyncio.Queue) -> None:
         try:
@@ -322,9 +335,7 @@ class LipSyncJob:
                 return [aligned_paste(frames[k], a, f, self._window) for k, (a, _), f in zip(todo, prepared, faces)]
             return [paste_face(frames[k], targets[k].box, f) for k, f in zip(todo, faces)]
 
-        outputs = list(frames)
-        for k, frame in zip(todo, await asyncio.to_thread(paste)):
-            outputs[k] = frame
+        outputs = replaced(frames, todo, await asyncio.to_thread(paste))
         if self.options.enhance and todo:
             outputs = await self._enhance(outputs, targets, todo)
         self.metrics.stage_seconds.labels("lipsync").observe(time.perf_counter() - started)
@@ -340,10 +351,7 @@ class LipSyncJob:
         pasted = await asyncio.to_thread(
             lambda: [paste_aligned(frames[k], face, matrix, mask)
                      for k, face, (_, matrix) in zip(todo, restored, aligned)])
-        outputs = list(frames)
-        for k, frame in zip(todo, pasted):
-            outputs[k] = frame
-        return outputs
+        return replaced(frames, todo, pasted)
 
     async def render(self, face: bytes, audio: bytes) -> tuple[Plan, bytes]:
         """Runs the whole job and returns the plan and the mp4 bytes."""
@@ -351,15 +359,11 @@ class LipSyncJob:
         width, height = plan.source.size
         writer = Mp4Writer(width, height, plan.fps, self.options.crf, self.options.preset, plan.speech.source)
         try:
-            pending: list[np.ndarray] = []
-            async for frame, _ in self.frames(plan):
-                pending.append(frame)
-                if len(pending) >= self.chunk_frames:
-                    await asyncio.to_thread(lambda batch=pending: [writer.write(f) for f in batch])
-                    pending = []
+            async for outputs, _ in self.chunks(plan):
+                await asyncio.to_thread(lambda batch=outputs: [writer.write(f) for f in batch])
             started = time.perf_counter()
             await self.progress("encode", plan.frames, plan.frames)
-            mp4 = await asyncio.to_thread(lambda: ([writer.write(f) for f in pending], writer.finish())[1])
+            mp4 = await asyncio.to_thread(writer.finish)
             self.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - started)
         except BaseException:
             writer.abort()
