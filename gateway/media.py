@@ -46,17 +46,16 @@ class FaceSource:
         picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         self.is_still = picture is not None
         if self.is_still:
-            self._still = even_crop(picture)
+            self._still = frame = even_crop(picture)
             self.fps = Fraction(still_fps).limit_denominator(1001)
         else:
+            self._still = None
             self._open()
             first = self.read(0, 1)
             if not first:
                 self.close()
                 raise InvalidArgument("face: the video has no decodable frames")
-            self._still = None
-            self._size_frame = first[0]
-        frame = self._still if self.is_still else self._size_frame
+            frame = first[0]
         if min(frame.shape[:2]) < 2:
             raise InvalidArgument("face: frames are too small")
         self.size = (frame.shape[1], frame.shape[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ WARNING_TRAILER = "x-swl-warning"
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, clients: ModelClients, metrics: GatewayMetrics, settings) -> None:
         self.clients, self.metrics, self.settings = clients, metrics, settings
-        self._serial = asyncio.Lock() if settings.serial_jobs else None
+        self._serial = asyncio.Lock() if settings.serial_jobs else contextlib.nullcontext()
 
     def _job(self, options: JobOptions, context, progress=None) -> LipSyncJob:
         return LipSyncJob(self.clients, options, self.metrics, chunk_frames=self.settings.chunk_frames,
@@ -63,8 +64,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         log.info("job started", extra={"face_bytes": len(face), "audio_bytes": len(audio),
                                        "crop_mode": job.options.crop_mode, "enhance": job.options.enhance})
         try:
-            if self._serial is None:
-                return await job.render(face, audio)
             async with self._serial:
                 return await job.render(face, audio)
         except ServiceError as error:

@@ -48,6 +48,10 @@ def prepare_models(models_dir: Path, extra_dirs: tuple[str, ...]) -> list[str]:
     return generated
 
 
+def address(name: str, args: argparse.Namespace) -> str:
+    return f"{args.host}:{args.base_port + SERVICES.index(name)}"
+
+
 def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]) -> dict[str, str]:
     prefix = f"SWL_{name.upper()}_"
     index = SERVICES.index(name)
@@ -57,7 +61,7 @@ def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]
     env.setdefault(f"{prefix}METRICS_PORT", str(args.metrics_base_port + index))
     if name == "gateway":
         for other in ("detector", "lipsync", "enhancer"):
-            env.setdefault(f"{prefix}{other.upper()}_ADDRESS", f"{args.host}:{args.base_port + SERVICES.index(other)}")
+            env.setdefault(f"{prefix}{other.upper()}_ADDRESS", address(other, args))
     else:
         env.setdefault(f"{prefix}MODELS_DIR", str(args.models_dir))
         env.setdefault(f"{prefix}ALLOW_DEV_MODELS", "1")
@@ -110,7 +114,7 @@ def main() -> None:
         print(f"NOTE: running on generated demo weights for {', '.join(generated)}: the output will be noise "
               "where those models act (run `make models` for the real weights).", flush=True)
     args.logs.mkdir(parents=True, exist_ok=True)
-    addresses = {name: f"{args.host}:{args.base_port + SERVICES.index(name)}" for name in SERVICES}
+    addresses = {name: address(name, args) for name in SERVICES}
     processes = {}
     for name in SERVICES:
         log_file = (args.logs / f"{name}.log").open("w")
