@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from service_runtime.errors import FailedPrecondition
+
 # ArcFace 112x112 template (eyes, nose tip, mouth corners), as InsightFace uses it.
 ARCFACE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -24,7 +26,7 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The 2x3 least-squares similarity (rotation, uniform scale, shift) mapping source points onto target."""
     matrix, _ = cv2.estimateAffinePartial2D(source.astype(np.float32), target.astype(np.float32), method=cv2.LMEDS)
     if matrix is None:
-        raise ValueError("landmarks are degenerate; cannot align the face")
+        raise FailedPrecondition("the face's landmarks are degenerate (too close together); cannot align it")
     return matrix
 
 

@@ -1,8 +1,7 @@
-"""Speech input: decode any FFmpeg-readable audio, Wav2Lip's mel spectrogram, and its per-frame windows."""
+"""Speech input: decode allow-listed audio as librosa.load does, Wav2Lip's mel spectrogram, and its per-frame windows."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import av
@@ -10,6 +9,9 @@ import librosa
 import numpy as np
 
 from service_runtime.errors import InvalidArgument
+
+from .containers import open_audio
+from .limits import MediaLimits
 
 SAMPLE_RATE = 16000
 N_FFT, HOP, WIN = 800, 200, 800
@@ -25,40 +27,57 @@ _MEL_BASIS = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmi
 
 @dataclass(frozen=True)
 class Speech:
-    """Mono 16 kHz float32 samples and the original bytes (re-read for the output's AAC track)."""
+    """Mono 16 kHz float32 samples, the original bytes (re-read for the output's AAC track) and their channels."""
 
     samples: np.ndarray
     source: bytes
+    channels: int = 1
 
     @property
     def seconds(self) -> float:
         return len(self.samples) / SAMPLE_RATE
 
 
-def decode_speech(data: bytes) -> Speech:
-    """Decodes and resamples to mono 16 kHz float32; raises InvalidArgument for anything unusable."""
+def decode_speech(data: bytes, limits: MediaLimits = MediaLimits()) -> Speech:
+    """Mono 16 kHz float32 as `librosa.load(path, sr=16000)` gives it: the mean of the channels, resampled with
+    librosa's default (soxr HQ). Decoding stops as soon as the speech passes the length limit."""
     if not data:
         raise InvalidArgument("audio: no bytes were sent")
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise InvalidArgument("audio: the file has no audio stream")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            parts = []
-            for frame in container.decode(audio=0):
-                parts.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(frame))
-            parts.extend(r.to_ndarray().reshape(-1) for r in resampler.resample(None))
-    except InvalidArgument:
-        raise
-    except (av.FFmpegError, ValueError, IndexError) as error:
-        raise InvalidArgument(f"audio: FFmpeg cannot decode it ({error})") from None
-    samples = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-    if len(samples) < MEL_STEPS * HOP:
+    with open_audio(data) as container:
+        if not container.streams.audio:
+            raise InvalidArgument("audio: the file has no audio stream")
+        stream = container.streams.audio[0]
+        if container.duration:
+            limits.check_audio_seconds(container.duration / av.time_base, claimed=True)
+        rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+        if not rate:
+            raise InvalidArgument("audio: the stream has no sample rate")
+        mono = _decode_mono(container, stream, rate, limits)
+    if rate != SAMPLE_RATE and len(mono):
+        mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
+    if len(mono) < MEL_STEPS * HOP:
         raise InvalidArgument(
-            f"audio: {len(samples) / SAMPLE_RATE * 1000:.0f} ms of sound is shorter than one Wav2Lip window "
+            f"audio: {len(mono) / SAMPLE_RATE * 1000:.0f} ms of sound is shorter than one Wav2Lip window "
             f"({MEL_STEPS * HOP / SAMPLE_RATE * 1000:.0f} ms of speech); send a longer clip"
         )
-    return Speech(samples, data)
+    return Speech(np.ascontiguousarray(mono, np.float32), data, channels)
+
+
+def _decode_mono(container, stream, rate: int, limits: MediaLimits) -> np.ndarray:
+    """The channels' mean at the source rate, in float32 as libsndfile reads PCM (int / 2^(bits-1))."""
+    to_float = av.AudioResampler(format="fltp")  # same rate and layout: an exact sample-format conversion
+    budget = int(limits.max_audio_seconds * rate)
+    parts, total = [], 0
+    try:
+        for frame in container.decode(stream):
+            for planar in to_float.resample(frame):
+                parts.append(planar.to_ndarray().mean(axis=0, dtype=np.float32))
+                total += len(parts[-1])
+            if total > budget:
+                limits.check_audio_seconds(total / rate)
+    except (av.FFmpegError, ValueError) as error:
+        raise InvalidArgument(f"audio: FFmpeg cannot decode it ({error.__class__.__name__})") from None
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def melspectrogram(samples: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -16,13 +17,17 @@ from superwav2lip.detector.v1 import detector_pb2, detector_pb2_grpc
 from superwav2lip.enhancer.v1 import enhancer_pb2, enhancer_pb2_grpc
 from superwav2lip.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 
-from service_runtime.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, ServiceError, Unavailable
+from service_runtime.errors import PASSED_THROUGH, DeadlineExceeded, ServiceError, Unavailable, error_for
 from service_runtime.images import decode_image, encode_image
 from service_runtime.logs import request_id_var
 from service_runtime.rpc import REQUEST_ID_HEADER
 
+from .deadline import JobDeadline
 from .metrics import GatewayMetrics
 
+log = logging.getLogger(__name__)
+
+MIN_LANDMARK_SPREAD = 2.0  # pixels: closer landmarks give no alignment (a degenerate similarity transform)
 T = TypeVar("T")
 R = TypeVar("R")
 # A model service that is briefly full or restarting should cost a job a short wait, not its life: gRPC
@@ -52,15 +57,20 @@ class Face:
         return float(max(0, self.box[2] - self.box[0]) * max(0, self.box[3] - self.box[1]))
 
 
-def _translate(service: str, address: str, error: grpc.aio.AioRpcError) -> ServiceError:
+def _translate(service: str, error: grpc.aio.AioRpcError) -> ServiceError:
+    """The model service's status as the client should see it, naming the service by role, never by address:
+    client-facing codes pass through, only transport failures become UNAVAILABLE."""
     code = error.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"the request ran out of time while waiting for the {service} service")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(f"the {service} service is overloaded ({error.details()}); retry later")
+        return DeadlineExceeded(f"the job ran out of time waiting for the {service} service")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"the {service} service at {address} is unavailable: {error.details()}")
-    return Unavailable(f"the {service} service at {address} failed: {code.name}: {error.details()}")
+        log.warning("model service unavailable", extra={"service": service, "details": error.details()})
+        return Unavailable(f"the {service} service is unavailable (down or restarting); retry shortly")
+    if code in PASSED_THROUGH:
+        return error_for(code, f"the {service} service: {error.details()}")
+    log.error("model service failed", extra={"service": service, "code": code.name, "details": error.details()})
+    return error_for(code, f"the {service} service failed ({code.name}); see the gateway log for request id "
+                           f"{request_id_var.get()}")
 
 
 class ModelClients:
@@ -89,24 +99,31 @@ class ModelClients:
             await channel.close()
         self._channels = {}
 
-    async def _call(self, service: str, rpc: Callable[..., Awaitable[R]], request, timeout: float | None) -> R:
+    async def _call(self, service: str, rpc: Callable[..., Awaitable[R]], request, deadline: JobDeadline | None) -> R:
         self._metrics.sent_bytes.labels(service).inc(request.ByteSize())
         try:
             async with self._inflight:
+                # The job's remaining time, measured when the call is sent (after the wait for a slot).
+                timeout = None if deadline is None else deadline.remaining()
                 return await rpc(request, timeout=timeout, metadata=((REQUEST_ID_HEADER, request_id_var.get()),))
         except grpc.aio.AioRpcError as error:
-            raise _translate(service, self.addresses[service], error) from None
+            raise _translate(service, error) from None
 
     async def _batched(self, items: Sequence[T], run: Callable[[Sequence[T]], Awaitable[list[R]]]) -> list[R]:
+        """Runs the RPC-sized parts concurrently; when one fails, its siblings are cancelled."""
         parts = [items[i : i + self._batch_items] for i in range(0, len(items), self._batch_items)]
-        results = await asyncio.gather(*(run(part) for part in parts))
-        return [r for part in results for r in part]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(run(part)) for part in parts]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [r for task in tasks for r in task.result()]
 
-    async def detect(self, frames: Sequence[np.ndarray], timeout: float | None = None) -> list[list[Face]]:
+    async def detect(self, frames: Sequence[np.ndarray], deadline: JobDeadline | None = None) -> list[list[Face]]:
         async def run(part):
             images = await asyncio.to_thread(lambda: [self._detection_image(f) for f in part])
             reply = await self._call("detector", self._detector.Detect, detector_pb2.DetectRequest(frames=images),
-                                     timeout)
+                                     deadline)
             return [_faces(frame) for frame in reply.frames]
 
         return await self._batched(frames, run)
@@ -119,33 +136,33 @@ class ModelClients:
             return encode_image(frame)
         return media_pb2.Image(data=data.tobytes(), format=media_pb2.PIXEL_FORMAT_ENCODED)
 
-    async def embed(self, crops: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
+    async def embed(self, crops: Sequence[np.ndarray], deadline: JobDeadline | None = None) -> list[np.ndarray]:
         async def run(part):
             request = detector_pb2.EmbedRequest(faces=[encode_image(c) for c in part])
-            reply = await self._call("detector", self._detector.Embed, request, timeout)
+            reply = await self._call("detector", self._detector.Embed, request, deadline)
             return [np.asarray(_ok(e, "detector").values, np.float32) for e in reply.embeddings]
 
         return await self._batched(crops, run)
 
     async def lipsync(self, faces: Sequence[np.ndarray], mels: Sequence[np.ndarray],
-                      timeout: float | None = None) -> list[np.ndarray]:
+                      deadline: JobDeadline | None = None) -> list[np.ndarray]:
         async def run(part):
             request = lipsync_pb2.GenerateRequest(items=[
                 lipsync_pb2.LipSyncItem(face=np.ascontiguousarray(f).tobytes(), mel=m.astype("<f4").tobytes())
                 for f, m in part
             ])
-            reply = await self._call("lipsync", self._lipsync.Generate, request, timeout)
+            reply = await self._call("lipsync", self._lipsync.Generate, request, deadline)
             return [np.frombuffer(_ok(r, "lipsync").face, np.uint8).reshape(96, 96, 3) for r in reply.results]
 
         return await self._batched(list(zip(faces, mels)), run)
 
-    async def describe_enhancer(self, timeout: float | None = None) -> enhancer_pb2.DescribeResponse:
-        return await self._call("enhancer", self._enhancer.Describe, enhancer_pb2.DescribeRequest(), timeout)
+    async def describe_enhancer(self, deadline: JobDeadline | None = None) -> enhancer_pb2.DescribeResponse:
+        return await self._call("enhancer", self._enhancer.Describe, enhancer_pb2.DescribeRequest(), deadline)
 
-    async def enhance(self, faces: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
+    async def enhance(self, faces: Sequence[np.ndarray], deadline: JobDeadline | None = None) -> list[np.ndarray]:
         async def run(part):
             request = enhancer_pb2.EnhanceRequest(faces=[encode_image(f) for f in part])
-            reply = await self._call("enhancer", self._enhancer.Enhance, request, timeout)
+            reply = await self._call("enhancer", self._enhancer.Enhance, request, deadline)
             return [decode_image(_ok(r, "enhancer").face, "enhanced face") for r in reply.faces]
 
         return await self._batched(faces, run)
@@ -153,14 +170,17 @@ class ModelClients:
 
 def _ok(result, service: str):
     if result.HasField("error") and result.error.code:
-        raise FailedPrecondition(f"the {service} service refused an item: {result.error.message}")
+        code = next((c for c in grpc.StatusCode if c.value[0] == result.error.code), grpc.StatusCode.UNKNOWN)
+        raise error_for(code, f"the {service} service refused an item: {result.error.message}")
     return result
 
 
 def _faces(frame: detector_pb2.FrameFaces) -> list[Face]:
+    """The frame's faces, without those whose landmarks are too close together to align."""
     _ok(frame, "detector")
-    return [Face(np.array([f.x1, f.y1, f.x2, f.y2], np.float32), f.score,
-                 np.array([[p.x, p.y] for p in f.landmarks], np.float32)) for f in frame.faces]
+    faces = [Face(np.array([f.x1, f.y1, f.x2, f.y2], np.float32), f.score,
+                  np.array([[p.x, p.y] for p in f.landmarks], np.float32)) for f in frame.faces]
+    return [face for face in faces if np.ptp(face.landmarks, axis=0).max() >= MIN_LANDMARK_SPREAD]
 
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import av
@@ -13,7 +15,10 @@ import numpy as np
 
 from service_runtime.errors import InvalidArgument
 
+from .audio import Speech
+from .containers import decode_picture, open_audio, open_video, picture_size
 from .faststart import faststart
+from .limits import MediaLimits
 
 # AAC adds 1024 priming samples to the track: 21 ms at 48 kHz stays within one video frame (46 ms at 22 kHz would not).
 AAC_RATE = 48000
@@ -25,100 +30,147 @@ def even_crop(frame: np.ndarray) -> np.ndarray:
     return frame[: height - height % 2, : width - width % 2]
 
 
-def _decode_error(error: Exception) -> InvalidArgument:
-    return InvalidArgument(f"face: neither a picture nor a video FFmpeg can decode ({error})")
-
-
 class FaceSource:
-    """The face input's frames by index, decoded on demand: a video is never held whole in memory.
+    """The face input's frames by index on a constant-rate grid, decoded on demand and upright.
 
-    Reading forward decodes on; reading backwards (ping-pong) seeks to the keyframe before and decodes
-    from there."""
+    A video is never held whole in memory. Its frames are placed on the grid of its nominal rate by
+    timestamp, as FFmpeg's `fps` filter does: grid slot n shows the latest frame whose timestamp rounds to n
+    or earlier, so gaps in a variable-rate clip repeat the frame before and frames sharing a slot keep the
+    last. Rotation metadata (the display matrix) is applied. Reading forward decodes on; reading backwards
+    (ping-pong) seeks to the keyframe before and decodes from there, so both passes see identical frames."""
 
-    def __init__(self, data: bytes, still_fps: float) -> None:
+    def __init__(self, data: bytes, still_fps: float, limits: MediaLimits = MediaLimits()) -> None:
         if not data:
             raise InvalidArgument("face: no bytes were sent")
-        self._data = data
         self._container = None
         # A cancelled job closes the source while a worker thread may still be decoding: FFmpeg must not
         # see both at once.
         self._lock = threading.Lock()
-        picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        self.is_still = picture is not None
+        size = picture_size(data)
+        self.is_still = size is not None
         if self.is_still:
-            self._still = frame = even_crop(picture)
+            limits.check_frame("face", *size)
+            self._still = frame = even_crop(decode_picture(data, "face"))
             self.fps = Fraction(still_fps).limit_denominator(1001)
         else:
             self._still = None
-            self._open()
+            self._open(data, limits)
+            self.size: tuple[int, int] | None = None  # set by the first frame
             first = self.read(0, 1)
             if not first:
                 self.close()
                 raise InvalidArgument("face: the video has no decodable frames")
             frame = first[0]
-        if min(frame.shape[:2]) < 2:
-            raise InvalidArgument("face: frames are too small")
+        try:
+            limits.check_frame("face", frame.shape[1], frame.shape[0])
+        except InvalidArgument:
+            self.close()
+            raise
         self.size = (frame.shape[1], frame.shape[0])
 
-    def _open(self) -> None:
+    def _open(self, data: bytes, limits: MediaLimits) -> None:
+        self._container = open_video(data)
         try:
-            self._container = av.open(io.BytesIO(self._data), mode="r")
             if not self._container.streams.video:
                 raise InvalidArgument("face: the file has no video stream and is not a picture")
-            self._stream = self._container.streams.video[0]
-            self._stream.thread_type = "AUTO"
-        except InvalidArgument:
+            self._stream = stream = self._container.streams.video[0]
+            if stream.codec_context.width and stream.codec_context.height:
+                limits.check_frame("face", stream.codec_context.width, stream.codec_context.height)
+            self.fps = nominal_rate(stream, limits.max_fps)
+            limits.check_fps(self.fps)
+        except BaseException:
+            self.close()
             raise
-        except (av.FFmpegError, ValueError, IndexError) as error:
-            raise _decode_error(error) from None
-        self.fps = Fraction(self._stream.average_rate or self._stream.guessed_rate or 25)
-        self._start = self._stream.start_time or 0
-        self._frames = None  # the decoder's frame iterator
-        self._next = 0  # index of the frame it yields next
+        stream.thread_type = "AUTO"
+        self._origin = stream.start_time or 0  # the timestamp of grid slot 0
+        self._grid: Iterator[tuple[int, av.VideoFrame]] | None = None
+        self._next = 0  # index of the grid slot it yields next
+        self._last: tuple[av.VideoFrame, np.ndarray] | None = None  # a repeated frame is converted once
 
-    def _index_of(self, frame: av.VideoFrame, fallback: int) -> int:
+    def _slot(self, frame: av.VideoFrame, previous: int) -> int:
         if frame.pts is None:
-            return fallback
-        return round(float((frame.pts - self._start) * self._stream.time_base * self.fps))
+            return previous + 1
+        return round((frame.pts - self._origin) * self._stream.time_base * self.fps)
+
+    def _on_grid(self, first: int) -> Iterator[tuple[int, av.VideoFrame]]:
+        """(index, frame) for index = first, first + 1, ... to the end of the video."""
+        index, held, slot = first, None, -1
+        for frame in self._container.decode(self._stream):
+            slot = self._slot(frame, slot)
+            while held is not None and index < slot:
+                yield index, held
+                index += 1
+            held = frame
+        if held is not None:  # the last frame lasts its own duration, and at least one slot
+            end = slot + max(1, round((held.duration or 0) * self._stream.time_base * self.fps))
+            while index < end:
+                yield index, held
+                index += 1
 
     def _seek(self, index: int) -> None:
-        target = self._start + int(index / self.fps / self._stream.time_base)
-        self._container.seek(target, stream=self._stream, backward=True)
-        self._frames = None
-        self._next = -1  # unknown until the first frame's timestamp is read
+        """Restarts decoding at the keyframe before grid slot `index` (half a slot early: timestamps round)."""
+        seconds = max(0.0, (index - 0.5) / float(self.fps))
+        self._container.seek(self._origin + int(seconds / self._stream.time_base), stream=self._stream,
+                             backward=True)
+        self._grid = self._on_grid(index)
 
     def read(self, start: int, stop: int) -> list[np.ndarray]:
-        """Frames [start, stop); fewer when the video ends first. A still repeats its picture."""
+        """Exactly the frames [start, stop); fewer only when the video ends first. A still repeats its picture."""
         if self.is_still:
             return [self._still] * max(0, stop - start)
         with self._lock:
             if self._container is None:
                 raise InvalidArgument("face: the video was closed (the job ended)")
-            return self._read(start, stop)
+            try:
+                return self._read(start, stop)
+            except (av.FFmpegError, ValueError) as error:
+                raise InvalidArgument(f"face: FFmpeg cannot decode the video ({error.__class__.__name__})") from None
 
     def _read(self, start: int, stop: int) -> list[np.ndarray]:
-        if self._frames is not None and self._next > start:
+        if self._grid is None or self._next > start:
             self._seek(start)
+            self._next = start
         out: list[np.ndarray] = []
-        try:
-            if self._frames is None:
-                self._frames = self._container.decode(self._stream)
-            for frame in self._frames:
-                index = self._index_of(frame, self._next)
-                self._next = index + 1
-                if index >= start:
-                    out.append(even_crop(frame.to_ndarray(format="bgr24")))
-                if self._next >= stop:
-                    break
-        except (av.FFmpegError, ValueError) as error:
-            raise _decode_error(error) from None
+        if self._next >= stop:
+            return out
+        for index, frame in self._grid:
+            self._next = index + 1
+            if index >= start:
+                out.append(self._pixels(frame))
+            if self._next >= stop:
+                break
         return out
+
+    def _pixels(self, frame: av.VideoFrame) -> np.ndarray:
+        """BGR, upright, even-sized, and the size of the first frame (a stream may change size midway)."""
+        if self._last is not None and self._last[0] is frame:
+            return self._last[1]
+        pixels = frame.to_ndarray(format="bgr24")
+        quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as the display matrix says
+        if quarter_turns:
+            pixels = np.ascontiguousarray(np.rot90(pixels, quarter_turns))
+        pixels = even_crop(pixels)
+        if self.size is not None and (pixels.shape[1], pixels.shape[0]) != self.size:
+            pixels = cv2.resize(pixels, self.size, interpolation=cv2.INTER_AREA)
+        self._last = (frame, pixels)
+        return pixels
 
     def close(self) -> None:
         with self._lock:
             if self._container is not None:
                 self._container.close()
                 self._container = None
+                self._grid = self._last = None
+
+
+def nominal_rate(stream: av.video.stream.VideoStream, max_fps: float) -> Fraction:
+    """The rate the video was made at: FFmpeg's guess (r_frame_rate) unless only the average is plausible
+    (browser WebM reports its 1 kHz timestamp clock as the rate)."""
+    guessed, average = stream.guessed_rate, stream.average_rate
+    for rate in (guessed, average):
+        if rate and 0 < rate <= max_fps:
+            return Fraction(rate).limit_denominator(1001)
+    return Fraction(guessed or average or 0)
 
 
 def source_index(index: int, available: int, ping_pong: bool) -> int:
@@ -132,14 +184,8 @@ def source_index(index: int, available: int, ping_pong: bool) -> int:
     return phase if phase < available else period - phase
 
 
-def _audio_layout(source: bytes) -> str:
-    """The AAC track keeps the speech's channels (mono or stereo)."""
-    with av.open(io.BytesIO(source), mode="r") as container:
-        return "mono" if container.streams.audio[0].channels == 1 else "stereo"
-
-
 def _audio_frames(source: bytes, rate: int, layout: str) -> Iterator[av.AudioFrame]:
-    with av.open(io.BytesIO(source), mode="r") as container:
+    with open_audio(source) as container:
         resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
         for frame in container.decode(audio=0):
             yield from resampler.resample(frame)
@@ -147,10 +193,15 @@ def _audio_frames(source: bytes, rate: int, layout: str) -> Iterator[av.AudioFra
 
 
 class Mp4Writer:
-    """Encodes BGR frames with libx264 (yuv420p) and the speech as AAC into memory, `moov` first."""
+    """Encodes BGR frames with libx264 (yuv420p) and the speech as AAC into memory, `moov` first.
 
-    def __init__(self, width: int, height: int, fps: Fraction, crf: int, preset: str, speech_source: bytes) -> None:
-        self._speech = speech_source
+    FFmpeg's encoder is not thread-safe and PyAV releases the GIL while it encodes, so the writer owns one
+    worker thread: every write, the finish and the abort run there in order, and an abort after a
+    cancellation waits for the chunk being encoded instead of closing the container under it."""
+
+    def __init__(self, width: int, height: int, fps: Fraction, crf: int, preset: str, speech: Speech) -> None:
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4-writer")
+        self._speech = speech.source
         self._buffer = io.BytesIO()
         self._container = av.open(self._buffer, mode="w", format="mp4")
         self._video = self._container.add_stream("libx264", rate=fps)
@@ -158,17 +209,36 @@ class Mp4Writer:
         self._video.pix_fmt = "yuv420p"
         self._video.options = {"crf": str(crf), "preset": preset}
         # Every stream must exist before the first packet is muxed (the header is written then).
-        self._audio = self._container.add_stream("aac", rate=AAC_RATE, layout=_audio_layout(speech_source))
+        self._audio = self._container.add_stream("aac", rate=AAC_RATE, layout="mono" if speech.channels == 1 else "stereo")
         self._frames = 0
 
-    def write(self, frame: np.ndarray) -> None:
-        video_frame = av.VideoFrame.from_ndarray(frame, format="bgr24")
-        video_frame.pts = self._frames
-        self._frames += 1
-        self._container.mux(self._video.encode(video_frame))
+    async def _run(self, work, *args):
+        return await asyncio.wrap_future(self._worker.submit(work, *args))
 
-    def finish(self) -> bytes:
+    async def write(self, frames: list[np.ndarray]) -> None:
+        await self._run(self._write, frames)
+
+    async def finish(self) -> bytes:
         """Flushes the video, encodes the audio track and returns the mp4 bytes."""
+        try:
+            return await self._run(self._finish)
+        finally:
+            self._worker.shutdown(wait=False)
+
+    async def abort(self) -> None:
+        """Closes the container after any work already queued; safe to call while that work runs."""
+        closing = self._worker.submit(self._close)
+        self._worker.shutdown(wait=False)
+        await asyncio.shield(asyncio.wrap_future(closing))
+
+    def _write(self, frames: list[np.ndarray]) -> None:
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(frame, format="bgr24")
+            video_frame.pts = self._frames
+            self._frames += 1
+            self._container.mux(self._video.encode(video_frame))
+
+    def _finish(self) -> bytes:
         self._container.mux(self._video.encode(None))
         for frame in _audio_frames(self._speech, self._audio.rate, self._audio.layout.name):
             frame.pts = None
@@ -177,7 +247,7 @@ class Mp4Writer:
         self._container.close()
         return faststart(self._buffer.getvalue())
 
-    def abort(self) -> None:
+    def _close(self) -> None:
         try:
             self._container.close()
         except (av.FFmpegError, ValueError):

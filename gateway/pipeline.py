@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,9 +18,12 @@ from service_runtime.errors import FailedPrecondition, InvalidArgument
 from .alignment import align_face, paste_aligned, template
 from .audio import Speech, decode_speech, frame_count, mel_window, melspectrogram
 from .clients import Face, ModelClients
+from .containers import decode_picture, picture_size
 from .compositing import (
     ENHANCE_MASKS, ENHANCE_SIZE, Box, Target, aligned_input, aligned_paste, crop_face, mouth_window, paste_face,
 )
+from .deadline import JobDeadline
+from .limits import MediaLimits
 from .media import FaceSource, Mp4Writer, source_index
 from .metrics import GatewayMetrics
 from .options import JobOptions
@@ -121,13 +125,13 @@ class LipSyncJob:
     """One generation request, run against the model services."""
 
     def __init__(self, clients: ModelClients, options: JobOptions, metrics: GatewayMetrics, *,
-                 chunk_frames: int, max_seconds: float, progress: Progress | None = None,
-                 timeout: Callable[[], float | None] = lambda: None) -> None:
+                 chunk_frames: int, limits: MediaLimits = MediaLimits(), deadline: JobDeadline | None = None,
+                 progress: Progress | None = None) -> None:
         self.clients, self.options, self.metrics = clients, options, metrics
-        self.chunk_frames, self.max_seconds = chunk_frames, max_seconds
+        self.chunk_frames, self.limits, self.deadline = chunk_frames, limits, deadline
         self._progress = progress
-        self._timeout = timeout
         self._window = mouth_window(options.mouth_padding)
+        self._reference: np.ndarray | None = None  # the reference photo's embedding
 
     async def progress(self, stage: str, done: int, total: int, message: str = "") -> None:
         if self._progress is not None:
@@ -136,16 +140,16 @@ class LipSyncJob:
     async def plan(self, face: bytes, audio: bytes) -> Plan:
         started = time.perf_counter()
         await self.progress("decode", 0, 1)
-        speech = await asyncio.to_thread(decode_speech, audio)
-        if speech.seconds > self.max_seconds:
-            raise InvalidArgument(f"audio: {speech.seconds:.1f} s is longer than this gateway's limit of "
-                                  f"{self.max_seconds:.0f} s; split the speech into shorter parts")
+        speech = await asyncio.to_thread(decode_speech, audio, self.limits)
+        if self.deadline is not None:
+            self.deadline.scale_to_speech(speech.seconds)
         mel = await asyncio.to_thread(melspectrogram, speech.samples)
-        source = await asyncio.to_thread(FaceSource, face, self.options.still_fps)
+        source = await asyncio.to_thread(FaceSource, face, self.options.still_fps, self.limits)
         frames = frame_count(speech.seconds, float(source.fps))
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         await self.progress("decode", 1, 1)
         try:
+            self.limits.check_output_frames(frames, source.fps)
             if self.options.enhance:
                 await self.warn_if_enhancer_is_slow()
             targets = await self.find_targets(source, 1 if source.is_still else frames)
@@ -155,7 +159,7 @@ class LipSyncJob:
         return Plan(source, speech, mel, source.fps, frames, targets)
 
     async def warn_if_enhancer_is_slow(self) -> None:
-        info = await self.clients.describe_enhancer(timeout=self._timeout())
+        info = await self.clients.describe_enhancer(self.deadline)
         if not GPU_PROVIDERS & set(info.providers):
             await self.progress("detect", 0, 1, f"warning: the enhancer ({info.model}) runs on CPU only; "
                                 "expect about a second per frame")
@@ -166,35 +170,44 @@ class LipSyncJob:
         for start in range(0, len(frames), self.chunk_frames):
             part = frames[start : start + self.chunk_frames]
             shrunk = await asyncio.to_thread(lambda: [detection_frame(f, self.options.max_detection_size) for f in part])
-            replies = await self.clients.detect([small for small, _ in shrunk], timeout=self._timeout())
+            replies = await self.clients.detect([small for small, _ in shrunk], self.deadline)
             for faces, (_, scale) in zip(replies, shrunk):
                 found.append([Face(f.box * scale, f.score, f.landmarks * scale) for f in faces])
             if stage:
                 await self.progress(stage, len(found), len(frames))
         return found
 
-    async def reference_embedding(self) -> np.ndarray:
-        picture = cv2.imdecode(np.frombuffer(self.options.reference_face, np.uint8), cv2.IMREAD_COLOR)
-        if picture is None:
-            raise InvalidArgument("reference_face: not a picture OpenCV can decode (send PNG or JPEG)")
+    async def prepare_reference(self) -> None:
+        """Checks the reference photo (size, decodable, a face found) and embeds it. The servicer runs this as
+        soon as the options arrive, so a bad photo is refused before any media is uploaded."""
+        data = self.options.reference_face
+        if not data or self._reference is not None:
+            return
+        self.limits.check_reference(len(data))
+        size = picture_size(data)
+        if size is None:
+            raise InvalidArgument("reference_face: not a PNG, JPEG, WebP or BMP picture")
+        self.limits.check_reference_pixels(*size)
+        picture = await asyncio.to_thread(decode_picture, data, "reference_face")
         (faces,) = await self.detect([picture])
         if not faces:  # a tight crop of a face gives detectors too little context: add a neutral border
             margin = max(picture.shape[:2]) // 2
-            picture = cv2.copyMakeBorder(picture, margin, margin, margin, margin, cv2.BORDER_CONSTANT,
-                                         value=(127, 127, 127))
+            picture = await asyncio.to_thread(cv2.copyMakeBorder, picture, margin, margin, margin, margin,
+                                              cv2.BORDER_CONSTANT, value=(127, 127, 127))
             (faces,) = await self.detect([picture])
         if not faces:
-            raise InvalidArgument("reference_face: no face found in the reference photo")
+            raise InvalidArgument("reference_face: no face found in the reference photo; send a photo where the "
+                                  "person's face is clearly visible")
         largest = max(faces, key=lambda f: f.area)
-        crop, _ = align_face(picture, largest.landmarks, template("arcface", 112), 112)
-        (embedding,) = await self.clients.embed([crop], timeout=self._timeout())
-        return embedding
+        crop, _ = await asyncio.to_thread(align_face, picture, largest.landmarks, template("arcface", 112), 112)
+        (self._reference,) = await self.clients.embed([crop], self.deadline)
 
     async def score_tracks(self, tracks) -> None:
         """One embedding per track, from its most confident face, compared with the reference."""
-        reference = await self.reference_embedding()
+        await self.prepare_reference()
+        reference = self._reference
         crops = [t.best_crop for t in tracks]
-        embeddings = await self.clients.embed(crops, timeout=self._timeout()) if crops else []
+        embeddings = await self.clients.embed(crops, self.deadline) if crops else []
         self.metrics.track_embeddings.inc(len(crops))
         for track, embedding in zip(tracks, embeddings):
             track.similarity = float(reference @ embedding)
@@ -214,9 +227,14 @@ class LipSyncJob:
                 pending = asyncio.ensure_future(asyncio.to_thread(source.read, count + len(chunk),
                                                                   min(wanted, count + len(chunk) + step)))
             picks = [j for j in range(len(chunk)) if (count + j) % every == 0 or (last_chunk and j == len(chunk) - 1)]
-            for j, faces in zip(picks, await self.detect([chunk[j] for j in picks])):
-                tracker.update(count + j, faces, chunk[j])
-                detected.append(count + j)
+            found = await self.detect([chunk[j] for j in picks])
+
+            def track(first=count):
+                for j, faces in zip(picks, found):
+                    tracker.update(first + j, faces, chunk[j])  # aligns a crop per face: not on the event loop
+                    detected.append(first + j)
+
+            await asyncio.to_thread(track)
             count += len(chunk)
             await self.progress("detect", count, wanted)
             if last_chunk:
@@ -239,17 +257,22 @@ class LipSyncJob:
         else:
             candidates = tracks
         ranked = rank_tracks(candidates, self.options.target_rule, source.size)
-        faces = interpolate(target_per_frame(ranked, indices), indices, total)
-        width, height = source.size
-        boxes = smooth([None if f is None else padded_box(f, self.options.pads, width, height) for f in faces],
-                       self.options.smoothing_window)
-        points = smooth([None if f is None else f.landmarks for f in faces], self.options.smoothing_window)
-        targets = [None if (box := to_pixels(b)) is None else Target(box, p) for b, p in zip(boxes, points)]
+        targets = await asyncio.to_thread(self._targets, target_per_frame(ranked, indices), indices, total,
+                                          source.size)
         self.metrics.stage_seconds.labels("detect").observe(time.perf_counter() - started)
         missing = [i for i, t in enumerate(targets) if t is None]
         if missing and not self.options.keep_frames_without_face:
             raise FailedPrecondition(self._missing_message(missing, total, tracks))
         return targets
+
+    def _targets(self, detected: dict, indices: list[int], total: int, size: tuple[int, int]) -> list[Target | None]:
+        """The chosen person's box and landmarks on every frame: interpolated between detections, then smoothed."""
+        faces = interpolate(detected, indices, total)
+        width, height = size
+        boxes = smooth([None if f is None else padded_box(f, self.options.pads, width, height) for f in faces],
+                       self.options.smoothing_window)
+        points = smooth([None if f is None else f.landmarks for f in faces], self.options.smoothing_window)
+        return [None if (box := to_pixels(b)) is None else Target(box, p) for b, p in zip(boxes, points)]
 
     def _missing_message(self, missing: list[int], total: int, tracks) -> str:
         where = f"frame {missing[0]} of the face input ({len(missing)} of {total} frames)"
@@ -285,9 +308,10 @@ class LipSyncJob:
 
     async def frames(self, plan: Plan) -> AsyncIterator[tuple[np.ndarray, Target | None]]:
         """`chunks`, one frame at a time."""
-        async for outputs, targets in self.chunks(plan):
-            for output, target in zip(outputs, targets):
-                yield output, target
+        async with contextlib.aclosing(self.chunks(plan)) as chunks:
+            async for outputs, targets in chunks:
+                for output, target in zip(outputs, targets):
+                    yield output, target
 
     async def _decode_stage(self, plan: Plan, out: asyncio.Queue) -> None:
         try:
@@ -328,7 +352,7 @@ class LipSyncJob:
 
         prepared = await asyncio.to_thread(prepare)
         mels = [mel_window(plan.mel, indices[k], fps) for k in todo]
-        faces = await self.clients.lipsync([c for _, c in prepared], mels, timeout=self._timeout()) if todo else []
+        faces = await self.clients.lipsync([c for _, c in prepared], mels, self.deadline) if todo else []
 
         def paste():
             if aligned:
@@ -346,7 +370,7 @@ class LipSyncJob:
         points = template("ffhq", ENHANCE_SIZE)
         aligned = await asyncio.to_thread(
             lambda: [align_face(frames[k], targets[k].landmarks, points, ENHANCE_SIZE) for k in todo])
-        restored = await self.clients.enhance([crop for crop, _ in aligned], timeout=self._timeout())
+        restored = await self.clients.enhance([crop for crop, _ in aligned], self.deadline)
         mask = ENHANCE_MASKS[self.options.enhance_region]
         pasted = await asyncio.to_thread(
             lambda: [paste_aligned(frames[k], face, matrix, mask)
@@ -356,18 +380,21 @@ class LipSyncJob:
     async def render(self, face: bytes, audio: bytes) -> tuple[Plan, bytes]:
         """Runs the whole job and returns the plan and the mp4 bytes."""
         plan = await self.plan(face, audio)
-        width, height = plan.source.size
-        writer = Mp4Writer(width, height, plan.fps, self.options.crf, self.options.preset, plan.speech.source)
         try:
-            async for outputs, _ in self.chunks(plan):
-                await asyncio.to_thread(lambda batch=outputs: [writer.write(f) for f in batch])
-            started = time.perf_counter()
-            await self.progress("encode", plan.frames, plan.frames)
-            mp4 = await asyncio.to_thread(writer.finish)
-            self.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - started)
-        except BaseException:
-            writer.abort()
-            raise
+            width, height = plan.source.size
+            writer = Mp4Writer(width, height, plan.fps, self.options.crf, self.options.preset, plan.speech)
+            try:
+                # The chunk stages stop before the source and the writer they use are closed.
+                async with contextlib.aclosing(self.chunks(plan)) as chunks:
+                    async for outputs, _ in chunks:
+                        await writer.write(outputs)
+                started = time.perf_counter()
+                await self.progress("encode", plan.frames, plan.frames)
+                mp4 = await writer.finish()
+                self.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - started)
+            except BaseException:
+                await writer.abort()
+                raise
         finally:
             plan.source.close()
         return plan, mp4

@@ -29,15 +29,34 @@ class GatewaySettings(ServerSettings):
     detector_address: str = setting("localhost:50052", "host:port of the detector service.")
     lipsync_address: str = setting("localhost:50053", "host:port of the lip-sync service.")
     enhancer_address: str = setting("localhost:50054", "host:port of the enhancer service.")
-    rpc_batch_items: int = setting(32, "Items per RPC to a model service.")
-    max_inflight_rpcs: int = setting(8, "RPCs to model services in flight at once, across all jobs.")
-    chunk_frames: int = setting(16, "Frames per pipeline chunk; a job holds a few chunks at a time.")
+    rpc_batch_items: int = setting(32, "Items per RPC to a model service.", ge=1, le=1024)
+    max_inflight_rpcs: int = setting(8, "RPCs to model services in flight at once, across all jobs.", ge=1, le=1024)
+    chunk_frames: int = setting(16, "Frames per pipeline chunk; a job holds a few chunks at a time.", ge=1, le=256)
     detection_jpeg_quality: int = setting(
-        90, "Detector frames travel as JPEG of this quality (1-100) to save bandwidth; 0 sends raw BGR.")
-    chunk_bytes: int = setting(1 << 20, "Bytes per streamed mp4 chunk.")
-    max_upload_mb: int = setting(512, "Largest face + audio upload per job, in MiB.")
-    max_audio_seconds: float = setting(600.0, "Longest speech accepted per job.")
+        90, "Detector frames travel as JPEG of this quality (1-100) to save bandwidth; 0 sends raw BGR.", ge=0, le=100)
+    chunk_bytes: int = setting(1 << 20, "Bytes per streamed mp4 chunk.", ge=1024, le=32 << 20)
     serial_jobs: bool = setting(False, "Run one job at a time behind a lock, as the seed did (for comparisons).")
+    # Admission and deadlines.
+    max_concurrent_jobs: int = setting(
+        8, "Jobs this gateway runs at once; beyond it calls get RESOURCE_EXHAUSTED with a retry hint.", ge=1, le=1024)
+    job_deadline_s: float = setting(
+        60.0, "Deadline of every job when the client sets none (or a later one), plus the per-second part below.",
+        ge=1, le=86400)
+    job_deadline_per_audio_second_s: float = setting(
+        30.0, "Seconds added to the job deadline per second of speech.", ge=0, le=3600)
+    # Limits on client media, all checked before the expensive work.
+    max_upload_mb: int = setting(512, "Largest face + audio + reference-photo upload per job, in MiB.", ge=1,
+                                 le=16384)
+    max_audio_seconds: float = setting(600.0, "Longest speech accepted per job (stops decoding past it).", ge=1,
+                                       le=86400)
+    max_frame_pixels: int = setting(4096 * 2160, "Largest face frame or still, in pixels (width x height).",
+                                    ge=1024, le=1 << 28)
+    max_fps: float = setting(120.0, "Highest frame rate a face video may declare.", ge=1, le=1000)
+    max_output_frames: int = setting(36000, "Most frames one output video may have (speech seconds x fps).",
+                                     ge=1, le=10_000_000)
+    max_reference_face_kb: int = setting(10240, "Largest reference photo, in KiB.", ge=1, le=1 << 20)
+    max_reference_face_pixels: int = setting(4096 * 4096, "Largest reference photo, in pixels.", ge=1024,
+                                             le=1 << 28)
 
 
 class GatewayService(GrpcService):

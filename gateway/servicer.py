@@ -11,11 +11,14 @@ from collections.abc import AsyncIterator
 from google.api import httpbody_pb2
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from service_runtime.errors import InvalidArgument, ResourceExhausted, ServiceError
+from service_runtime.errors import InvalidArgument, ServiceError
 from service_runtime.logs import request_id_var
-from service_runtime.rpc import grpc_method, grpc_stream_method
+from service_runtime.rpc import checked_request_id, grpc_method, grpc_stream_method
 
+from .admission import JobSlots
 from .clients import ModelClients
+from .deadline import JobDeadline
+from .limits import MediaLimits
 from .metrics import GatewayMetrics
 from .options import JobOptions
 from .pipeline import LipSyncJob
@@ -28,34 +31,53 @@ WARNING_TRAILER = "x-swl-warning"
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, clients: ModelClients, metrics: GatewayMetrics, settings) -> None:
         self.clients, self.metrics, self.settings = clients, metrics, settings
+        self.limits = MediaLimits.from_settings(settings)
+        self.slots = JobSlots(settings.max_concurrent_jobs)
         self._serial = asyncio.Lock() if settings.serial_jobs else contextlib.nullcontext()
 
-    def _job(self, options: JobOptions, context, progress=None) -> LipSyncJob:
-        return LipSyncJob(self.clients, options, self.metrics, chunk_frames=self.settings.chunk_frames,
-                          max_seconds=self.settings.max_audio_seconds, progress=progress,
-                          timeout=context.time_remaining)
+    def _deadline(self, context) -> JobDeadline:
+        return JobDeadline(self.settings.job_deadline_s, self.settings.job_deadline_per_audio_second_s,
+                           context.time_remaining())
 
-    async def _upload(self, chunks: AsyncIterator[gateway_pb2.GenerateChunk]) -> tuple[JobOptions, bytes, bytes]:
-        limit = self.settings.max_upload_mb << 20
-        options, face, audio = None, bytearray(), bytearray()
-        async for chunk in chunks:
+    def _job(self, message: gateway_pb2.GenerateOptions, deadline: JobDeadline, progress=None) -> LipSyncJob:
+        """Validates the options (request id first: it goes into every log line and model call)."""
+        if message.request_id:
+            request_id_var.set(checked_request_id(message.request_id, "options.request_id"))
+        return LipSyncJob(self.clients, JobOptions.from_proto(message), self.metrics,
+                          chunk_frames=self.settings.chunk_frames, limits=self.limits, deadline=deadline,
+                          progress=progress)
+
+    async def _receive(self, requests: AsyncIterator[gateway_pb2.GenerateChunk], deadline: JobDeadline,
+                       progress) -> tuple[LipSyncJob, bytes, bytes]:
+        """Options first, checked with the reference photo before any media is read; then the media."""
+        first = await anext(requests, None)
+        if first is None:
+            raise InvalidArgument("the request stream was empty: send the options, then the face and audio bytes")
+        if first.WhichOneof("payload") != "options":
+            raise InvalidArgument("the first message of Generate must carry the options")
+        job = self._job(first.options, deadline, progress)
+        async with deadline.enforced():
+            await job.prepare_reference()
+        face, audio = await self._upload(requests, len(first.options.reference_face))
+        return job, face, audio
+
+    async def _upload(self, requests: AsyncIterator[gateway_pb2.GenerateChunk], received: int) -> tuple[bytes, bytes]:
+        parts: dict[str, list[bytes]] = {"face_chunk": [], "audio_chunk": []}
+        number = 1
+        async for chunk in requests:
+            number += 1
             kind = chunk.WhichOneof("payload")
-            if options is None:
-                if kind != "options":
-                    raise InvalidArgument("the first message of Generate must carry the options")
-                options = chunk.options
-                if options.request_id:
-                    request_id_var.set(options.request_id)
-                continue
             if kind == "options":
                 raise InvalidArgument("options may be sent only once, in the first message")
-            (face if kind == "face_chunk" else audio).extend(getattr(chunk, kind))
-            if len(face) + len(audio) > limit:
-                raise ResourceExhausted(f"the upload exceeds {self.settings.max_upload_mb} MB; send shorter media")
-        if options is None:
-            raise InvalidArgument("the request stream was empty: send the options, then the face and audio bytes")
-        self.metrics.received_bytes.inc(len(face) + len(audio))
-        return JobOptions.from_proto(options), bytes(face), bytes(audio)
+            if kind is None:
+                raise InvalidArgument(f"message {number} of Generate carries no payload: send face_chunk or "
+                                      "audio_chunk bytes")
+            data = getattr(chunk, kind)
+            parts[kind].append(data)
+            received += len(data)
+            self.limits.check_upload(received)
+        self.metrics.received_bytes.inc(received)
+        return await asyncio.to_thread(lambda: (b"".join(parts["face_chunk"]), b"".join(parts["audio_chunk"])))
 
     async def _run(self, job: LipSyncJob, face: bytes, audio: bytes):
         self.metrics.inflight.inc()
@@ -64,7 +86,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         log.info("job started", extra={"face_bytes": len(face), "audio_bytes": len(audio),
                                        "crop_mode": job.options.crop_mode, "enhance": job.options.enhance})
         try:
-            async with self._serial:
+            async with job.deadline.enforced(), self._serial:
                 return await job.render(face, audio)
         except ServiceError as error:
             code = error.code.name
@@ -79,26 +101,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @grpc_stream_method()
     async def Generate(self, request_iterator, context):
-        options, face, audio = await self._upload(request_iterator)
-        events: asyncio.Queue = asyncio.Queue()
+        with self.slots.slot():  # before a byte of the upload is read
+            events: asyncio.Queue = asyncio.Queue()
 
-        async def progress(stage: str, done: int, total: int, message: str = "") -> None:
-            await events.put(gateway_pb2.GenerateEvent(
-                progress=gateway_pb2.Progress(stage=stage, done=done, total=total, message=message)))
+            async def progress(stage: str, done: int, total: int, message: str = "") -> None:
+                await events.put(gateway_pb2.GenerateEvent(
+                    progress=gateway_pb2.Progress(stage=stage, done=done, total=total, message=message)))
 
-        job = self._job(options, context, progress)
-        task = asyncio.create_task(self._run(job, face, audio))
-        try:
-            while not task.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            plan, mp4 = task.result()
-        finally:
-            task.cancel()
+            job, face, audio = await self._receive(request_iterator, self._deadline(context), progress)
+            task = asyncio.create_task(self._run(job, face, audio))
+            try:
+                while not task.done() or not events.empty():
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                plan, mp4 = task.result()
+            finally:
+                task.cancel()
         width, height = plan.source.size
         yield gateway_pb2.GenerateEvent(result=gateway_pb2.ResultInfo(
             width=width, height=height, fps=float(plan.fps), frames=plan.frames,
@@ -109,17 +131,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @grpc_method()
     async def GenerateVideo(self, request: gateway_pb2.GenerateVideoRequest, context) -> httpbody_pb2.HttpBody:
-        if request.options.request_id:
-            request_id_var.set(request.options.request_id)
-        self.metrics.received_bytes.inc(len(request.face) + len(request.audio))
-        warnings: list[str] = []
+        with self.slots.slot():
+            warnings: list[str] = []
 
-        async def progress(stage: str, done: int, total: int, message: str = "") -> None:
-            if message:
-                warnings.append(message)
+            async def progress(stage: str, done: int, total: int, message: str = "") -> None:
+                if message:
+                    warnings.append(message)
 
-        job = self._job(JobOptions.from_proto(request.options), context, progress)
-        _, mp4 = await self._run(job, request.face, request.audio)
+            deadline = self._deadline(context)
+            job = self._job(request.options, deadline, progress)
+            async with deadline.enforced():
+                await job.prepare_reference()
+            received = len(request.face) + len(request.audio) + len(request.options.reference_face)
+            self.limits.check_upload(received)
+            self.metrics.received_bytes.inc(received)
+            _, mp4 = await self._run(job, request.face, request.audio)
         if warnings:  # no progress stream here: warnings travel as trailers (HTTP headers through Envoy)
             context.set_trailing_metadata(tuple((WARNING_TRAILER, w) for w in warnings))
         return httpbody_pb2.HttpBody(content_type="video/mp4", data=mp4)

@@ -10,9 +10,10 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s  # sent to the client as google.rpc.RetryInfo
 
 
 class InvalidArgument(ServiceError):
@@ -33,6 +34,20 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+PASSED_THROUGH = {error.code: error for error in (InvalidArgument, FailedPrecondition, ResourceExhausted,
+                                                  DeadlineExceeded)}
+
+
+def error_for(code: grpc.StatusCode, message: str) -> ServiceError:
+    """A domain error for a status another service returned: client-facing codes keep their code,
+    UNAVAILABLE stays retryable, anything else is a server-side failure (INTERNAL)."""
+    if code in PASSED_THROUGH:
+        return PASSED_THROUGH[code](message)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(message)
+    return ServiceError(message)
 
 
 class ModelLoadError(Exception):

@@ -6,28 +6,53 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import code_pb2, status_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from .errors import ServiceError
+from .errors import InvalidArgument, ServiceError
 from .logs import new_request_id, request_id_var
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+STATUS_DETAILS_TRAILER = "grpc-status-details-bin"  # the standard trailer for google.rpc.Status details
+REQUEST_ID_PATTERN = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII: safe in metadata and log lines
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def checked_request_id(value: str, where: str) -> str:
+    """A client-chosen request id, refused unless it is 1-128 printable ASCII characters."""
+    if not REQUEST_ID_PATTERN.fullmatch(value):
+        unprintable = " including unprintable or non-ASCII ones" if not value.isascii() or not value.isprintable() else ""
+        raise InvalidArgument(f"{where} must be 1 to 128 printable ASCII characters; got {len(value)} characters"
+                              f"{unprintable}")
+    return value
 
 
 def request_id_from(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and value:
-            return str(value)
+            return checked_request_id(str(value), f"the {REQUEST_ID_HEADER} header")
     return new_request_id()
+
+
+def status_details(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata with a google.rpc.Status carrying RetryInfo when the error has a retry hint."""
+    if error.retry_after_s is None:
+        return ()
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(error.retry_after_s),
+                                        nanos=int(error.retry_after_s % 1 * 1e9)))
+    detail = any_pb2.Any()
+    detail.Pack(retry)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    return ((STATUS_DETAILS_TRAILER, status.SerializeToString()),)
 
 
 def item_status(error: BaseException) -> status_pb2.Status:
@@ -40,15 +65,16 @@ def item_status(error: BaseException) -> status_pb2.Status:
 @contextlib.asynccontextmanager
 async def _handled(metrics: ServiceMetrics, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Request id in, ServiceError -> its status code, crashes -> INTERNAL, and one count per RPC."""
-    token = request_id_var.set(request_id_from(context))
+    token = request_id_var.set(new_request_id())
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
+        request_id_var.set(request_id_from(context))
         yield
     except ServiceError as error:
         code = error.code
         log.warning("request failed", extra={"method": method, "code": code.name, "error": error.message})
-        await context.abort(code, error.message)
+        await context.abort(code, error.message, trailing_metadata=status_details(error))
     except asyncio.CancelledError:
         code = grpc.StatusCode.CANCELLED
         raise

@@ -13,9 +13,19 @@ class SettingsError(ValueError):
     """An environment variable holds a value its setting cannot take."""
 
 
-def setting(default: Any, doc: str) -> Any:
-    """Declares one setting: its default and the one-line doc shown in the README table."""
-    return dataclasses.field(default=default, metadata={"doc": doc})
+def setting(default: Any, doc: str, *, ge: float | None = None, le: float | None = None) -> Any:
+    """Declares one setting: its default, the one-line doc shown in the README table and its allowed range."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "ge": ge, "le": le})
+
+
+def _range_text(metadata: Mapping[str, Any]) -> str:
+    low, high = (metadata.get(bound) for bound in ("ge", "le"))
+    low, high = (None if v is None else int(v) if float(v).is_integer() else v for v in (low, high))
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f"at least {low}"
+    return f"at most {high}" if low is None else f"{low} to {high}"
 
 
 def _parse(raw: str, kind: Any, variable: str) -> Any:
@@ -36,11 +46,12 @@ def _parse(raw: str, kind: Any, variable: str) -> Any:
 
 
 def port_setting(default: int) -> Any:
-    return setting(default, "gRPC port (0 picks a free one).")
+    return setting(default, "gRPC port (0 picks a free one).", ge=0, le=65535)
 
 
 def metrics_port_setting(default: int) -> Any:
-    return setting(default, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).")
+    return setting(default, "Port of the Prometheus `/metrics` endpoint (0 picks a free one, -1 disables).", ge=-1,
+                   le=65535)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,14 @@ class BaseSettings:
     """Base for every settings object; subclasses set ENV_PREFIX and declare fields with `setting`."""
 
     ENV_PREFIX: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        """Every value, from the environment or an override, must lie in its declared range."""
+        for field in dataclasses.fields(self):
+            value, allowed = getattr(self, field.name), _range_text(field.metadata)
+            low, high = field.metadata.get("ge"), field.metadata.get("le")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise SettingsError(f"{self.env_name(field.name)}={value!r} is out of range: {allowed}")
 
     @classmethod
     def env_name(cls, field_name: str) -> str:
@@ -73,7 +92,9 @@ class BaseSettings:
         for field in dataclasses.fields(cls):
             default = field.default
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
-            rows.append(f"| `{cls.env_name(field.name)}` | `{shown}` | {field.metadata['doc']} |")
+            allowed = _range_text(field.metadata)
+            doc = field.metadata["doc"] + (f" Range: {allowed}." if allowed else "")
+            rows.append(f"| `{cls.env_name(field.name)}` | `{shown}` | {doc} |")
         return "\n".join(rows)
 
 
@@ -84,7 +105,7 @@ class ServerSettings(BaseSettings):
     host: str = setting("0.0.0.0", "Address the gRPC server binds.")
     port: int = port_setting(0)
     metrics_port: int = metrics_port_setting(0)
-    grace_period_s: float = setting(10.0, "Seconds in-flight calls get to finish after SIGTERM.")
+    grace_period_s: float = setting(10.0, "Seconds in-flight calls get to finish after SIGTERM.", ge=0, le=3600)
     log_level: str = setting("INFO", "Python log level.")
 
 
@@ -101,17 +122,21 @@ class ServiceSettings(ServerSettings):
         "auto", "onnxruntime providers in order of preference: `auto` or a list of `tensorrt`, `cuda`, `cpu`."
     )
     require_gpu: bool = setting(False, "Refuse to start unless a session really runs on CUDA or TensorRT.")
-    intra_op_threads: int = setting(0, "onnxruntime threads inside one operator (0 = onnxruntime's choice).")
-    inter_op_threads: int = setting(0, "onnxruntime threads across operators (0 = onnxruntime's choice).")
+    intra_op_threads: int = setting(0, "onnxruntime threads inside one operator (0 = onnxruntime's choice).", ge=0,
+                                   le=1024)
+    inter_op_threads: int = setting(0, "onnxruntime threads across operators (0 = onnxruntime's choice).", ge=0,
+                                   le=1024)
     spin_wait: bool = setting(
         False, "Let onnxruntime's threads busy-wait between operators (faster alone, wasteful when services share cores)."
     )
-    max_batch_size: int = setting(8, "Most items one model call takes from the batching queue.")
-    max_batch_delay_ms: float = setting(5.0, "Longest wait for more items once a batch has its first one.")
+    max_batch_size: int = setting(8, "Most items one model call takes from the batching queue.", ge=1, le=1024)
+    max_batch_delay_ms: float = setting(5.0, "Longest wait for more items once a batch has its first one.", ge=0,
+                                        le=10000)
     batch_across_calls: bool = setting(
         True, "Gather items from concurrent calls into one model call (false = the seed's one call at a time)."
     )
-    max_queue_size: int = setting(256, "Items waiting per model; beyond it calls get RESOURCE_EXHAUSTED.")
+    max_queue_size: int = setting(256, "Items waiting per model; beyond it calls get RESOURCE_EXHAUSTED.", ge=1,
+                                   le=1_000_000)
     warmup_batch_sizes: tuple[int, ...] = setting((), "Batch sizes run at warm-up (empty = 1 and max_batch_size).")
 
     def effective_warmup_batch_sizes(self) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from fractions import Fraction
 
 import av
@@ -36,17 +37,43 @@ def marker_frames(count: int, width: int = 320, height: int = 240, missing: set[
     return frames
 
 
-def encode_video(frames: list[np.ndarray], fps: Fraction = Fraction(25), codec: str = "libx264") -> bytes:
+def encode_video(frames: list[np.ndarray], fps: Fraction = Fraction(25), codec: str = "libx264",
+                 ticks: list[int] | None = None, container_format: str = "mp4") -> bytes:
+    """Frames at `fps`; `ticks` gives each frame's timestamp in 1/fps units (gaps make a variable-rate clip)."""
     buffer = io.BytesIO()
     height, width = frames[0].shape[:2]
-    with av.open(buffer, "w", format="mp4") as container:
+    with av.open(buffer, "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "10"} if codec == "libx264" else {}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")))
+        for index, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="bgr24")
+            if ticks is not None:
+                video_frame.pts, video_frame.time_base = ticks[index], Fraction(1) / fps
+            container.mux(stream.encode(video_frame))
         container.mux(stream.encode(None))
     return buffer.getvalue()
+
+
+def with_display_matrix(mp4: bytes, clockwise_degrees: int) -> bytes:
+    """The same mp4 with its video track's tkhd matrix set to rotate the picture clockwise on display,
+    as phones record portrait clips (a 90-degree clip carries the matrix [0 1; -1 0])."""
+    data = bytearray(mp4)
+    cos, sin = {0: (1, 0), 90: (0, 1), 180: (-1, 0), 270: (0, -1)}[clockwise_degrees]
+    body = _box_body(data, [b"moov", b"trak", b"tkhd"])
+    matrix_at = body + 4 + (32 if data[body] == 1 else 20) + 16  # after version/flags, times and ids, reserved
+    struct.pack_into(">9i", data, matrix_at, cos << 16, sin << 16, 0, -sin << 16, cos << 16, 0, 0, 0, 1 << 30)
+    return bytes(data)
+
+
+def _box_body(data: bytearray, path: list[bytes], start: int = 0, end: int | None = None) -> int:
+    end = len(data) if end is None else end
+    while start + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, start)
+        if kind == path[0]:
+            return start + 8 if len(path) == 1 else _box_body(data, path[1:], start + 8, start + size)
+        start += size
+    raise ValueError(f"no {path[0]!r} box")
 
 
 def encode_png(frame: np.ndarray) -> bytes:

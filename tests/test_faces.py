@@ -159,7 +159,7 @@ async def run_job(stack, clip_frames, **options):
     clients.open()
     clip = encode_video(clip_frames)
     try:
-        job = LipSyncJob(clients, JobOptions(**options), GatewayMetrics(), chunk_frames=16, max_seconds=60)
+        job = LipSyncJob(clients, JobOptions(**options), GatewayMetrics(), chunk_frames=16)
         plan = await job.plan(clip, speech_wav(0.6))
         outputs = [(frame, target) async for frame, target in job.frames(plan)]
     finally:
@@ -176,7 +176,7 @@ async def detected_boxes(stack, frame):
     clients = model_clients(stack)
     clients.open()
     try:
-        job = LipSyncJob(clients, JobOptions(), GatewayMetrics(), chunk_frames=16, max_seconds=60)
+        job = LipSyncJob(clients, JobOptions(), GatewayMetrics(), chunk_frames=16)
         (faces,) = await job.detect([frame])
     finally:
         await clients.close()

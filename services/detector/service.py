@@ -23,7 +23,8 @@ class DetectorSettings(ServiceSettings):
     metrics_port: int = metrics_port_setting(9102)
     detection_model: str = setting("scrfd_2.5g", "Manifest name of the face detector (scrfd_2.5g, yunet, retinaface_r50).")
     recognition_model: str = setting("arcface_seed", "Manifest name of the face-recognition model.")
-    detection_size: int = setting(640, "Square detector input in pixels (multiple of 32); frames are letterboxed to it.")
+    detection_size: int = setting(640, "Square detector input in pixels (multiple of 32); frames are letterboxed to it.",
+                                 ge=64, le=4096)
 
 
 class DetectorService(ModelService):

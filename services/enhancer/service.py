@@ -22,7 +22,7 @@ class EnhancerSettings(ServiceSettings):
     port: int = port_setting(50054)
     metrics_port: int = metrics_port_setting(9104)
     model: str = setting("gfpgan_v1.4", "Manifest name of the face restorer.")
-    max_batch_size: int = setting(4, "Most items one model call takes from the batching queue.")
+    max_batch_size: int = setting(4, "Most items one model call takes from the batching queue.", ge=1, le=1024)
 
 
 class EnhancerService(ModelService):

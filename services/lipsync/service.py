@@ -22,7 +22,7 @@ class LipSyncSettings(ServiceSettings):
     port: int = port_setting(50053)
     metrics_port: int = metrics_port_setting(9103)
     model: str = setting("wav2lip_gan", "Manifest name of the Wav2Lip generator (wav2lip or wav2lip_gan).")
-    max_batch_size: int = setting(32, "Most items one model call takes from the batching queue.")
+    max_batch_size: int = setting(32, "Most items one model call takes from the batching queue.", ge=1, le=1024)
 
 
 class LipSyncService(ModelService):

@@ -1,0 +1,65 @@
+"""Client bytes opened safely: FFmpeg on allow-listed demuxers with no protocols, pictures sized by their header.
+
+Client bytes are hostile. FFmpeg's playlist and reference demuxers (concat, HLS, DASH, image sequences,
+`subfile:`) open names found inside the data, which would let an upload read files off this machine or
+make it fetch URLs. So every `av.open` on client bytes names the demuxers it accepts, and allows no
+protocol at all: the in-memory buffer is the only input. Pictures are sized from their header by Pillow
+before anything is decoded, so a small file cannot expand into gigabytes of pixels."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import cv2
+import numpy as np
+from PIL import Image
+
+from service_runtime.errors import InvalidArgument
+
+# FFmpeg demuxer names: "mov" is mp4/mov/m4a/3gp, "matroska" is mkv/webm.
+VIDEO_DEMUXERS = ("mov", "matroska", "avi", "flv", "mpegts")
+AUDIO_DEMUXERS = ("wav", "mp3", "aac", "flac", "ogg", *VIDEO_DEMUXERS)
+VIDEO_FORMATS = "mp4, mov, mkv, webm, avi, flv or MPEG-TS"
+AUDIO_FORMATS = "wav, mp3, aac, m4a, flac, ogg or opus (or a video file with a sound track)"
+PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+# The gateway's own pixel limits (checked on the header size) replace Pillow's process-wide bomb check, which
+# would otherwise refuse a large picture without saying its size.
+Image.MAX_IMAGE_PIXELS = None
+# No protocol may be opened from inside the data: this name matches none, so every nested open is refused.
+NO_PROTOCOLS = "none"
+
+
+def open_media(data: bytes, what: str, demuxers: tuple[str, ...], formats: str) -> av.container.InputContainer:
+    """Opens client bytes with FFmpeg, refusing any demuxer not listed and any nested input."""
+    try:
+        return av.open(io.BytesIO(data), mode="r", container_options={
+            "format_whitelist": ",".join(demuxers), "protocol_whitelist": NO_PROTOCOLS})
+    except (av.FFmpegError, ValueError, IndexError, OSError) as error:
+        raise InvalidArgument(f"{what}: not a {formats} file FFmpeg can read ({error.__class__.__name__}); "
+                              "playlists and references to other files are refused") from None
+
+
+def open_video(data: bytes) -> av.container.InputContainer:
+    return open_media(data, "face", VIDEO_DEMUXERS, VIDEO_FORMATS)
+
+
+def open_audio(data: bytes) -> av.container.InputContainer:
+    return open_media(data, "audio", AUDIO_DEMUXERS, AUDIO_FORMATS)
+
+
+def picture_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header when the bytes are a PNG, JPEG, WebP or BMP picture, else None."""
+    try:
+        with Image.open(io.BytesIO(data), formats=PICTURE_FORMATS) as picture:
+            return picture.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def decode_picture(data: bytes, what: str) -> np.ndarray:
+    """BGR pixels of a picture already sized by `picture_size` (EXIF orientation applied)."""
+    picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if picture is None:
+        raise InvalidArgument(f"{what}: the picture is damaged and cannot be decoded")
+    return picture
