@@ -43,6 +43,7 @@ def decode_speech(data: bytes, limits: MediaLimits = MediaLimits()) -> Speech:
     librosa's default (soxr HQ). Decoding stops as soon as the speech passes the length limit."""
     if not data:
         raise InvalidArgument("audio: no bytes were sent")
+    check_wav_claim(data, limits)
     with open_audio(data) as container:
         if not container.streams.audio:
             raise InvalidArgument("audio: the file has no audio stream")
@@ -61,6 +62,28 @@ def decode_speech(data: bytes, limits: MediaLimits = MediaLimits()) -> Speech:
             f"({MEL_STEPS * HOP / SAMPLE_RATE * 1000:.0f} ms of speech); send a longer clip"
         )
     return Speech(np.ascontiguousarray(mono, np.float32), data, channels)
+
+
+def check_wav_claim(data: bytes, limits: MediaLimits) -> None:
+    """A WAV header states its length, and FFmpeg quietly trusts the bytes present instead: a claim past the
+    limit, or past the end of the upload (a truncated file), is refused here."""
+    if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return
+    offset, byte_rate = 12, 0
+    while offset + 8 <= len(data):
+        kind, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
+        if kind == b"fmt " and size >= 12:
+            byte_rate = int.from_bytes(data[offset + 16 : offset + 20], "little")
+        if kind == b"data":
+            if not byte_rate or size in (0, 0xFFFFFFFF):  # 0 and all ones mean "unknown" (a streamed WAV)
+                return
+            limits.check_audio_seconds(size / byte_rate, claimed=True)
+            present = len(data) - offset - 8
+            if size > present:
+                raise InvalidArgument(f"audio: the WAV header claims {size / byte_rate:.1f} s of sound but the "
+                                      f"upload holds {present / byte_rate:.1f} s; it was cut short, send all of it")
+            return
+        offset += 8 + size + (size & 1)
 
 
 def _decode_mono(container, stream, rate: int, limits: MediaLimits) -> np.ndarray:

@@ -107,6 +107,8 @@ class ModelClients:
                 timeout = None if deadline is None else deadline.remaining()
                 return await rpc(request, timeout=timeout, metadata=((REQUEST_ID_HEADER, request_id_var.get()),))
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                raise deadline.exceeded(waiting_for=service) from None
             raise _translate(service, error) from None
 
     async def _batched(self, items: Sequence[T], run: Callable[[Sequence[T]], Awaitable[list[R]]]) -> list[R]:

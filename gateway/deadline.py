@@ -40,11 +40,12 @@ class JobDeadline:
         self._default_s = self._base_s + self._per_second * seconds
         self._reschedule()
 
-    def exceeded(self) -> DeadlineExceeded:
+    def exceeded(self, waiting_for: str | None = None) -> DeadlineExceeded:
+        where = f" (it was waiting for the {waiting_for} service)" if waiting_for else ""
         if self._client_at <= self._started + self._default_s:
-            return DeadlineExceeded("the job did not finish within the client's deadline")
+            return DeadlineExceeded(f"the job did not finish within the client's deadline{where}")
         return DeadlineExceeded(
-            f"the job did not finish within this gateway's deadline of {self._default_s:.0f} s "
+            f"the job did not finish within this gateway's deadline of {self._default_s:.0f} s{where} "
             f"({setting_name('job_deadline_s')} + {setting_name('job_deadline_per_audio_second_s')} x speech seconds); "
             "set a longer deadline on the call, or send shorter speech")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,15 @@ def identity_models_dir(tmp_path_factory) -> Path:
     for spec in load_manifest(folder).models.values():
         write_dev_model(spec, folder / "dev", identity=spec.role in {"lipsync", "enhancer"})
     return folder
+
+
+def service_env(models_dir, prefix: str, **extra) -> dict[str, str]:
+    """Environment for a model service started as its own process: loopback, dev models' folder, no metrics."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'generated'}")
+    env.update({f"{prefix}MODELS_DIR": str(models_dir), f"{prefix}PORT": "0", f"{prefix}METRICS_PORT": "-1",
+                f"{prefix}HOST": "127.0.0.1", f"{prefix}WARMUP_BATCH_SIZES": "1"})
+    env.update({f"{prefix}{k}": str(v) for k, v in extra.items()})
+    return env
 
 
 def local_settings(settings_cls, models_dir: Path, **overrides):

@@ -4,6 +4,8 @@ import asyncio
 import contextlib
 import urllib.request
 
+import grpc
+
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.clients import ModelClients
@@ -37,15 +39,34 @@ class Stack:
         return await self.stub.GenerateVideo(gateway_pb2.GenerateVideoRequest(
             options=gateway_pb2.GenerateOptions(**options), face=face, audio=audio), timeout=timeout)
 
+    async def status_of(self, chunks, timeout: float = 30) -> grpc.RpcError | None:
+        """How a Generate call ends (None: success), called through the synchronous API as the SDK calls it.
+
+        The gateway refuses bad options and full queues before reading the upload; grpc's asyncio client
+        then reports its own INTERNAL instead of the server's status when it was still writing
+        (grpc/grpc#36066), so tests of early refusals use the sync client, whose status is the server's."""
+
+        def call():
+            with grpc.insecure_channel(self.address("gateway")) as channel:
+                try:
+                    for _ in gateway_pb2_grpc.GatewayStub(channel).Generate(iter(chunks), timeout=timeout):
+                        pass
+                except grpc.RpcError as error:
+                    return error
+            return None
+
+        return await asyncio.to_thread(call)
+
     async def metrics_text(self, name):
         url = f"http://127.0.0.1:{self.servers[name].metrics_port}/metrics"
         return (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
 
 
 @contextlib.asynccontextmanager
-async def running_stack(models_dir, down: str | None = None, overrides=None, **gateway_overrides):
+async def running_stack(models_dir, down: str | None = None, overrides=None, external=None, **gateway_overrides):
     """Detector, lipsync, enhancer and gateway in-process; `down` names a service left unstarted,
-    `overrides` maps a service name to settings for it."""
+    `overrides` maps a service name to settings for it, `external` a service name to the address of one
+    started elsewhere (a separate process)."""
     async with contextlib.AsyncExitStack() as stack:
         servers = {}
         addresses = {}
@@ -54,6 +75,9 @@ async def running_stack(models_dir, down: str | None = None, overrides=None, **g
                                                 ("enhancer", EnhancerService, EnhancerSettings)):
             if name == down:
                 addresses[name] = "127.0.0.1:1"  # nothing listens there
+                continue
+            if name in (external or {}):
+                addresses[name] = external[name]
                 continue
             settings = local_settings(settings_cls, models_dir, **(overrides or {}).get(name, {}))
             server, _ = await stack.enter_async_context(started(service_cls(settings)))

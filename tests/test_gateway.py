@@ -120,7 +120,10 @@ async def test_bad_inputs_get_their_status_codes(dev_models_dir):
         await expect_error(stack.generate(good_face, speech_wav(0.005)), grpc.StatusCode.INVALID_ARGUMENT,
                            "shorter than one Wav2Lip window")
         await expect_error(stack.generate(no_face_video, audio), grpc.StatusCode.FAILED_PRECONDITION, "frame 3")
-        await expect_error(stack.generate(good_face, audio, crf=99), grpc.StatusCode.INVALID_ARGUMENT, "crf")
+        refused = await stack.status_of([gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions(crf=99)),
+                                         gateway_pb2.GenerateChunk(face_chunk=good_face),
+                                         gateway_pb2.GenerateChunk(audio_chunk=audio)])
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "crf" in refused.details()
         # With the keep policy the same clip works, and the frames without a face pass through.
         mp4, info, _ = await stack.generate(no_face_video, audio, no_face_policy=gateway_pb2.NO_FACE_POLICY_KEEP_FRAME)
         assert info.frames == 25

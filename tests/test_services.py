@@ -1,7 +1,6 @@
 """The three model services, started in-process on free ports with generated models."""
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from services.detector.service import DetectorService, DetectorSettings
 from services.enhancer.service import EnhancerService, EnhancerSettings
 from services.lipsync.service import LipSyncService, LipSyncSettings
 
-from .conftest import ROOT, local_settings, started
+from .conftest import ROOT, local_settings, started, service_env
 
 SERVICES = {
     "detector": (DetectorService, DetectorSettings, "superwav2lip.detector.v1.Detector"),
@@ -164,14 +163,6 @@ async def test_metrics_endpoint_exports_the_runtime_metrics(dev_models_dir):
     assert 'swl_model_items_total{model="wav2lip_gan",outcome="ok"} 2.0' in text
 
 
-def _env(models_dir, prefix, **extra):
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'generated'}")
-    env.update({f"{prefix}MODELS_DIR": str(models_dir), f"{prefix}PORT": "0", f"{prefix}METRICS_PORT": "-1",
-                f"{prefix}HOST": "127.0.0.1", f"{prefix}WARMUP_BATCH_SIZES": "1"})
-    env.update({f"{prefix}{k}": v for k, v in extra.items()})
-    return env
-
-
 def test_process_refuses_a_wrong_shape_model_naming_the_tensor(dev_models_dir, tmp_path):
     import dataclasses
     import shutil
@@ -183,7 +174,7 @@ def test_process_refuses_a_wrong_shape_model_naming_the_tensor(dev_models_dir, t
     spec = load_manifest(tmp_path).get("wav2lip_gan")
     wrong = (spec.inputs[0], TensorSpec("video_frames", ("B", 6, 48, 48)))
     write_dev_model(dataclasses.replace(spec, inputs=wrong), tmp_path)
-    done = subprocess.run([sys.executable, "-m", "services.lipsync"], env=_env(tmp_path, "SWL_LIPSYNC_"),
+    done = subprocess.run([sys.executable, "-m", "services.lipsync"], env=service_env(tmp_path, "SWL_LIPSYNC_"),
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2
     assert "input tensor 'video_frames' has shape [None, 6, 48, 48], expected ['B', 6, 96, 96]" in done.stderr
@@ -191,7 +182,7 @@ def test_process_refuses_a_wrong_shape_model_naming_the_tensor(dev_models_dir, t
 
 def test_sigterm_drains_and_exits_cleanly(dev_models_dir):
     process = subprocess.Popen([sys.executable, "-m", "services.enhancer"], cwd=ROOT, stderr=subprocess.PIPE,
-                               text=True, env=_env(dev_models_dir, "SWL_ENHANCER_", ALLOW_DEV_MODELS="1"))
+                               text=True, env=service_env(dev_models_dir, "SWL_ENHANCER_", ALLOW_DEV_MODELS="1"))
     lines = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
