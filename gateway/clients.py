@@ -73,6 +73,18 @@ def _translate(service: str, error: grpc.aio.AioRpcError) -> ServiceError:
                            f"{request_id_var.get()}")
 
 
+async def run_in_parts(items: Sequence[T], size: int, run: Callable[[Sequence[T]], Awaitable[list[R]]]) -> list[R]:
+    """Runs `run` on parts of `size` items concurrently and joins the results in order; when one part fails,
+    the others are cancelled (their model calls stop) and its error is raised."""
+    parts = [items[i : i + size] for i in range(0, len(items), size)]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(run(part)) for part in parts]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [r for task in tasks for r in task.result()]
+
+
 class ModelClients:
     """One channel per model service; splits work into RPC-sized batches with a bounded number in flight."""
 
@@ -112,14 +124,7 @@ class ModelClients:
             raise _translate(service, error) from None
 
     async def _batched(self, items: Sequence[T], run: Callable[[Sequence[T]], Awaitable[list[R]]]) -> list[R]:
-        """Runs the RPC-sized parts concurrently; when one fails, its siblings are cancelled."""
-        parts = [items[i : i + self._batch_items] for i in range(0, len(items), self._batch_items)]
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(run(part)) for part in parts]
-        except BaseExceptionGroup as failed:
-            raise failed.exceptions[0] from None
-        return [r for task in tasks for r in task.result()]
+        return await run_in_parts(items, self._batch_items, run)
 
     async def detect(self, frames: Sequence[np.ndarray], deadline: JobDeadline | None = None) -> list[list[Face]]:
         async def run(part):

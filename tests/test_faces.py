@@ -11,6 +11,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from gateway.alignment import FFHQ_512, align_face, footprint, paste_aligned, similarity_transform
 from gateway.clients import Face
+from service_runtime.errors import FailedPrecondition
 from gateway.options import JobOptions
 from gateway.compositing import ENHANCE_MASKS
 from gateway.pipeline import LipSyncJob
@@ -237,3 +238,9 @@ async def test_real_detector_box_matches_a_hand_measured_box(real_stack_models):
         (box,) = await detected_boxes(stack, photo)
     from gateway.tracking import iou
     assert iou(box, hand_measured) > 0.7
+
+
+def test_degenerate_landmarks_are_a_failed_precondition_not_a_crash():
+    frame = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(FailedPrecondition, match="degenerate"):
+        align_face(frame, np.full((5, 2), 20.0, np.float32))

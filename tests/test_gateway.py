@@ -134,8 +134,10 @@ async def test_bad_inputs_get_their_status_codes(dev_models_dir):
 
 async def test_a_service_that_is_down_is_named(dev_models_dir):
     async with running_stack(dev_models_dir, down="lipsync") as stack:
-        await expect_error(stack.generate(encode_png(with_marker(scene(), 100, 80)), speech_wav(1.0)),
-                           grpc.StatusCode.UNAVAILABLE, "lipsync service")
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stack.generate(encode_png(with_marker(scene(), 100, 80)), speech_wav(1.0))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "lipsync service" in error.value.details()
+    assert "127.0.0.1" not in error.value.details() and ":1" not in error.value.details()  # by role, not address
 
 
 async def test_client_deadline_stops_the_work(dev_models_dir):
@@ -212,3 +214,24 @@ async def test_an_overloaded_model_service_is_named_after_retries(dev_models_dir
         lipsync_metrics = await stack.metrics_text("lipsync")
     rejected = [l for l in lipsync_metrics.splitlines() if l.startswith("swl_queue_rejections_total{")]
     assert rejected and float(rejected[0].split()[-1]) >= 4 * 16  # the first call and its 3 retries
+
+
+async def test_a_failing_part_cancels_its_sibling_model_calls():
+    """One RPC-sized part fails: the part still waiting on its model call is cancelled, not left running."""
+    from gateway.clients import run_in_parts
+    from service_runtime.errors import FailedPrecondition
+
+    cancelled = asyncio.Event()
+
+    async def run(part):
+        if part[0] == 0:
+            try:
+                await asyncio.sleep(60)  # a slow model call
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        raise FailedPrecondition("the detector service refused an item")
+
+    with pytest.raises(FailedPrecondition, match="refused"):
+        await run_in_parts(list(range(8)), 4, run)
+    assert cancelled.is_set()
