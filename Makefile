@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,edge
 
 .PHONY: install protos models models-dev lint test run bench clean
 

@@ -20,5 +20,8 @@ class GatewayMetrics(ServiceMetrics):
                                   ["service"], registry=r)
         self.track_embeddings = Counter("swl_gateway_track_embeddings_total",
                                         "Face tracks embedded to compare with a reference photo.", registry=r)
+        self.unauthenticated = Counter("swl_gateway_unauthenticated_total",
+                                       "Calls refused for a missing or wrong API key.", registry=r)
+        self.uploads_bytes = Gauge("swl_gateway_upload_store_bytes", "Bytes of raw uploads held now.", registry=r)
         self.received_bytes = Counter("swl_gateway_received_bytes_total", "Media bytes uploaded by clients.",
                                       registry=r)

@@ -14,6 +14,7 @@ from service_runtime.server import GrpcService, run_service
 from service_runtime.settings import ServerSettings, metrics_port_setting, port_setting, setting
 
 from .audio import SAMPLE_RATE, melspectrogram
+from .auth import ApiKeyInterceptor, ApiKeys
 from .clients import ModelClients
 from .metrics import GatewayMetrics
 from .servicer import GatewayServicer
@@ -57,6 +58,17 @@ class GatewaySettings(ServerSettings):
     max_reference_face_kb: int = setting(10240, "Largest reference photo, in KiB.", ge=1, le=1 << 20)
     max_reference_face_pixels: int = setting(4096 * 4096, "Largest reference photo, in pixels.", ge=1024,
                                              le=1 << 28)
+    # The HTTP edge: raw uploads and API keys.
+    upload_ttl_s: float = setting(600.0, "Seconds a raw upload (POST /v1/uploads) is kept for generation.", ge=1,
+                                  le=86400)
+    upload_store_mb: int = setting(2048, "Memory for raw uploads, in MiB; beyond it uploads get RESOURCE_EXHAUSTED.",
+                                   ge=1, le=1 << 20)
+    api_keys: tuple[str, ...] = setting(
+        (), "Comma-separated API keys; when set, every call but the health check needs one (x-api-key header).")
+
+    def __repr__(self) -> str:  # API keys are secrets: never in logs or tracebacks
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "api_keys"}
+        return f"GatewaySettings({shown}, api_keys=<{len(self.api_keys)} hidden>)"
 
 
 class GatewayService(GrpcService):
@@ -69,6 +81,15 @@ class GatewayService(GrpcService):
                                     batch_items=settings.rpc_batch_items, max_inflight=settings.max_inflight_rpcs,
                                     metrics=self.metrics, detection_jpeg_quality=settings.detection_jpeg_quality)
         self.servicer = GatewayServicer(self.clients, self.metrics, settings)
+        self.api_keys = ApiKeys(settings.api_keys)
+
+    def interceptors(self):
+        return [ApiKeyInterceptor(self.api_keys, self.metrics.unauthenticated.inc)]
+
+    @property
+    def max_message_bytes(self) -> int:
+        """A unary HTTP upload arrives as one message: room for the whole upload and the options around it."""
+        return max(super().max_message_bytes, (self.settings.max_upload_mb + 1) << 20)
 
     async def warm_up(self) -> None:
         """Opens the model-service channels; compiles librosa's numba kernels so no request pays for it."""

@@ -21,7 +21,8 @@ from .deadline import JobDeadline
 from .limits import MediaLimits
 from .metrics import GatewayMetrics
 from .options import JobOptions
-from .pipeline import LipSyncJob
+from .pipeline import LipSyncJob, Progress
+from .uploads import UploadStore
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.clients, self.metrics, self.settings = clients, metrics, settings
         self.limits = MediaLimits.from_settings(settings)
         self.slots = JobSlots(settings.max_concurrent_jobs)
+        self.uploads = UploadStore(settings.upload_store_mb << 20, settings.upload_ttl_s)
         self._serial = asyncio.Lock() if settings.serial_jobs else contextlib.nullcontext()
 
     def _deadline(self, context) -> JobDeadline:
@@ -99,28 +101,32 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.metrics.jobs.labels(code).inc()
             log.info("job finished", extra={"code": code, "seconds": round(time.perf_counter() - started, 3)})
 
-    @grpc_stream_method()
-    async def Generate(self, request_iterator, context):
-        with self.slots.slot():  # before a byte of the upload is read
-            events: asyncio.Queue = asyncio.Queue()
+    async def _prepared(self, options: gateway_pb2.GenerateOptions, context, progress, *media: bytes) -> LipSyncJob:
+        """A job for media that arrived in one message: options and reference photo checked, upload counted."""
+        deadline = self._deadline(context)
+        job = self._job(options, deadline, progress)
+        async with deadline.enforced():
+            await job.prepare_reference()
+        received = sum(map(len, media)) + len(options.reference_face)
+        self.limits.check_upload(received)
+        self.metrics.received_bytes.inc(received)
+        return job
 
-            async def progress(stage: str, done: int, total: int, message: str = "") -> None:
-                await events.put(gateway_pb2.GenerateEvent(
-                    progress=gateway_pb2.Progress(stage=stage, done=done, total=total, message=message)))
-
-            job, face, audio = await self._receive(request_iterator, self._deadline(context), progress)
-            task = asyncio.create_task(self._run(job, face, audio))
-            try:
-                while not task.done() or not events.empty():
-                    getter = asyncio.ensure_future(events.get())
-                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield getter.result()
-                    else:
-                        getter.cancel()
-                plan, mp4 = task.result()
-            finally:
-                task.cancel()
+    async def _events(self, job: LipSyncJob, face: bytes, audio: bytes,
+                      events: asyncio.Queue) -> AsyncIterator[gateway_pb2.GenerateEvent]:
+        """Progress events while the job runs, then its result and the mp4 in chunks."""
+        task = asyncio.create_task(self._run(job, face, audio))
+        try:
+            while not task.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            plan, mp4 = task.result()
+        finally:
+            task.cancel()
         width, height = plan.source.size
         yield gateway_pb2.GenerateEvent(result=gateway_pb2.ResultInfo(
             width=width, height=height, fps=float(plan.fps), frames=plan.frames,
@@ -129,8 +135,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         for offset in range(0, len(mp4), step):
             yield gateway_pb2.GenerateEvent(video_chunk=mp4[offset : offset + step])
 
-    @grpc_method()
-    async def GenerateVideo(self, request: gateway_pb2.GenerateVideoRequest, context) -> httpbody_pb2.HttpBody:
+    async def _unary(self, options: gateway_pb2.GenerateOptions, face: bytes, audio: bytes,
+                     context) -> httpbody_pb2.HttpBody:
         with self.slots.slot():
             warnings: list[str] = []
 
@@ -138,14 +144,59 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if message:
                     warnings.append(message)
 
-            deadline = self._deadline(context)
-            job = self._job(request.options, deadline, progress)
-            async with deadline.enforced():
-                await job.prepare_reference()
-            received = len(request.face) + len(request.audio) + len(request.options.reference_face)
-            self.limits.check_upload(received)
-            self.metrics.received_bytes.inc(received)
-            _, mp4 = await self._run(job, request.face, request.audio)
+            job = await self._prepared(options, context, progress, face, audio)
+            _, mp4 = await self._run(job, face, audio)
         if warnings:  # no progress stream here: warnings travel as trailers (HTTP headers through Envoy)
             context.set_trailing_metadata(tuple((WARNING_TRAILER, w) for w in warnings))
         return httpbody_pb2.HttpBody(content_type="video/mp4", data=mp4)
+
+    @grpc_stream_method()
+    async def Generate(self, request_iterator, context):
+        with self.slots.slot():  # before a byte of the upload is read
+            events, progress = progress_queue()
+            job, face, audio = await self._receive(request_iterator, self._deadline(context), progress)
+            async for event in self._events(job, face, audio, events):
+                yield event
+
+    @grpc_stream_method()
+    async def GenerateEvents(self, request: gateway_pb2.GenerateVideoRequest, context):
+        try:
+            with self.slots.slot():
+                events, progress = progress_queue()
+                job = await self._prepared(request.options, context, progress, request.face, request.audio)
+                async for event in self._events(job, request.face, request.audio, events):
+                    yield event
+        except ServiceError as error:  # the HTTP status is long sent: the failure travels in-band, last
+            log.warning("job failed", extra={"code": error.code.name, "error": error.message})
+            yield gateway_pb2.GenerateEvent(error=gateway_pb2.Failure(
+                code=error.code.value[0], status=error.code.name, message=error.message))
+
+    @grpc_method()
+    async def GenerateVideo(self, request: gateway_pb2.GenerateVideoRequest, context) -> httpbody_pb2.HttpBody:
+        return await self._unary(request.options, request.face, request.audio, context)
+
+    @grpc_method()
+    async def UploadMedia(self, request: gateway_pb2.UploadMediaRequest, context) -> gateway_pb2.UploadMediaResponse:
+        data = request.media.data
+        self.limits.check_upload(len(data))
+        upload_id = self.uploads.add(data)
+        self.metrics.uploads_bytes.set(self.uploads.size_bytes)
+        return gateway_pb2.UploadMediaResponse(upload_id=upload_id, size_bytes=len(data),
+                                               expires_in_seconds=int(self.uploads.ttl_s))
+
+    @grpc_method()
+    async def GenerateFromUpload(self, request: gateway_pb2.GenerateFromUploadRequest,
+                                 context) -> httpbody_pb2.HttpBody:
+        face = self.uploads.get(request.face_upload_id)
+        return await self._unary(request.options, face, request.audio.data, context)
+
+
+def progress_queue() -> tuple[asyncio.Queue, Progress]:
+    """A queue of progress events and the callback a job puts them in with."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def progress(stage: str, done: int, total: int, message: str = "") -> None:
+        await events.put(gateway_pb2.GenerateEvent(
+            progress=gateway_pb2.Progress(stage=stage, done=done, total=total, message=message)))
+
+    return events, progress

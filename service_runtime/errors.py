@@ -36,6 +36,14 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 PASSED_THROUGH = {error.code: error for error in (InvalidArgument, FailedPrecondition, ResourceExhausted,
                                                   DeadlineExceeded)}
 

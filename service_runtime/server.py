@@ -48,6 +48,15 @@ class GrpcService(abc.ABC):
     async def close(self) -> None:
         """Releases what warm_up started (after the server has stopped)."""
 
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Interceptors every RPC of this process passes through (none by default)."""
+        return []
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest gRPC message this process sends or receives."""
+        return MAX_MESSAGE_BYTES
+
 
 class ModelService(GrpcService):
     """A model service: loads its ONNX models once, warms them up and serves them through batching queues."""
@@ -123,10 +132,10 @@ class ServiceServer:
     async def start(self) -> int:
         """Binds and starts answering (NOT_SERVING until `warm_up`); returns the gRPC port."""
         options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", self.service.max_message_bytes),
+            ("grpc.max_send_message_length", self.service.max_message_bytes),
         ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=self.service.interceptors())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service.register(self.server)
         reflection.enable_server_reflection(

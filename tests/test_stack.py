@@ -35,12 +35,19 @@ def cli(*args, timeout=120):
                           timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'generated'}"))
 
 
+def readme_http_examples() -> str:
+    """The README's HTTP example block, as written."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- http-examples", 1)[1].split("```sh\n", 1)[1]
+    return block.split("```", 1)[0]
+
+
 def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
-    base, metrics = free_port_block(4), free_port_block(4)
+    base, metrics, http = free_port_block(4), free_port_block(4), free_port_block(2)
     runner = subprocess.Popen(
         [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(base), "--metrics-base-port",
          str(metrics), "--models-dir", str(dev_models_dir), "--logs", str(tmp_path / "logs"),
-         "--extra-model-dirs", ""],
+         "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     output = []
@@ -70,6 +77,19 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
         refused = cli("generate", "--face", str(tmp_path / "speech.wav"), "--audio", str(tmp_path / "speech.wav"),
                       "-o", str(tmp_path / "bad.mp4"), "--server", f"127.0.0.1:{base}")
         assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+
+        # The README's curl examples, as written but for the port.
+        assert any(f"http http://127.0.0.1:{http}" in l for l in output)
+        script = readme_http_examples().replace("localhost:8080", f"127.0.0.1:{http}")
+        (tmp_path / "face.png").write_bytes(encode_png(with_marker(scene(), 100, 80)))
+        shell = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=180)
+        assert shell.returncode == 0, shell.stderr
+        for name in ("out.mp4", "out-raw.mp4"):
+            durations = stream_durations((tmp_path / name).read_bytes())
+            assert abs(durations["video"] - 1.2) <= 0.04, name
+        assert '"stage":"encode"' in shell.stdout  # the server-sent progress reached the end
+        assert '"code":3' in shell.stdout.replace(" ", "") and "INVALID_ARGUMENT" not in shell.stderr
     finally:
         runner.send_signal(signal.SIGTERM)
         rest, _ = runner.communicate(timeout=60)

@@ -1,4 +1,5 @@
-"""`make run`: starts detector, lipsync, enhancer and gateway locally, waits for SERVING, stops them on Ctrl-C."""
+"""`make run`: starts detector, lipsync, enhancer, gateway and the Envoy HTTP edge locally, waits until all are
+ready, stops them on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
 
 from client.sdk import health  # noqa: E402
+from deploy.envoy import local as local_envoy  # noqa: E402
+from deploy.envoy.render import EdgeConfig  # noqa: E402
+from gateway.service import GatewaySettings  # noqa: E402
 from service_runtime.dev_models import write_dev_model  # noqa: E402
 from service_runtime.errors import ModelLoadError  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
@@ -96,6 +100,25 @@ def stop_all(processes: dict[str, subprocess.Popen], grace: float = 15.0) -> Non
             process.kill()
 
 
+def start_edge(args: argparse.Namespace, processes: dict[str, subprocess.Popen]) -> str:
+    """Starts Envoy in front of the gateway (its body limit follows the gateway's upload limit); returns its URL."""
+    gateway_host, _, gateway_port = address("gateway", args).rpartition(":")
+    config = EdgeConfig(listen_host=args.host, listen_port=args.http_port, admin_port=args.envoy_admin_port,
+                        gateway_host=gateway_host, gateway_port=int(gateway_port),
+                        max_upload_mb=GatewaySettings.from_env().max_upload_mb,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key)
+    scheme = "https" if args.tls_cert else "http"
+    url = f"{scheme}://{args.host}:{args.http_port}"
+    with (args.logs / "envoy.log").open("w") as log:
+        processes["envoy"] = local_envoy.start(config, args.logs.parent, log)
+    context = None
+    if args.tls_cert:
+        import ssl
+        context = ssl.create_default_context(cafile=args.tls_cert)
+    local_envoy.wait_healthy(url, processes["envoy"], args.ready_timeout, context)
+    return url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -104,6 +127,10 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "logs")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--http-port", type=int, default=8080, help="Envoy's HTTP/gRPC listener")
+    parser.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy's admin interface (loopback)")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) and --tls-key")
+    parser.add_argument("--tls-key")
     shared = ROOT.parent / "shared" / "models"
     parser.add_argument("--extra-model-dirs", default=str(shared) if shared.is_dir() else "",
                         help="comma-separated folders searched for real weights (default: ../shared/models if present)")
@@ -129,9 +156,17 @@ def main() -> None:
         print(f"{failed} did not become ready; see {args.logs / (failed + '.log')}", file=sys.stderr, flush=True)
         stop_all(processes)
         sys.exit(1)
-    print(f"READY gateway {addresses['gateway']}\n"
+    try:
+        edge = start_edge(args, processes)
+    except (RuntimeError, TimeoutError) as error:
+        print(f"the HTTP edge did not start: {error}; see {args.logs / 'envoy.log'}", file=sys.stderr, flush=True)
+        stop_all(processes)
+        sys.exit(1)
+    print(f"  {'envoy':<9} HTTP on {edge}", flush=True)
+    print(f"READY gateway {addresses['gateway']} http {edge}\n"
           f"try:  superwav2lip generate --face ../shared/media/face_astronaut.png "
           f"--audio ../shared/media/speech_en_4s.wav -o out.mp4 --server {addresses['gateway']}\n"
+          f"or:   curl -s {edge}/healthz   (the README has the HTTP examples)\n"
           "Ctrl-C stops everything.", flush=True)
     while not stop["now"]:
         dead = [name for name, p in processes.items() if p.poll() is not None]

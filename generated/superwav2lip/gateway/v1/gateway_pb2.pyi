@@ -3,6 +3,7 @@
 isort:skip_file
 Public API: face media + speech in, lip-synced H.264 mp4 out."""
 
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -376,6 +377,7 @@ class GenerateEvent(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     VIDEO_CHUNK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     video_chunk: _builtins.bytes
     """the mp4, in order"""
     @_builtins.property
@@ -384,18 +386,23 @@ class GenerateEvent(_message.Message):
     def result(self) -> Global___ResultInfo:
         """sent once, before the video chunks"""
 
+    @_builtins.property
+    def error(self) -> Global___Failure:
+        """GenerateEvents only: the job failed (always the last event)"""
+
     def __init__(
         self,
         *,
         progress: Global___Progress | None = ...,
         result: Global___ResultInfo | None = ...,
         video_chunk: _builtins.bytes = ...,
+        error: Global___Failure | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "video_chunk", b"video_chunk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "progress", b"progress", "result", b"result", "video_chunk", b"video_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result", "video_chunk", b"video_chunk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "progress", b"progress", "result", b"result", "video_chunk", b"video_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result", "video_chunk"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result", "video_chunk", "error"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -426,3 +433,108 @@ class GenerateVideoRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateVideoRequest: _TypeAlias = GenerateVideoRequest  # noqa: Y015
+
+@_typing.final
+class UploadMediaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEDIA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def media(self) -> _httpbody_pb2.HttpBody:
+        """the file's bytes; its content type is informational"""
+
+    def __init__(
+        self,
+        *,
+        media: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["media", b"media"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["media", b"media"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadMediaRequest: _TypeAlias = UploadMediaRequest  # noqa: Y015
+
+@_typing.final
+class UploadMediaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    size_bytes: _builtins.int
+    expires_in_seconds: _builtins.int
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        expires_in_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "size_bytes", b"size_bytes", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadMediaResponse: _TypeAlias = UploadMediaResponse  # noqa: Y015
+
+@_typing.final
+class GenerateFromUploadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACE_UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    face_upload_id: _builtins.str
+    @_builtins.property
+    def audio(self) -> _httpbody_pb2.HttpBody:
+        """the speech's bytes"""
+
+    @_builtins.property
+    def options(self) -> Global___GenerateOptions: ...
+    def __init__(
+        self,
+        *,
+        face_upload_id: _builtins.str = ...,
+        audio: _httpbody_pb2.HttpBody | None = ...,
+        options: Global___GenerateOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "face_upload_id", b"face_upload_id", "options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateFromUploadRequest: _TypeAlias = GenerateFromUploadRequest  # noqa: Y015
+
+@_typing.final
+class Failure(_message.Message):
+    """A job's failure, sent in-band as the last event of GenerateEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """google.rpc.Code number, e.g. 3"""
+    status: _builtins.str
+    """its name, e.g. "INVALID_ARGUMENT" """
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        status: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Failure: _TypeAlias = Failure  # noqa: Y015

@@ -45,6 +45,21 @@ class GatewayStub:
                 request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateVideoRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GenerateEvents = channel.unary_stream(
+                '/superwav2lip.gateway.v1.Gateway/GenerateEvents',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateVideoRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateEvent.FromString,
+                _registered_method=True)
+        self.UploadMedia = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/UploadMedia',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.UploadMediaRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.UploadMediaResponse.FromString,
+                _registered_method=True)
+        self.GenerateFromUpload = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/GenerateFromUpload',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromUploadRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -59,7 +74,32 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateVideo(self, request, context):
-        """One-shot generation for HTTP clients (through Envoy); returns the mp4 as video/mp4.
+        """One-shot generation for HTTP clients (through Envoy): JSON with base64 media in, video/mp4 out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateEvents(self, request, context):
+        """The same job with live progress, for HTTP callers as server-sent events: progress events, then the
+        result and the mp4 in base64 chunks. A failure arrives as a final in-band `error` event (the HTTP status
+        is sent before the job runs and cannot change), and the call itself ends OK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadMedia(self, request, context):
+        """Raw upload of face media (or speech) as the HTTP body, without base64; answers an upload id that
+        GenerateFromUpload takes. Uploads are kept for a limited time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateFromUpload(self, request, context):
+        """Generation from an uploaded face with the speech as the raw HTTP body; options as query parameters
+        (`?options.crf=18&options.crop_mode=CROP_MODE_BOX`). Returns video/mp4.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,6 +116,21 @@ def add_GatewayServicer_to_server(servicer, server):
             'GenerateVideo': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateVideo,
                     request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateVideoRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GenerateEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateEvents,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateVideoRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateEvent.SerializeToString,
+            ),
+            'UploadMedia': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadMedia,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.UploadMediaRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.UploadMediaResponse.SerializeToString,
+            ),
+            'GenerateFromUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateFromUpload,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromUploadRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
@@ -132,6 +187,87 @@ class Gateway:
             target,
             '/superwav2lip.gateway.v1.Gateway/GenerateVideo',
             superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateVideoRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/GenerateEvents',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateVideoRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadMedia(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/UploadMedia',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.UploadMediaRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.UploadMediaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateFromUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/GenerateFromUpload',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromUploadRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,

@@ -37,7 +37,20 @@ class GatewayStub:
     receive progress events, then the mp4 in chunks.
     """
     GenerateVideo: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GenerateVideoRequest, _httpbody_pb2.HttpBody]
-    """One-shot generation for HTTP clients (through Envoy); returns the mp4 as video/mp4."""
+    """One-shot generation for HTTP clients (through Envoy): JSON with base64 media in, video/mp4 out."""
+    GenerateEvents: _grpc.UnaryStreamMultiCallable[_gateway_pb2.GenerateVideoRequest, _gateway_pb2.GenerateEvent]
+    """The same job with live progress, for HTTP callers as server-sent events: progress events, then the
+    result and the mp4 in base64 chunks. A failure arrives as a final in-band `error` event (the HTTP status
+    is sent before the job runs and cannot change), and the call itself ends OK.
+    """
+    UploadMedia: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.UploadMediaRequest, _gateway_pb2.UploadMediaResponse]
+    """Raw upload of face media (or speech) as the HTTP body, without base64; answers an upload id that
+    GenerateFromUpload takes. Uploads are kept for a limited time.
+    """
+    GenerateFromUpload: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GenerateFromUploadRequest, _httpbody_pb2.HttpBody]
+    """Generation from an uploaded face with the speech as the raw HTTP body; options as query parameters
+    (`?options.crf=18&options.crop_mode=CROP_MODE_BOX`). Returns video/mp4.
+    """
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -47,7 +60,20 @@ class GatewayAsyncStub(GatewayStub):
     receive progress events, then the mp4 in chunks.
     """
     GenerateVideo: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GenerateVideoRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
-    """One-shot generation for HTTP clients (through Envoy); returns the mp4 as video/mp4."""
+    """One-shot generation for HTTP clients (through Envoy): JSON with base64 media in, video/mp4 out."""
+    GenerateEvents: _aio.UnaryStreamMultiCallable[_gateway_pb2.GenerateVideoRequest, _gateway_pb2.GenerateEvent]  # type: ignore[assignment]
+    """The same job with live progress, for HTTP callers as server-sent events: progress events, then the
+    result and the mp4 in base64 chunks. A failure arrives as a final in-band `error` event (the HTTP status
+    is sent before the job runs and cannot change), and the call itself ends OK.
+    """
+    UploadMedia: _aio.UnaryUnaryMultiCallable[_gateway_pb2.UploadMediaRequest, _gateway_pb2.UploadMediaResponse]  # type: ignore[assignment]
+    """Raw upload of face media (or speech) as the HTTP body, without base64; answers an upload id that
+    GenerateFromUpload takes. Uploads are kept for a limited time.
+    """
+    GenerateFromUpload: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GenerateFromUploadRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Generation from an uploaded face with the speech as the raw HTTP body; options as query parameters
+    (`?options.crf=18&options.crop_mode=CROP_MODE_BOX`). Returns video/mp4.
+    """
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,6 +92,37 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.GenerateVideoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
-        """One-shot generation for HTTP clients (through Envoy); returns the mp4 as video/mp4."""
+        """One-shot generation for HTTP clients (through Envoy): JSON with base64 media in, video/mp4 out."""
+
+    @_abc_1.abstractmethod
+    def GenerateEvents(
+        self,
+        request: _gateway_pb2.GenerateVideoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.GenerateEvent], _abc.AsyncIterator[_gateway_pb2.GenerateEvent]]:
+        """The same job with live progress, for HTTP callers as server-sent events: progress events, then the
+        result and the mp4 in base64 chunks. A failure arrives as a final in-band `error` event (the HTTP status
+        is sent before the job runs and cannot change), and the call itself ends OK.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadMedia(
+        self,
+        request: _gateway_pb2.UploadMediaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.UploadMediaResponse, _abc.Awaitable[_gateway_pb2.UploadMediaResponse]]:
+        """Raw upload of face media (or speech) as the HTTP body, without base64; answers an upload id that
+        GenerateFromUpload takes. Uploads are kept for a limited time.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateFromUpload(
+        self,
+        request: _gateway_pb2.GenerateFromUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """Generation from an uploaded face with the speech as the raw HTTP body; options as query parameters
+        (`?options.crf=18&options.crop_mode=CROP_MODE_BOX`). Returns video/mp4.
+        """
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""Deployment material: the Envoy edge config renderer (Kubernetes manifests will join it)."""

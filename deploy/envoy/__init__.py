@@ -1,0 +1,1 @@
+"""The one Envoy config, rendered for local runs, tests and Kubernetes."""

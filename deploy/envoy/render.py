@@ -1,0 +1,178 @@
+"""Renders the Envoy edge config (JSON, which Envoy reads as YAML) from ports, addresses and limits.
+
+One listener carries HTTP/1.1 JSON, HTTP/2 and native gRPC to the gateway. The gRPC-JSON transcoder is built
+from the descriptor set `make protos` writes; `/healthz` answers from Envoy's own gRPC health checks of the
+gateway; the admin interface listens on loopback only; TLS is added when a certificate and key are given.
+
+    python -m deploy.envoy.render --listen-port 8080 --gateway 127.0.0.1:50051 -o .run/envoy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DESCRIPTOR = ROOT / "generated" / "superwav2lip_descriptor.pb"
+GATEWAY_SERVICE = "superwav2lip.gateway.v1.Gateway"  # fully qualified, or the transcoder refuses to start
+API = "type.googleapis.com/envoy.extensions"
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8080
+    admin_port: int = 9901
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 50051
+    descriptor: str = str(DESCRIPTOR)
+    max_upload_mb: int = 512  # the gateway's SWL_GATEWAY_MAX_UPLOAD_MB
+    route_timeout_s: int = 3600  # long jobs: an hour for one request
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest HTTP body: the upload limit in base64 JSON (4/3 larger) plus room for the options."""
+        return (self.max_upload_mb << 20) * 4 // 3 + (1 << 20)
+
+
+def render(config: EdgeConfig) -> dict:
+    listener = {
+        "name": "edge",
+        "address": _address(config.listen_host, config.listen_port),
+        "filter_chains": [{"filters": [_http_connection_manager(config)]}],
+    }
+    if config.tls_cert and config.tls_key:
+        listener["filter_chains"][0]["transport_socket"] = _tls(config.tls_cert, config.tls_key)
+    return {
+        "admin": {"address": _address("127.0.0.1", config.admin_port)},
+        "static_resources": {"listeners": [listener], "clusters": [_gateway_cluster(config)]},
+    }
+
+
+def _address(host: str, port: int) -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _http_connection_manager(config: EdgeConfig) -> dict:
+    timeout = f"{config.route_timeout_s}s"
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": f"{API}.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "edge",
+            "codec_type": "AUTO",  # HTTP/1.1 and HTTP/2 (native gRPC) on the same port
+            "stream_idle_timeout": timeout,
+            "common_http_protocol_options": {"idle_timeout": timeout},
+            "route_config": {"name": "gateway", "virtual_hosts": [{
+                "name": "gateway", "domains": ["*"],
+                # Routes match the path after transcoding: every call is /superwav2lip.gateway.v1.Gateway/...
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "gateway", "timeout": timeout}}],
+            }]},
+            "http_filters": [_health_check(), _transcoder(config), {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": f"{API}.filters.http.router.v3.Router"},
+            }],
+        },
+    }
+
+
+def _health_check() -> dict:
+    """GET /healthz: 200 while Envoy's gRPC health checks find the gateway SERVING, 503 otherwise."""
+    return {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": f"{API}.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
+            "cluster_min_healthy_percentages": {"gateway": {"value": 100}},
+        },
+    }
+
+
+def _transcoder(config: EdgeConfig) -> dict:
+    return {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": f"{API}.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor": config.descriptor,
+            "services": [GATEWAY_SERVICE],
+            "print_options": {
+                "always_print_primitive_fields": True,
+                "preserve_proto_field_names": True,
+                "stream_sse_style_delimited": True,  # server-streaming routes answer text/event-stream
+            },
+            "convert_grpc_status": True,  # errors as JSON {code, message} with the mapped HTTP status
+            "max_request_body_size": config.max_body_bytes,  # beyond it: 413
+            "max_response_body_size": config.max_body_bytes,
+            "request_validation_options": {"reject_unknown_query_parameters": True},
+        },
+    }
+
+
+def _gateway_cluster(config: EdgeConfig) -> dict:
+    return {
+        "name": "gateway",
+        "type": "STRICT_DNS",  # an IP here, a Service name in Kubernetes
+        "connect_timeout": "5s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": f"{API}.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},  # gRPC needs HTTP/2 to the gateway
+            },
+        },
+        "load_assignment": {"cluster_name": "gateway", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _address(config.gateway_host, config.gateway_port)}},
+        ]}]},
+        "health_checks": [{
+            "timeout": "2s", "interval": "2s", "no_traffic_interval": "2s",
+            "unhealthy_threshold": 1, "healthy_threshold": 1,
+            "grpc_health_check": {},
+        }],
+    }
+
+
+def _tls(cert: str, key: str) -> dict:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{API}.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificates": [{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}],
+                "alpn_protocols": ["h2", "http/1.1"],
+            },
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = EdgeConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen-host", default=defaults.listen_host)
+    parser.add_argument("--listen-port", type=int, default=defaults.listen_port)
+    parser.add_argument("--admin-port", type=int, default=defaults.admin_port)
+    parser.add_argument("--gateway", default=f"{defaults.gateway_host}:{defaults.gateway_port}", help="host:port")
+    parser.add_argument("--descriptor", default=defaults.descriptor)
+    parser.add_argument("--max-upload-mb", type=int, default=defaults.max_upload_mb)
+    parser.add_argument("--route-timeout-s", type=int, default=defaults.route_timeout_s)
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("-o", "--output", help="file to write (default: standard output)")
+    args = parser.parse_args(argv)
+    host, _, port = args.gateway.rpartition(":")
+    config = EdgeConfig(args.listen_host, args.listen_port, args.admin_port, host, int(port), args.descriptor,
+                        args.max_upload_mb, args.route_timeout_s, args.tls_cert, args.tls_key)
+    text = json.dumps(render(config), indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
