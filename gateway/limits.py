@@ -15,6 +15,12 @@ def setting_name(field: str) -> str:
     return f"SWL_GATEWAY_{field.upper()}"
 
 
+def http_body_limit_bytes(max_upload_mb: int) -> int:
+    """The largest HTTP body the Envoy edge accepts, and so the largest gRPC message the gateway must take: the
+    upload limit in base64 JSON (4/3 larger) plus 1 MiB for the options around it."""
+    return (max_upload_mb << 20) * 4 // 3 + (1 << 20)
+
+
 @dataclass(frozen=True)
 class MediaLimits:
     max_upload_bytes: int = 512 << 20

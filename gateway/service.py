@@ -16,6 +16,7 @@ from service_runtime.settings import ServerSettings, metrics_port_setting, port_
 from .audio import SAMPLE_RATE, melspectrogram
 from .auth import ApiKeyInterceptor, ApiKeys
 from .clients import ModelClients
+from .limits import http_body_limit_bytes
 from .metrics import GatewayMetrics
 from .servicer import GatewayServicer
 
@@ -88,8 +89,9 @@ class GatewayService(GrpcService):
 
     @property
     def max_message_bytes(self) -> int:
-        """A unary HTTP upload arrives as one message: room for the whole upload and the options around it."""
-        return max(super().max_message_bytes, (self.settings.max_upload_mb + 1) << 20)
+        """An HTTP request arrives as one message: as large as the largest body the Envoy edge lets through, so
+        that an upload over the limit gets the gateway's own clear refusal, not a transport error."""
+        return max(super().max_message_bytes, http_body_limit_bytes(self.settings.max_upload_mb))
 
     async def warm_up(self) -> None:
         """Opens the model-service channels; compiles librosa's numba kernels so no request pays for it."""

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.limits import http_body_limit_bytes
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 DESCRIPTOR = ROOT / "generated" / "superwav2lip_descriptor.pb"
 GATEWAY_SERVICE = "superwav2lip.gateway.v1.Gateway"  # fully qualified, or the transcoder refuses to start
@@ -36,8 +38,7 @@ class EdgeConfig:
 
     @property
     def max_body_bytes(self) -> int:
-        """The largest HTTP body: the upload limit in base64 JSON (4/3 larger) plus room for the options."""
-        return (self.max_upload_mb << 20) * 4 // 3 + (1 << 20)
+        return http_body_limit_bytes(self.max_upload_mb)
 
 
 def render(config: EdgeConfig) -> dict:
