@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -27,6 +28,7 @@ from .metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
+DESCRIBE_TTL_S = 30.0
 MIN_LANDMARK_SPREAD = 2.0  # pixels: closer landmarks give no alignment (a degenerate similarity transform)
 T = TypeVar("T")
 R = TypeVar("R")
@@ -96,6 +98,7 @@ class ModelClients:
         self._max_inflight = max_inflight
         self._metrics = metrics
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._detector_info: tuple[float, detector_pb2.DescribeResponse] | None = None
 
     def open(self) -> None:
         """Creates the channels; must run inside the event loop that will use them."""
@@ -162,6 +165,19 @@ class ModelClients:
             return [np.frombuffer(_ok(r, "lipsync").face, np.uint8).reshape(96, 96, 3) for r in reply.results]
 
         return await self._batched(list(zip(faces, mels)), run)
+
+    @property
+    def detection_encoding(self) -> str:
+        """How frames travel to the detector, which changes what it finds (part of a plan's cache key)."""
+        return f"jpeg{self._jpeg_quality}" if self._jpeg_quality else "raw"
+
+    async def describe_detector(self, deadline: JobDeadline | None = None) -> detector_pb2.DescribeResponse:
+        """The detector's models, asked at most every DESCRIBE_TTL_S (a redeploy is noticed that soon)."""
+        now = time.monotonic()
+        if self._detector_info is None or now - self._detector_info[0] > DESCRIBE_TTL_S:
+            reply = await self._call("detector", self._detector.Describe, detector_pb2.DescribeRequest(), deadline)
+            self._detector_info = (now, reply)
+        return self._detector_info[1]
 
     async def describe_enhancer(self, deadline: JobDeadline | None = None) -> enhancer_pb2.DescribeResponse:
         return await self._call("enhancer", self._enhancer.Describe, enhancer_pb2.DescribeRequest(), deadline)

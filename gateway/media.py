@@ -52,6 +52,7 @@ class FaceSource:
             limits.check_frame("face", *size)
             self._still = frame = even_crop(decode_picture(data, "face"))
             self.fps = Fraction(still_fps).limit_denominator(1001)
+            self.estimated_frames = 1
         else:
             self._still = None
             self._open(data, limits)
@@ -83,6 +84,9 @@ class FaceSource:
             raise
         stream.thread_type = "AUTO"
         self._origin = stream.start_time or 0  # the timestamp of grid slot 0
+        seconds = float(stream.duration * stream.time_base) if stream.duration else (
+            self._container.duration / av.time_base if self._container.duration else 0.0)
+        self.estimated_frames = max(1, round(seconds * self.fps))  # for progress totals only
         self._grid: Iterator[tuple[int, av.VideoFrame]] | None = None
         self._next = 0  # index of the grid slot it yields next
         self._last: tuple[av.VideoFrame, np.ndarray] | None = None  # a repeated frame is converted once

@@ -23,5 +23,15 @@ class GatewayMetrics(ServiceMetrics):
         self.unauthenticated = Counter("swl_gateway_unauthenticated_total",
                                        "Calls refused for a missing or wrong API key.", registry=r)
         self.uploads_bytes = Gauge("swl_gateway_upload_store_bytes", "Bytes of raw uploads held now.", registry=r)
+        self.plan_cache_lookups = Counter("swl_gateway_plan_cache_lookups_total",
+                                          "Face-plan cache lookups, by backend and result (hit or miss).",
+                                          ["backend", "result"], registry=r)
+        self.plan_cache_errors = Counter("swl_gateway_plan_cache_errors_total",
+                                         "Plan-cache calls that failed or timed out (the job planned afresh).",
+                                         ["backend"], registry=r)
+        self.planning_seconds_saved = Counter("swl_gateway_planning_seconds_saved_total",
+                                              "Planning time that cached plans and avatars saved.", registry=r)
+        self.avatars = Gauge("swl_gateway_avatars", "Avatars stored (as this replica last counted them).",
+                             registry=r)
         self.received_bytes = Counter("swl_gateway_received_bytes_total", "Media bytes uploaded by clients.",
                                       registry=r)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from superwav2lip.gateway.v1 import gateway_pb2
 
 from service_runtime.errors import InvalidArgument
 
+# How a job reports progress: stage, done, total, and a note for people (a warning) or "".
+Progress = Callable[[str, int, int, str], Awaitable[None]]
+# The options that shape planning (and so a cached plan or an avatar); the rest shape synthesis and encoding.
+PLANNING_FIELDS = ("pads", "smoothing_window", "max_detection_size", "still_fps", "keep_frames_without_face",
+                   "reference_face", "target_rule", "similarity_threshold", "detect_every")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
@@ -61,6 +68,10 @@ class JobOptions:
         )
         options.validate()
         return options
+
+    def with_planning_of(self, other: "JobOptions") -> "JobOptions":
+        """These options, with `other`'s planning options (an avatar's)."""
+        return dataclasses.replace(self, **{name: getattr(other, name) for name in PLANNING_FIELDS})
 
     def validate(self) -> None:
         if min(self.pads) < 0 or max(self.pads) > 1000:

@@ -6,8 +6,10 @@ import asyncio
 import ctypes
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
+import redis.asyncio
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from service_runtime.server import GrpcService, run_service
@@ -15,8 +17,10 @@ from service_runtime.settings import ServerSettings, metrics_port_setting, port_
 
 from .audio import SAMPLE_RATE, melspectrogram
 from .auth import ApiKeyInterceptor, ApiKeys
+from .avatars import AvatarStore
 from .clients import ModelClients
 from .limits import http_body_limit_bytes
+from .plan_cache import MemoryPlanCache, RedisPlanCache
 from .metrics import GatewayMetrics
 from .servicer import GatewayServicer
 
@@ -64,6 +68,15 @@ class GatewaySettings(ServerSettings):
                                   le=86400)
     upload_store_mb: int = setting(2048, "Memory for raw uploads, in MiB; beyond it uploads get RESOURCE_EXHAUSTED.",
                                    ge=1, le=1 << 20)
+    # Shared state: the plan cache and avatars.
+    redis_url: str = setting("", "Redis URL (redis://host:6379/0) for the shared plan cache and avatar index; empty = "
+                                 "in-process cache and meta.json files.")
+    redis_timeout_s: float = setting(0.5, "Longest wait for Redis per call; past it the cache is bypassed.", ge=0.01,
+                                     le=30)
+    plan_cache_mb: int = setting(256, "In-process plan cache size, in MiB (when no Redis is configured); 0 disables.",
+                                 ge=0, le=1 << 20)
+    plan_cache_ttl_s: float = setting(7 * 86400.0, "How long Redis keeps a cached plan.", ge=1, le=365 * 86400)
+    data_dir: str = setting("data", "Folder for avatar media and plans (a shared volume across replicas).")
     api_keys: tuple[str, ...] = setting(
         (), "Comma-separated API keys; when set, every call but the health check needs one (x-api-key header).")
 
@@ -81,7 +94,16 @@ class GatewayService(GrpcService):
         self.clients = ModelClients(settings.detector_address, settings.lipsync_address, settings.enhancer_address,
                                     batch_items=settings.rpc_batch_items, max_inflight=settings.max_inflight_rpcs,
                                     metrics=self.metrics, detection_jpeg_quality=settings.detection_jpeg_quality)
-        self.servicer = GatewayServicer(self.clients, self.metrics, settings)
+        # A client object only: connections open on first use, inside the event loop.
+        self.redis = redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s) if settings.redis_url else None
+        if self.redis is not None:
+            plans = RedisPlanCache(self.redis, settings.plan_cache_ttl_s, settings.redis_timeout_s, self.metrics)
+        else:
+            plans = MemoryPlanCache(settings.plan_cache_mb << 20, self.metrics) if settings.plan_cache_mb else None
+        avatars = AvatarStore(Path(settings.data_dir), self.redis, settings.redis_timeout_s)
+        self.servicer = GatewayServicer(self.clients, self.metrics, settings, plans=plans, avatars=avatars)
         self.api_keys = ApiKeys(settings.api_keys)
 
     def interceptors(self):
@@ -105,6 +127,8 @@ class GatewayService(GrpcService):
 
     async def close(self) -> None:
         await self.clients.close()
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 def keep_large_buffers_returnable() -> None:

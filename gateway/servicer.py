@@ -1,4 +1,4 @@
-"""The public Gateway servicer: streaming and one-shot generation over the pipeline."""
+"""The public Gateway servicer: generation (streaming, one-shot, from uploads and avatars) and avatars."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
+from google.protobuf import empty_pb2
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from service_runtime.errors import InvalidArgument, ServiceError
@@ -16,12 +17,15 @@ from service_runtime.logs import request_id_var
 from service_runtime.rpc import checked_request_id, grpc_method, grpc_stream_method
 
 from .admission import JobSlots
+from .avatars import AvatarStore
 from .clients import ModelClients
 from .deadline import JobDeadline
 from .limits import MediaLimits
 from .metrics import GatewayMetrics
-from .options import JobOptions
-from .pipeline import LipSyncJob, Progress
+from .options import JobOptions, Progress
+from .pipeline import LipSyncJob, plan_avatar
+from .plan_cache import PlanCache
+from .planning import Planner
 from .uploads import UploadStore
 
 log = logging.getLogger(__name__)
@@ -30,8 +34,10 @@ WARNING_TRAILER = "x-swl-warning"
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, clients: ModelClients, metrics: GatewayMetrics, settings) -> None:
+    def __init__(self, clients: ModelClients, metrics: GatewayMetrics, settings, *, plans: PlanCache | None = None,
+                 avatars: AvatarStore) -> None:
         self.clients, self.metrics, self.settings = clients, metrics, settings
+        self.plans, self.avatars = plans, avatars
         self.limits = MediaLimits.from_settings(settings)
         self.slots = JobSlots(settings.max_concurrent_jobs)
         self.uploads = UploadStore(settings.upload_store_mb << 20, settings.upload_ttl_s)
@@ -41,29 +47,45 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return JobDeadline(self.settings.job_deadline_s, self.settings.job_deadline_per_audio_second_s,
                            context.time_remaining())
 
-    def _job(self, message: gateway_pb2.GenerateOptions, deadline: JobDeadline, progress=None) -> LipSyncJob:
-        """Validates the options (request id first: it goes into every log line and model call)."""
+    async def _job(self, message: gateway_pb2.GenerateOptions, deadline: JobDeadline, progress=None) -> LipSyncJob:
+        """Validates the options (request id first: it goes into every log line and model call); with an
+        avatar id, the avatar's media, plan and planning options are the job's."""
+        options = self._options(message)
+        avatar = await self.avatars.load(message.avatar_id) if message.avatar_id else None
+        if avatar is not None:
+            options = options.with_planning_of(JobOptions.from_proto(avatar.planning))
+        job = LipSyncJob(self.clients, options, self.metrics, chunk_frames=self.settings.chunk_frames,
+                         limits=self.limits, deadline=deadline, progress=progress, plans=self.plans)
+        if avatar is not None:
+            job.use_avatar(avatar.face, avatar.plan)
+        return job
+
+    def _options(self, message: gateway_pb2.GenerateOptions) -> JobOptions:
         if message.request_id:
             request_id_var.set(checked_request_id(message.request_id, "options.request_id"))
-        return LipSyncJob(self.clients, JobOptions.from_proto(message), self.metrics,
-                          chunk_frames=self.settings.chunk_frames, limits=self.limits, deadline=deadline,
-                          progress=progress)
+        return JobOptions.from_proto(message)
 
     async def _receive(self, requests: AsyncIterator[gateway_pb2.GenerateChunk], deadline: JobDeadline,
                        progress) -> tuple[LipSyncJob, bytes, bytes]:
         """Options first, checked with the reference photo before any media is read; then the media."""
-        first = await anext(requests, None)
-        if first is None:
-            raise InvalidArgument("the request stream was empty: send the options, then the face and audio bytes")
-        if first.WhichOneof("payload") != "options":
-            raise InvalidArgument("the first message of Generate must carry the options")
-        job = self._job(first.options, deadline, progress)
+        first = await self._first(requests, "Generate")
+        job = await self._job(first.options, deadline, progress)
         async with deadline.enforced():
             await job.prepare_reference()
-        face, audio = await self._upload(requests, len(first.options.reference_face))
-        return job, face, audio
+        parts = await self._upload(requests, len(first.options.reference_face))
+        return job, parts["face_chunk"], parts["audio_chunk"]
 
-    async def _upload(self, requests: AsyncIterator[gateway_pb2.GenerateChunk], received: int) -> tuple[bytes, bytes]:
+    @staticmethod
+    async def _first(requests: AsyncIterator, rpc: str):
+        first = await anext(requests, None)
+        if first is None:
+            raise InvalidArgument("the request stream was empty: send the options, then the media bytes")
+        if first.WhichOneof("payload") != "options":
+            raise InvalidArgument(f"the first message of {rpc} must carry the options")
+        return first
+
+    async def _upload(self, requests: AsyncIterator, received: int) -> dict[str, bytes]:
+        """The media chunks of a stream, joined by kind (`face_chunk`, `audio_chunk`)."""
         parts: dict[str, list[bytes]] = {"face_chunk": [], "audio_chunk": []}
         number = 1
         async for chunk in requests:
@@ -72,22 +94,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if kind == "options":
                 raise InvalidArgument("options may be sent only once, in the first message")
             if kind is None:
-                raise InvalidArgument(f"message {number} of Generate carries no payload: send face_chunk or "
-                                      "audio_chunk bytes")
+                raise InvalidArgument(f"message {number} carries no payload: send media bytes")
             data = getattr(chunk, kind)
             parts[kind].append(data)
             received += len(data)
             self.limits.check_upload(received)
         self.metrics.received_bytes.inc(received)
-        return await asyncio.to_thread(lambda: (b"".join(parts["face_chunk"]), b"".join(parts["audio_chunk"])))
+        return await asyncio.to_thread(lambda: {kind: b"".join(chunks) for kind, chunks in parts.items()})
 
     async def _run(self, job: LipSyncJob, face: bytes, audio: bytes):
         self.metrics.inflight.inc()
         code = "OK"
         started = time.perf_counter()
-        log.info("job started", extra={"face_bytes": len(face), "audio_bytes": len(audio),
+        log.info("job started", extra={"face_bytes": len(face), "audio_bytes": len(audio), "avatar": job.has_avatar,
                                        "crop_mode": job.options.crop_mode, "enhance": job.options.enhance})
         try:
+            if job.has_avatar and face:
+                raise InvalidArgument("send either face media or an avatar_id, not both")
             async with job.deadline.enforced(), self._serial:
                 return await job.render(face, audio)
         except ServiceError as error:
@@ -104,7 +127,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _prepared(self, options: gateway_pb2.GenerateOptions, context, progress, *media: bytes) -> LipSyncJob:
         """A job for media that arrived in one message: options and reference photo checked, upload counted."""
         deadline = self._deadline(context)
-        job = self._job(options, deadline, progress)
+        job = await self._job(options, deadline, progress)
         async with deadline.enforced():
             await job.prepare_reference()
         received = sum(map(len, media)) + len(options.reference_face)
@@ -116,18 +139,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                       events: asyncio.Queue) -> AsyncIterator[gateway_pb2.GenerateEvent]:
         """Progress events while the job runs, then its result and the mp4 in chunks."""
         task = asyncio.create_task(self._run(job, face, audio))
-        try:
-            while not task.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            plan, mp4 = task.result()
-        finally:
-            task.cancel()
-        width, height = plan.source.size
+        async for update in while_running(task, events):
+            yield gateway_pb2.GenerateEvent(progress=update)
+        plan, mp4 = task.result()
+        width, height = plan.face.size
         yield gateway_pb2.GenerateEvent(result=gateway_pb2.ResultInfo(
             width=width, height=height, fps=float(plan.fps), frames=plan.frames,
             audio_seconds=plan.speech.seconds, size_bytes=len(mp4)))
@@ -190,13 +205,88 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         face = self.uploads.get(request.face_upload_id)
         return await self._unary(request.options, face, request.audio.data, context)
 
+    # --- Avatars ---------------------------------------------------------------------------------------------
+
+    async def _create_avatar(self, message: gateway_pb2.AvatarOptions, face: bytes, context, progress):
+        deadline = self._deadline(context)
+        planner = Planner(self.clients, self._options(message.planning), self.metrics,
+                          chunk_frames=self.settings.chunk_frames, limits=self.limits, deadline=deadline,
+                          progress=progress)
+        async with deadline.enforced():
+            plan, preview = await plan_avatar(planner, face, deadline)
+            record = await self.avatars.create(face, plan, message.name, message.planning, preview)
+        with contextlib.suppress(ServiceError):
+            self.metrics.avatars.set(await self.avatars.count())
+        log.info("avatar created", extra={"avatar_id": record.avatar_id, "frames": record.frames})
+        return record
+
+    @grpc_stream_method()
+    async def CreateAvatar(self, request_iterator, context):
+        with self.slots.slot():
+            first = await self._first(request_iterator, "CreateAvatar")
+            self._options(first.options.planning)  # refused before the media is read
+            parts = await self._upload(request_iterator, len(first.options.planning.reference_face))
+            events, progress = progress_queue()
+            task = asyncio.create_task(self._create_avatar(first.options, parts["face_chunk"], context, progress))
+            async for update in while_running(task, events):
+                yield gateway_pb2.CreateAvatarEvent(progress=update)
+            yield gateway_pb2.CreateAvatarEvent(avatar=task.result().message())
+
+    @grpc_method()
+    async def CreateAvatarFromJson(self, request: gateway_pb2.CreateAvatarRequest, context) -> gateway_pb2.Avatar:
+        with self.slots.slot():
+            self.limits.check_upload(len(request.face) + len(request.options.planning.reference_face))
+            record = await self._create_avatar(request.options, request.face, context, None)
+        return record.message()
+
+    @grpc_method()
+    async def GetAvatar(self, request: gateway_pb2.GetAvatarRequest, context) -> gateway_pb2.Avatar:
+        record = await self.avatars.get(request.avatar_id)
+        return record.message(await self.avatars.preview(request.avatar_id))
+
+    @grpc_method()
+    async def ListAvatars(self, request: gateway_pb2.ListAvatarsRequest, context) -> gateway_pb2.ListAvatarsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must be positive (at most 500)")
+        records, token = await self.avatars.list(request.page_size, request.page_token)
+        return gateway_pb2.ListAvatarsResponse(avatars=[r.message() for r in records], next_page_token=token)
+
+    @grpc_method()
+    async def DeleteAvatar(self, request: gateway_pb2.DeleteAvatarRequest, context) -> empty_pb2.Empty:
+        await self.avatars.delete(request.avatar_id)
+        with contextlib.suppress(ServiceError):
+            self.metrics.avatars.set(await self.avatars.count())
+        return empty_pb2.Empty()
+
+    @grpc_method()
+    async def GenerateFromAvatar(self, request: gateway_pb2.GenerateFromAvatarRequest,
+                                 context) -> httpbody_pb2.HttpBody:
+        options = gateway_pb2.GenerateOptions()
+        options.CopyFrom(request.options)
+        options.avatar_id = request.avatar_id
+        return await self._unary(options, b"", request.audio.data, context)
+
 
 def progress_queue() -> tuple[asyncio.Queue, Progress]:
-    """A queue of progress events and the callback a job puts them in with."""
+    """A queue of progress messages and the callback a job puts them in with."""
     events: asyncio.Queue = asyncio.Queue()
 
     async def progress(stage: str, done: int, total: int, message: str = "") -> None:
-        await events.put(gateway_pb2.GenerateEvent(
-            progress=gateway_pb2.Progress(stage=stage, done=done, total=total, message=message)))
+        await events.put(gateway_pb2.Progress(stage=stage, done=done, total=total, message=message))
 
     return events, progress
+
+
+async def while_running(task: asyncio.Task, events: asyncio.Queue) -> AsyncIterator[gateway_pb2.Progress]:
+    """The progress messages a task reports, until it ends (cancelled if the caller goes away)."""
+    try:
+        while not task.done() or not events.empty():
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+    finally:
+        if not task.done():
+            task.cancel()

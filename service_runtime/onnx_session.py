@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+
 import importlib.metadata
 import logging
 import time
@@ -99,6 +102,15 @@ class OnnxModel:
     fixed_batch: bool
     providers: list[str]
     load_seconds: float
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The weights file's sha256: what identifies the model's behaviour (read once, on first use)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as weights:
+            for block in iter(lambda: weights.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         batch = len(next(iter(feeds.values())))

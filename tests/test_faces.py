@@ -178,7 +178,7 @@ async def detected_boxes(stack, frame):
     clients.open()
     try:
         job = LipSyncJob(clients, JobOptions(), GatewayMetrics(), chunk_frames=16)
-        (faces,) = await job.detect([frame])
+        (faces,) = await job.planner.detect([frame])
     finally:
         await clients.close()
     return sorted((f.box for f in faces), key=lambda b: b[0])

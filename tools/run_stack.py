@@ -64,6 +64,7 @@ def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]
     env.setdefault(f"{prefix}PORT", str(args.base_port + index))
     env.setdefault(f"{prefix}METRICS_PORT", str(args.metrics_base_port + index))
     if name == "gateway":
+        env.setdefault(f"{prefix}DATA_DIR", str(args.logs.parent / "data"))
         for other in ("detector", "lipsync", "enhancer"):
             env.setdefault(f"{prefix}{other.upper()}_ADDRESS", address(other, args))
     else:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from superwav2lip.detector.v1 import detector_pb2, detector_pb2_grpc
 
 from service_runtime.batching import BatchingQueue
+from service_runtime.errors import Unavailable
 from service_runtime.images import decode_image
 from service_runtime.metrics import ServiceMetrics
 from service_runtime.rpc import grpc_method, item_status
@@ -42,6 +45,17 @@ class DetectorServicer(detector_pb2_grpc.DetectorServicer):
             detector_pb2.FrameFaces(error=item_status(o)) if isinstance(o, BaseException) else faces_message(o)
             for o in outcomes
         ])
+
+    @grpc_method()
+    async def Describe(self, request: detector_pb2.DescribeRequest, context) -> detector_pb2.DescribeResponse:
+        detection, recognition = self.detector.model, self.embedder.model
+        if detection is None or recognition is None:
+            raise Unavailable("the detector is still loading its models; retry shortly")
+        fingerprint = hashlib.sha256(f"{detection.weights_sha256}:{recognition.weights_sha256}:"
+                                     f"{self.detector.size}".encode()).hexdigest()
+        return detector_pb2.DescribeResponse(
+            detection_model=detection.spec.name, recognition_model=recognition.spec.name,
+            detection_size=self.detector.size, fingerprint=fingerprint, providers=detection.providers)
 
     @grpc_method()
     async def Embed(self, request: detector_pb2.EmbedRequest, context) -> detector_pb2.EmbedResponse:

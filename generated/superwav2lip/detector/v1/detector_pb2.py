@@ -26,29 +26,33 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from superwav2lip.common.v1 import media_pb2 as superwav2lip_dot_common_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'superwav2lip/detector/v1/detector.proto\x12\x18superwav2lip.detector.v1\x1a\x17google/rpc/status.proto\x1a\"superwav2lip/common/v1/media.proto\"W\n\rDetectRequest\x12-\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1d.superwav2lip.common.v1.Image\x12\x17\n\x0fscore_threshold\x18\x02 \x01(\x02\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"y\n\x04\x46\x61\x63\x65\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x32\n\tlandmarks\x18\x06 \x03(\x0b\x32\x1f.superwav2lip.detector.v1.Point\"^\n\nFrameFaces\x12-\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x1e.superwav2lip.detector.v1.Face\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"F\n\x0e\x44\x65tectResponse\x12\x34\n\x06\x66rames\x18\x01 \x03(\x0b\x32$.superwav2lip.detector.v1.FrameFaces\"<\n\x0c\x45mbedRequest\x12,\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x1d.superwav2lip.common.v1.Image\">\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"H\n\rEmbedResponse\x12\x37\n\nembeddings\x18\x01 \x03(\x0b\x32#.superwav2lip.detector.v1.Embedding2\xc1\x01\n\x08\x44\x65tector\x12[\n\x06\x44\x65tect\x12\'.superwav2lip.detector.v1.DetectRequest\x1a(.superwav2lip.detector.v1.DetectResponse\x12X\n\x05\x45mbed\x12&.superwav2lip.detector.v1.EmbedRequest\x1a\'.superwav2lip.detector.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'superwav2lip/detector/v1/detector.proto\x12\x18superwav2lip.detector.v1\x1a\x17google/rpc/status.proto\x1a\"superwav2lip/common/v1/media.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x86\x01\n\x10\x44\x65scribeResponse\x12\x17\n\x0f\x64\x65tection_model\x18\x01 \x01(\t\x12\x19\n\x11recognition_model\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65tection_size\x18\x03 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x11\n\tproviders\x18\x05 \x03(\t\"W\n\rDetectRequest\x12-\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1d.superwav2lip.common.v1.Image\x12\x17\n\x0fscore_threshold\x18\x02 \x01(\x02\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"y\n\x04\x46\x61\x63\x65\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x32\n\tlandmarks\x18\x06 \x03(\x0b\x32\x1f.superwav2lip.detector.v1.Point\"^\n\nFrameFaces\x12-\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x1e.superwav2lip.detector.v1.Face\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"F\n\x0e\x44\x65tectResponse\x12\x34\n\x06\x66rames\x18\x01 \x03(\x0b\x32$.superwav2lip.detector.v1.FrameFaces\"<\n\x0c\x45mbedRequest\x12,\n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x1d.superwav2lip.common.v1.Image\">\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"H\n\rEmbedResponse\x12\x37\n\nembeddings\x18\x01 \x03(\x0b\x32#.superwav2lip.detector.v1.Embedding2\xa4\x02\n\x08\x44\x65tector\x12[\n\x06\x44\x65tect\x12\'.superwav2lip.detector.v1.DetectRequest\x1a(.superwav2lip.detector.v1.DetectResponse\x12X\n\x05\x45mbed\x12&.superwav2lip.detector.v1.EmbedRequest\x1a\'.superwav2lip.detector.v1.EmbedResponse\x12\x61\n\x08\x44\x65scribe\x12).superwav2lip.detector.v1.DescribeRequest\x1a*.superwav2lip.detector.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'superwav2lip.detector.v1.detector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DETECTREQUEST']._serialized_start=130
-  _globals['_DETECTREQUEST']._serialized_end=217
-  _globals['_POINT']._serialized_start=219
-  _globals['_POINT']._serialized_end=248
-  _globals['_FACE']._serialized_start=250
-  _globals['_FACE']._serialized_end=371
-  _globals['_FRAMEFACES']._serialized_start=373
-  _globals['_FRAMEFACES']._serialized_end=467
-  _globals['_DETECTRESPONSE']._serialized_start=469
-  _globals['_DETECTRESPONSE']._serialized_end=539
-  _globals['_EMBEDREQUEST']._serialized_start=541
-  _globals['_EMBEDREQUEST']._serialized_end=601
-  _globals['_EMBEDDING']._serialized_start=603
-  _globals['_EMBEDDING']._serialized_end=665
-  _globals['_EMBEDRESPONSE']._serialized_start=667
-  _globals['_EMBEDRESPONSE']._serialized_end=739
-  _globals['_DETECTOR']._serialized_start=742
-  _globals['_DETECTOR']._serialized_end=935
+  _globals['_DESCRIBEREQUEST']._serialized_start=130
+  _globals['_DESCRIBEREQUEST']._serialized_end=147
+  _globals['_DESCRIBERESPONSE']._serialized_start=150
+  _globals['_DESCRIBERESPONSE']._serialized_end=284
+  _globals['_DETECTREQUEST']._serialized_start=286
+  _globals['_DETECTREQUEST']._serialized_end=373
+  _globals['_POINT']._serialized_start=375
+  _globals['_POINT']._serialized_end=404
+  _globals['_FACE']._serialized_start=406
+  _globals['_FACE']._serialized_end=527
+  _globals['_FRAMEFACES']._serialized_start=529
+  _globals['_FRAMEFACES']._serialized_end=623
+  _globals['_DETECTRESPONSE']._serialized_start=625
+  _globals['_DETECTRESPONSE']._serialized_end=695
+  _globals['_EMBEDREQUEST']._serialized_start=697
+  _globals['_EMBEDREQUEST']._serialized_end=757
+  _globals['_EMBEDDING']._serialized_start=759
+  _globals['_EMBEDDING']._serialized_end=821
+  _globals['_EMBEDRESPONSE']._serialized_start=823
+  _globals['_EMBEDRESPONSE']._serialized_end=895
+  _globals['_DETECTOR']._serialized_start=898
+  _globals['_DETECTOR']._serialized_end=1190
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,54 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class DescribeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeRequest: _TypeAlias = DescribeRequest  # noqa: Y015
+
+@_typing.final
+class DescribeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DETECTION_MODEL_FIELD_NUMBER: _builtins.int
+    RECOGNITION_MODEL_FIELD_NUMBER: _builtins.int
+    DETECTION_SIZE_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
+    detection_model: _builtins.str
+    recognition_model: _builtins.str
+    detection_size: _builtins.int
+    fingerprint: _builtins.str
+    """sha256 over both models' weights and the detection size: equal fingerprints give equal detections."""
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        detection_model: _builtins.str = ...,
+        recognition_model: _builtins.str = ...,
+        detection_size: _builtins.int = ...,
+        fingerprint: _builtins.str = ...,
+        providers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_model", b"detection_model", "detection_size", b"detection_size", "fingerprint", b"fingerprint", "providers", b"providers", "recognition_model", b"recognition_model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeResponse: _TypeAlias = DescribeResponse  # noqa: Y015
+
+@_typing.final
 class DetectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

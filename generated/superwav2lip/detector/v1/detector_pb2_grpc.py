@@ -44,6 +44,11 @@ class DetectorStub:
                 request_serializer=superwav2lip_dot_detector_dot_v1_dot_detector__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=superwav2lip_dot_detector_dot_v1_dot_detector__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/superwav2lip.detector.v1.Detector/Describe',
+                request_serializer=superwav2lip_dot_detector_dot_v1_dot_detector__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_detector_dot_v1_dot_detector__pb2.DescribeResponse.FromString,
+                _registered_method=True)
 
 
 class DetectorServicer:
@@ -63,6 +68,13 @@ class DetectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Which models answer: what a cache of detections must key on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DetectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_DetectorServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=superwav2lip_dot_detector_dot_v1_dot_detector__pb2.EmbedRequest.FromString,
                     response_serializer=superwav2lip_dot_detector_dot_v1_dot_detector__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=superwav2lip_dot_detector_dot_v1_dot_detector__pb2.DescribeRequest.FromString,
+                    response_serializer=superwav2lip_dot_detector_dot_v1_dot_detector__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Detector:
             '/superwav2lip.detector.v1.Detector/Embed',
             superwav2lip_dot_detector_dot_v1_dot_detector__pb2.EmbedRequest.SerializeToString,
             superwav2lip_dot_detector_dot_v1_dot_detector__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.detector.v1.Detector/Describe',
+            superwav2lip_dot_detector_dot_v1_dot_detector__pb2.DescribeRequest.SerializeToString,
+            superwav2lip_dot_detector_dot_v1_dot_detector__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class DetectorStub:
     """Finds faces in each frame. Send downscaled frames; coordinates come back in the sent frame's pixels."""
     Embed: _grpc.UnaryUnaryMultiCallable[_detector_pb2.EmbedRequest, _detector_pb2.EmbedResponse]
     """L2-normalised identity embeddings of 5-point-aligned 112x112 face crops."""
+    Describe: _grpc.UnaryUnaryMultiCallable[_detector_pb2.DescribeRequest, _detector_pb2.DescribeResponse]
+    """Which models answer: what a cache of detections must key on."""
 
 @_typing.type_check_only
 class DetectorAsyncStub(DetectorStub):
@@ -43,6 +45,8 @@ class DetectorAsyncStub(DetectorStub):
     """Finds faces in each frame. Send downscaled frames; coordinates come back in the sent frame's pixels."""
     Embed: _aio.UnaryUnaryMultiCallable[_detector_pb2.EmbedRequest, _detector_pb2.EmbedResponse]  # type: ignore[assignment]
     """L2-normalised identity embeddings of 5-point-aligned 112x112 face crops."""
+    Describe: _aio.UnaryUnaryMultiCallable[_detector_pb2.DescribeRequest, _detector_pb2.DescribeResponse]  # type: ignore[assignment]
+    """Which models answer: what a cache of detections must key on."""
 
 class DetectorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -60,5 +64,13 @@ class DetectorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_detector_pb2.EmbedResponse, _abc.Awaitable[_detector_pb2.EmbedResponse]]:
         """L2-normalised identity embeddings of 5-point-aligned 112x112 face crops."""
+
+    @_abc_1.abstractmethod
+    def Describe(
+        self,
+        request: _detector_pb2.DescribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_detector_pb2.DescribeResponse, _abc.Awaitable[_detector_pb2.DescribeResponse]]:
+        """Which models answer: what a cache of detections must key on."""
 
 def add_DetectorServicer_to_server(servicer: DetectorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

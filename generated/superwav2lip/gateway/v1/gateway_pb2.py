@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%superwav2lip/gateway/v1/gateway.proto\x12\x17superwav2lip.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"C\n\x07Padding\x12\x0b\n\x03top\x18\x01 \x01(\x05\x12\x0e\n\x06\x62ottom\x18\x02 \x01(\x05\x12\x0c\n\x04left\x18\x03 \x01(\x05\x12\r\n\x05right\x18\x04 \x01(\x05\"\xbb\x06\n\x0fGenerateOptions\x12\x36\n\x07padding\x18\x01 \x01(\x0b\x32 .superwav2lip.gateway.v1.PaddingH\x00\x88\x01\x01\x12\x1d\n\x10smoothing_window\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12max_detection_size\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tstill_fps\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x10\n\x03\x63rf\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x13\n\x06preset\x18\x06 \x01(\tH\x05\x88\x01\x01\x12\x0f\n\x07\x65nhance\x18\x07 \x01(\x08\x12=\n\x0eno_face_policy\x18\x08 \x01(\x0e\x32%.superwav2lip.gateway.v1.NoFacePolicy\x12\x34\n\tloop_mode\x18\t \x01(\x0e\x32!.superwav2lip.gateway.v1.LoopMode\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\x0ereference_face\x18\x0b \x01(\x0c\x12\x38\n\x0btarget_rule\x18\x0c \x01(\x0e\x32#.superwav2lip.gateway.v1.TargetRule\x12!\n\x14similarity_threshold\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x19\n\x0c\x64\x65tect_every\x18\x0e \x01(\x05H\x07\x88\x01\x01\x12\x34\n\tcrop_mode\x18\x0f \x01(\x0e\x32!.superwav2lip.gateway.v1.CropMode\x12<\n\rmouth_padding\x18\x10 \x01(\x0b\x32 .superwav2lip.gateway.v1.PaddingH\x08\x88\x01\x01\x12>\n\x0e\x65nhance_region\x18\x11 \x01(\x0e\x32&.superwav2lip.gateway.v1.EnhanceRegionB\n\n\x08_paddingB\x13\n\x11_smoothing_windowB\x15\n\x13_max_detection_sizeB\x0c\n\n_still_fpsB\x06\n\x04_crfB\t\n\x07_presetB\x17\n\x15_similarity_thresholdB\x0f\n\r_detect_everyB\x10\n\x0e_mouth_padding\"\x84\x01\n\rGenerateChunk\x12;\n\x07options\x18\x01 \x01(\x0b\x32(.superwav2lip.gateway.v1.GenerateOptionsH\x00\x12\x14\n\nface_chunk\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x61udio_chunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07payload\"G\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"s\n\nResultInfo\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x02\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\x12\x15\n\raudio_seconds\x18\x05 \x01(\x01\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\"\xd0\x01\n\rGenerateEvent\x12\x35\n\x08progress\x18\x01 \x01(\x0b\x32!.superwav2lip.gateway.v1.ProgressH\x00\x12\x35\n\x06result\x18\x02 \x01(\x0b\x32#.superwav2lip.gateway.v1.ResultInfoH\x00\x12\x15\n\x0bvideo_chunk\x18\x03 \x01(\x0cH\x00\x12\x31\n\x05\x65rror\x18\x04 \x01(\x0b\x32 .superwav2lip.gateway.v1.FailureH\x00\x42\x07\n\x05\x65vent\"n\n\x14GenerateVideoRequest\x12\x39\n\x07options\x18\x01 \x01(\x0b\x32(.superwav2lip.gateway.v1.GenerateOptions\x12\x0c\n\x04\x66\x61\x63\x65\x18\x02 \x01(\x0c\x12\r\n\x05\x61udio\x18\x03 \x01(\x0c\"9\n\x12UploadMediaRequest\x12#\n\x05media\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\"X\n\x13UploadMediaResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x05\"\x93\x01\n\x19GenerateFromUploadRequest\x12\x16\n\x0e\x66\x61\x63\x65_upload_id\x18\x01 \x01(\t\x12#\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x39\n\x07options\x18\x03 \x01(\x0b\x32(.superwav2lip.gateway.v1.GenerateOptions\"8\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*f\n\x0cNoFacePolicy\x12\x1e\n\x1aNO_FACE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13NO_FACE_POLICY_FAIL\x10\x01\x12\x1d\n\x19NO_FACE_POLICY_KEEP_FRAME\x10\x02*R\n\x08LoopMode\x12\x19\n\x15LOOP_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13LOOP_MODE_PING_PONG\x10\x01\x12\x12\n\x0eLOOP_MODE_LOOP\x10\x02*Z\n\nTargetRule\x12\x1b\n\x17TARGET_RULE_UNSPECIFIED\x10\x00\x12\x17\n\x13TARGET_RULE_LARGEST\x10\x01\x12\x16\n\x12TARGET_RULE_CENTER\x10\x02*O\n\x08\x43ropMode\x12\x19\n\x15\x43ROP_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rCROP_MODE_BOX\x10\x01\x12\x15\n\x11\x43ROP_MODE_ALIGNED\x10\x02*b\n\rEnhanceRegion\x12\x1e\n\x1a\x45NHANCE_REGION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NHANCE_REGION_FACE\x10\x01\x12\x18\n\x14\x45NHANCE_REGION_MOUTH\x10\x02\x32\x82\x05\n\x07Gateway\x12^\n\x08Generate\x12&.superwav2lip.gateway.v1.GenerateChunk\x1a&.superwav2lip.gateway.v1.GenerateEvent(\x01\x30\x01\x12m\n\rGenerateVideo\x12-.superwav2lip.gateway.v1.GenerateVideoRequest\x1a\x14.google.api.HttpBody\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12\x89\x01\n\x0eGenerateEvents\x12-.superwav2lip.gateway.v1.GenerateVideoRequest\x1a&.superwav2lip.gateway.v1.GenerateEvent\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x12\x84\x01\n\x0bUploadMedia\x12+.superwav2lip.gateway.v1.UploadMediaRequest\x1a,.superwav2lip.gateway.v1.UploadMediaResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0b/v1/uploads:\x05media\x12\x94\x01\n\x12GenerateFromUpload\x12\x32.superwav2lip.gateway.v1.GenerateFromUploadRequest\x1a\x14.google.api.HttpBody\"4\x82\xd3\xe4\x93\x02.\"%/v1/uploads/{face_upload_id}:generate:\x05\x61udiob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%superwav2lip/gateway/v1/gateway.proto\x12\x17superwav2lip.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1bgoogle/protobuf/empty.proto\"C\n\x07Padding\x12\x0b\n\x03top\x18\x01 \x01(\x05\x12\x0e\n\x06\x62ottom\x18\x02 \x01(\x05\x12\x0c\n\x04left\x18\x03 \x01(\x05\x12\r\n\x05right\x18\x04 \x01(\x05\"\xce\x06\n\x0fGenerateOptions\x12\x36\n\x07padding\x18\x01 \x01(\x0b\x32 .superwav2lip.gateway.v1.PaddingH\x00\x88\x01\x01\x12\x1d\n\x10smoothing_window\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12max_detection_size\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tstill_fps\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x10\n\x03\x63rf\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x13\n\x06preset\x18\x06 \x01(\tH\x05\x88\x01\x01\x12\x0f\n\x07\x65nhance\x18\x07 \x01(\x08\x12=\n\x0eno_face_policy\x18\x08 \x01(\x0e\x32%.superwav2lip.gateway.v1.NoFacePolicy\x12\x34\n\tloop_mode\x18\t \x01(\x0e\x32!.superwav2lip.gateway.v1.LoopMode\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\x0ereference_face\x18\x0b \x01(\x0c\x12\x38\n\x0btarget_rule\x18\x0c \x01(\x0e\x32#.superwav2lip.gateway.v1.TargetRule\x12!\n\x14similarity_threshold\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x19\n\x0c\x64\x65tect_every\x18\x0e \x01(\x05H\x07\x88\x01\x01\x12\x34\n\tcrop_mode\x18\x0f \x01(\x0e\x32!.superwav2lip.gateway.v1.CropMode\x12<\n\rmouth_padding\x18\x10 \x01(\x0b\x32 .superwav2lip.gateway.v1.PaddingH\x08\x88\x01\x01\x12>\n\x0e\x65nhance_region\x18\x11 \x01(\x0e\x32&.superwav2lip.gateway.v1.EnhanceRegion\x12\x11\n\tavatar_id\x18\x12 \x01(\tB\n\n\x08_paddingB\x13\n\x11_smoothing_windowB\x15\n\x13_max_detection_sizeB\x0c\n\n_still_fpsB\x06\n\x04_crfB\t\n\x07_presetB\x17\n\x15_similarity_thresholdB\x0f\n\r_detect_everyB\x10\n\x0e_mouth_padding\"\x84\x01\n\rGenerateChunk\x12;\n\x07options\x18\x01 \x01(\x0b\x32(.superwav2lip.gateway.v1.GenerateOptionsH\x00\x12\x14\n\nface_chunk\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x61udio_chunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07payload\"G\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\"s\n\nResultInfo\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x02\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\x12\x15\n\raudio_seconds\x18\x05 \x01(\x01\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\"\xd0\x01\n\rGenerateEvent\x12\x35\n\x08progress\x18\x01 \x01(\x0b\x32!.superwav2lip.gateway.v1.ProgressH\x00\x12\x35\n\x06result\x18\x02 \x01(\x0b\x32#.superwav2lip.gateway.v1.ResultInfoH\x00\x12\x15\n\x0bvideo_chunk\x18\x03 \x01(\x0cH\x00\x12\x31\n\x05\x65rror\x18\x04 \x01(\x0b\x32 .superwav2lip.gateway.v1.FailureH\x00\x42\x07\n\x05\x65vent\"n\n\x14GenerateVideoRequest\x12\x39\n\x07options\x18\x01 \x01(\x0b\x32(.superwav2lip.gateway.v1.GenerateOptions\x12\x0c\n\x04\x66\x61\x63\x65\x18\x02 \x01(\x0c\x12\r\n\x05\x61udio\x18\x03 \x01(\x0c\"9\n\x12UploadMediaRequest\x12#\n\x05media\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\"X\n\x13UploadMediaResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x03 \x01(\x05\"\x93\x01\n\x19GenerateFromUploadRequest\x12\x16\n\x0e\x66\x61\x63\x65_upload_id\x18\x01 \x01(\t\x12#\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x39\n\x07options\x18\x03 \x01(\x0b\x32(.superwav2lip.gateway.v1.GenerateOptions\"8\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"m\n\rAvatarOptions\x12\x0c\n\x04name\x18\x01 \x01(\t\x12:\n\x08planning\x18\x02 \x01(\x0b\x32(.superwav2lip.gateway.v1.GenerateOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"o\n\x11\x43reateAvatarChunk\x12\x39\n\x07options\x18\x01 \x01(\x0b\x32&.superwav2lip.gateway.v1.AvatarOptionsH\x00\x12\x14\n\nface_chunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x86\x01\n\x11\x43reateAvatarEvent\x12\x35\n\x08progress\x18\x01 \x01(\x0b\x32!.superwav2lip.gateway.v1.ProgressH\x00\x12\x31\n\x06\x61vatar\x18\x02 \x01(\x0b\x32\x1f.superwav2lip.gateway.v1.AvatarH\x00\x42\x07\n\x05\x65vent\"\\\n\x13\x43reateAvatarRequest\x12\x37\n\x07options\x18\x01 \x01(\x0b\x32&.superwav2lip.gateway.v1.AvatarOptions\x12\x0c\n\x04\x66\x61\x63\x65\x18\x02 \x01(\x0c\"\xa5\x01\n\x06\x41vatar\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x03 \x01(\x03\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x02\x12\x0e\n\x06\x66rames\x18\x07 \x01(\x03\x12\x12\n\nface_bytes\x18\x08 \x01(\x03\x12\x14\n\x0cpreview_jpeg\x18\t \x01(\x0c\"%\n\x10GetAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\";\n\x12ListAvatarsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x13ListAvatarsResponse\x12\x30\n\x07\x61vatars\x18\x01 \x03(\x0b\x32\x1f.superwav2lip.gateway.v1.Avatar\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x13\x44\x65leteAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\"\x8e\x01\n\x19GenerateFromAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12#\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x39\n\x07options\x18\x03 \x01(\x0b\x32(.superwav2lip.gateway.v1.GenerateOptions*f\n\x0cNoFacePolicy\x12\x1e\n\x1aNO_FACE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13NO_FACE_POLICY_FAIL\x10\x01\x12\x1d\n\x19NO_FACE_POLICY_KEEP_FRAME\x10\x02*R\n\x08LoopMode\x12\x19\n\x15LOOP_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13LOOP_MODE_PING_PONG\x10\x01\x12\x12\n\x0eLOOP_MODE_LOOP\x10\x02*Z\n\nTargetRule\x12\x1b\n\x17TARGET_RULE_UNSPECIFIED\x10\x00\x12\x17\n\x13TARGET_RULE_LARGEST\x10\x01\x12\x16\n\x12TARGET_RULE_CENTER\x10\x02*O\n\x08\x43ropMode\x12\x19\n\x15\x43ROP_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rCROP_MODE_BOX\x10\x01\x12\x15\n\x11\x43ROP_MODE_ALIGNED\x10\x02*b\n\rEnhanceRegion\x12\x1e\n\x1a\x45NHANCE_REGION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NHANCE_REGION_FACE\x10\x01\x12\x18\n\x14\x45NHANCE_REGION_MOUTH\x10\x02\x32\xef\n\n\x07Gateway\x12^\n\x08Generate\x12&.superwav2lip.gateway.v1.GenerateChunk\x1a&.superwav2lip.gateway.v1.GenerateEvent(\x01\x30\x01\x12m\n\rGenerateVideo\x12-.superwav2lip.gateway.v1.GenerateVideoRequest\x1a\x14.google.api.HttpBody\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12\x89\x01\n\x0eGenerateEvents\x12-.superwav2lip.gateway.v1.GenerateVideoRequest\x1a&.superwav2lip.gateway.v1.GenerateEvent\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x12\x84\x01\n\x0bUploadMedia\x12+.superwav2lip.gateway.v1.UploadMediaRequest\x1a,.superwav2lip.gateway.v1.UploadMediaResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0b/v1/uploads:\x05media\x12\x94\x01\n\x12GenerateFromUpload\x12\x32.superwav2lip.gateway.v1.GenerateFromUploadRequest\x1a\x14.google.api.HttpBody\"4\x82\xd3\xe4\x93\x02.\"%/v1/uploads/{face_upload_id}:generate:\x05\x61udio\x12j\n\x0c\x43reateAvatar\x12*.superwav2lip.gateway.v1.CreateAvatarChunk\x1a*.superwav2lip.gateway.v1.CreateAvatarEvent(\x01\x30\x01\x12}\n\x14\x43reateAvatarFromJson\x12,.superwav2lip.gateway.v1.CreateAvatarRequest\x1a\x1f.superwav2lip.gateway.v1.Avatar\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/v1/avatars:\x01*\x12x\n\tGetAvatar\x12).superwav2lip.gateway.v1.GetAvatarRequest\x1a\x1f.superwav2lip.gateway.v1.Avatar\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/avatars/{avatar_id}\x12}\n\x0bListAvatars\x12+.superwav2lip.gateway.v1.ListAvatarsRequest\x1a,.superwav2lip.gateway.v1.ListAvatarsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/avatars\x12u\n\x0c\x44\x65leteAvatar\x12,.superwav2lip.gateway.v1.DeleteAvatarRequest\x1a\x16.google.protobuf.Empty\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/v1/avatars/{avatar_id}\x12\x8f\x01\n\x12GenerateFromAvatar\x12\x32.superwav2lip.gateway.v1.GenerateFromAvatarRequest\x1a\x14.google.api.HttpBody\"/\x82\xd3\xe4\x93\x02)\" /v1/avatars/{avatar_id}:generate:\x05\x61udiob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,38 +42,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAY'].methods_by_name['UploadMedia']._serialized_options = b'\202\323\344\223\002\024\"\013/v1/uploads:\005media'
   _globals['_GATEWAY'].methods_by_name['GenerateFromUpload']._loaded_options = None
   _globals['_GATEWAY'].methods_by_name['GenerateFromUpload']._serialized_options = b'\202\323\344\223\002.\"%/v1/uploads/{face_upload_id}:generate:\005audio'
-  _globals['_NOFACEPOLICY']._serialized_start=2027
-  _globals['_NOFACEPOLICY']._serialized_end=2129
-  _globals['_LOOPMODE']._serialized_start=2131
-  _globals['_LOOPMODE']._serialized_end=2213
-  _globals['_TARGETRULE']._serialized_start=2215
-  _globals['_TARGETRULE']._serialized_end=2305
-  _globals['_CROPMODE']._serialized_start=2307
-  _globals['_CROPMODE']._serialized_end=2386
-  _globals['_ENHANCEREGION']._serialized_start=2388
-  _globals['_ENHANCEREGION']._serialized_end=2486
-  _globals['_PADDING']._serialized_start=123
-  _globals['_PADDING']._serialized_end=190
-  _globals['_GENERATEOPTIONS']._serialized_start=193
-  _globals['_GENERATEOPTIONS']._serialized_end=1020
-  _globals['_GENERATECHUNK']._serialized_start=1023
-  _globals['_GENERATECHUNK']._serialized_end=1155
-  _globals['_PROGRESS']._serialized_start=1157
-  _globals['_PROGRESS']._serialized_end=1228
-  _globals['_RESULTINFO']._serialized_start=1230
-  _globals['_RESULTINFO']._serialized_end=1345
-  _globals['_GENERATEEVENT']._serialized_start=1348
-  _globals['_GENERATEEVENT']._serialized_end=1556
-  _globals['_GENERATEVIDEOREQUEST']._serialized_start=1558
-  _globals['_GENERATEVIDEOREQUEST']._serialized_end=1668
-  _globals['_UPLOADMEDIAREQUEST']._serialized_start=1670
-  _globals['_UPLOADMEDIAREQUEST']._serialized_end=1727
-  _globals['_UPLOADMEDIARESPONSE']._serialized_start=1729
-  _globals['_UPLOADMEDIARESPONSE']._serialized_end=1817
-  _globals['_GENERATEFROMUPLOADREQUEST']._serialized_start=1820
-  _globals['_GENERATEFROMUPLOADREQUEST']._serialized_end=1967
-  _globals['_FAILURE']._serialized_start=1969
-  _globals['_FAILURE']._serialized_end=2025
-  _globals['_GATEWAY']._serialized_start=2489
-  _globals['_GATEWAY']._serialized_end=3131
+  _globals['_GATEWAY'].methods_by_name['CreateAvatarFromJson']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['CreateAvatarFromJson']._serialized_options = b'\202\323\344\223\002\020\"\013/v1/avatars:\001*'
+  _globals['_GATEWAY'].methods_by_name['GetAvatar']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['GetAvatar']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/avatars/{avatar_id}'
+  _globals['_GATEWAY'].methods_by_name['ListAvatars']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['ListAvatars']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/avatars'
+  _globals['_GATEWAY'].methods_by_name['DeleteAvatar']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['DeleteAvatar']._serialized_options = b'\202\323\344\223\002\031*\027/v1/avatars/{avatar_id}'
+  _globals['_GATEWAY'].methods_by_name['GenerateFromAvatar']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['GenerateFromAvatar']._serialized_options = b'\202\323\344\223\002)\" /v1/avatars/{avatar_id}:generate:\005audio'
+  _globals['_NOFACEPOLICY']._serialized_start=3083
+  _globals['_NOFACEPOLICY']._serialized_end=3185
+  _globals['_LOOPMODE']._serialized_start=3187
+  _globals['_LOOPMODE']._serialized_end=3269
+  _globals['_TARGETRULE']._serialized_start=3271
+  _globals['_TARGETRULE']._serialized_end=3361
+  _globals['_CROPMODE']._serialized_start=3363
+  _globals['_CROPMODE']._serialized_end=3442
+  _globals['_ENHANCEREGION']._serialized_start=3444
+  _globals['_ENHANCEREGION']._serialized_end=3542
+  _globals['_PADDING']._serialized_start=152
+  _globals['_PADDING']._serialized_end=219
+  _globals['_GENERATEOPTIONS']._serialized_start=222
+  _globals['_GENERATEOPTIONS']._serialized_end=1068
+  _globals['_GENERATECHUNK']._serialized_start=1071
+  _globals['_GENERATECHUNK']._serialized_end=1203
+  _globals['_PROGRESS']._serialized_start=1205
+  _globals['_PROGRESS']._serialized_end=1276
+  _globals['_RESULTINFO']._serialized_start=1278
+  _globals['_RESULTINFO']._serialized_end=1393
+  _globals['_GENERATEEVENT']._serialized_start=1396
+  _globals['_GENERATEEVENT']._serialized_end=1604
+  _globals['_GENERATEVIDEOREQUEST']._serialized_start=1606
+  _globals['_GENERATEVIDEOREQUEST']._serialized_end=1716
+  _globals['_UPLOADMEDIAREQUEST']._serialized_start=1718
+  _globals['_UPLOADMEDIAREQUEST']._serialized_end=1775
+  _globals['_UPLOADMEDIARESPONSE']._serialized_start=1777
+  _globals['_UPLOADMEDIARESPONSE']._serialized_end=1865
+  _globals['_GENERATEFROMUPLOADREQUEST']._serialized_start=1868
+  _globals['_GENERATEFROMUPLOADREQUEST']._serialized_end=2015
+  _globals['_FAILURE']._serialized_start=2017
+  _globals['_FAILURE']._serialized_end=2073
+  _globals['_AVATAROPTIONS']._serialized_start=2075
+  _globals['_AVATAROPTIONS']._serialized_end=2184
+  _globals['_CREATEAVATARCHUNK']._serialized_start=2186
+  _globals['_CREATEAVATARCHUNK']._serialized_end=2297
+  _globals['_CREATEAVATAREVENT']._serialized_start=2300
+  _globals['_CREATEAVATAREVENT']._serialized_end=2434
+  _globals['_CREATEAVATARREQUEST']._serialized_start=2436
+  _globals['_CREATEAVATARREQUEST']._serialized_end=2528
+  _globals['_AVATAR']._serialized_start=2531
+  _globals['_AVATAR']._serialized_end=2696
+  _globals['_GETAVATARREQUEST']._serialized_start=2698
+  _globals['_GETAVATARREQUEST']._serialized_end=2735
+  _globals['_LISTAVATARSREQUEST']._serialized_start=2737
+  _globals['_LISTAVATARSREQUEST']._serialized_end=2796
+  _globals['_LISTAVATARSRESPONSE']._serialized_start=2798
+  _globals['_LISTAVATARSRESPONSE']._serialized_end=2894
+  _globals['_DELETEAVATARREQUEST']._serialized_start=2896
+  _globals['_DELETEAVATARREQUEST']._serialized_end=2936
+  _globals['_GENERATEFROMAVATARREQUEST']._serialized_start=2939
+  _globals['_GENERATEFROMAVATARREQUEST']._serialized_end=3081
+  _globals['_GATEWAY']._serialized_start=3545
+  _globals['_GATEWAY']._serialized_end=4936
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,11 @@
 isort:skip_file
 Public API: face media + speech in, lip-synced H.264 mp4 out."""
 
+from collections import abc as _abc
 from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -178,6 +180,7 @@ class GenerateOptions(_message.Message):
     CROP_MODE_FIELD_NUMBER: _builtins.int
     MOUTH_PADDING_FIELD_NUMBER: _builtins.int
     ENHANCE_REGION_FIELD_NUMBER: _builtins.int
+    AVATAR_ID_FIELD_NUMBER: _builtins.int
     smoothing_window: _builtins.int
     """Box smoothing window in frames; unset means 5, 0 turns smoothing off."""
     max_detection_size: _builtins.int
@@ -203,6 +206,10 @@ class GenerateOptions(_message.Message):
     """Run detection on every k-th frame and interpolate between; unset means 1 (every frame)."""
     crop_mode: Global___CropMode.ValueType
     enhance_region: Global___EnhanceRegion.ValueType
+    avatar_id: _builtins.str
+    """Generate from this avatar instead of face media: its planning (padding, detection size, target,
+    reference photo, detect-every, smoothing, no-face policy) is the avatar's; the other options apply.
+    """
     @_builtins.property
     def padding(self) -> Global___Padding:
         """Detector box padding in pixels; unset means (0, 10, 0, 0) as in Wav2Lip."""
@@ -231,10 +238,11 @@ class GenerateOptions(_message.Message):
         crop_mode: Global___CropMode.ValueType = ...,
         mouth_padding: Global___Padding | None = ...,
         enhance_region: Global___EnhanceRegion.ValueType = ...,
+        avatar_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_crf", b"_crf", "_detect_every", b"_detect_every", "_max_detection_size", b"_max_detection_size", "_mouth_padding", b"_mouth_padding", "_padding", b"_padding", "_preset", b"_preset", "_similarity_threshold", b"_similarity_threshold", "_smoothing_window", b"_smoothing_window", "_still_fps", b"_still_fps", "crf", b"crf", "detect_every", b"detect_every", "max_detection_size", b"max_detection_size", "mouth_padding", b"mouth_padding", "padding", b"padding", "preset", b"preset", "similarity_threshold", b"similarity_threshold", "smoothing_window", b"smoothing_window", "still_fps", b"still_fps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crf", b"_crf", "_detect_every", b"_detect_every", "_max_detection_size", b"_max_detection_size", "_mouth_padding", b"_mouth_padding", "_padding", b"_padding", "_preset", b"_preset", "_similarity_threshold", b"_similarity_threshold", "_smoothing_window", b"_smoothing_window", "_still_fps", b"_still_fps", "crf", b"crf", "crop_mode", b"crop_mode", "detect_every", b"detect_every", "enhance", b"enhance", "enhance_region", b"enhance_region", "loop_mode", b"loop_mode", "max_detection_size", b"max_detection_size", "mouth_padding", b"mouth_padding", "no_face_policy", b"no_face_policy", "padding", b"padding", "preset", b"preset", "reference_face", b"reference_face", "request_id", b"request_id", "similarity_threshold", b"similarity_threshold", "smoothing_window", b"smoothing_window", "still_fps", b"still_fps", "target_rule", b"target_rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crf", b"_crf", "_detect_every", b"_detect_every", "_max_detection_size", b"_max_detection_size", "_mouth_padding", b"_mouth_padding", "_padding", b"_padding", "_preset", b"_preset", "_similarity_threshold", b"_similarity_threshold", "_smoothing_window", b"_smoothing_window", "_still_fps", b"_still_fps", "avatar_id", b"avatar_id", "crf", b"crf", "crop_mode", b"crop_mode", "detect_every", b"detect_every", "enhance", b"enhance", "enhance_region", b"enhance_region", "loop_mode", b"loop_mode", "max_detection_size", b"max_detection_size", "mouth_padding", b"mouth_padding", "no_face_policy", b"no_face_policy", "padding", b"padding", "preset", b"preset", "reference_face", b"reference_face", "request_id", b"request_id", "similarity_threshold", b"similarity_threshold", "smoothing_window", b"smoothing_window", "still_fps", b"still_fps", "target_rule", b"target_rule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__crf: _TypeAlias = _typing.Literal["crf"]  # noqa: Y015
     _WhichOneofArgType__crf: _TypeAlias = _typing.Literal["_crf", b"_crf"]  # noqa: Y015
@@ -538,3 +546,272 @@ class Failure(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Failure: _TypeAlias = Failure  # noqa: Y015
+
+@_typing.final
+class AvatarOptions(_message.Message):
+    """The options that shape planning; they are fixed when the avatar is made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PLANNING_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a label for people; not unique"""
+    request_id: _builtins.str
+    @_builtins.property
+    def planning(self) -> Global___GenerateOptions:
+        """padding, detection size, target rule, reference photo, detect_every, ..."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        planning: Global___GenerateOptions | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["planning", b"planning"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "planning", b"planning", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AvatarOptions: _TypeAlias = AvatarOptions  # noqa: Y015
+
+@_typing.final
+class CreateAvatarChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    FACE_CHUNK_FIELD_NUMBER: _builtins.int
+    face_chunk: _builtins.bytes
+    """face image or video bytes, in order"""
+    @_builtins.property
+    def options(self) -> Global___AvatarOptions:
+        """first message only"""
+
+    def __init__(
+        self,
+        *,
+        options: Global___AvatarOptions | None = ...,
+        face_chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["face_chunk", b"face_chunk", "options", b"options", "payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["face_chunk", b"face_chunk", "options", b"options", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["options", "face_chunk"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___CreateAvatarChunk: _TypeAlias = CreateAvatarChunk  # noqa: Y015
+
+@_typing.final
+class CreateAvatarEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    AVATAR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___Progress: ...
+    @_builtins.property
+    def avatar(self) -> Global___Avatar:
+        """the last event"""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___Progress | None = ...,
+        avatar: Global___Avatar | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["avatar", b"avatar", "event", b"event", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar", b"avatar", "event", b"event", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "avatar"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___CreateAvatarEvent: _TypeAlias = CreateAvatarEvent  # noqa: Y015
+
+@_typing.final
+class CreateAvatarRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    FACE_FIELD_NUMBER: _builtins.int
+    face: _builtins.bytes
+    @_builtins.property
+    def options(self) -> Global___AvatarOptions: ...
+    def __init__(
+        self,
+        *,
+        options: Global___AvatarOptions | None = ...,
+        face: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["face", b"face", "options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAvatarRequest: _TypeAlias = CreateAvatarRequest  # noqa: Y015
+
+@_typing.final
+class Avatar(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVATAR_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    FACE_BYTES_FIELD_NUMBER: _builtins.int
+    PREVIEW_JPEG_FIELD_NUMBER: _builtins.int
+    avatar_id: _builtins.str
+    name: _builtins.str
+    created_unix: _builtins.int
+    width: _builtins.int
+    height: _builtins.int
+    fps: _builtins.float
+    frames: _builtins.int
+    """frames of the face video (1 for a photo)"""
+    face_bytes: _builtins.int
+    preview_jpeg: _builtins.bytes
+    """the first frame with the target's box drawn (GetAvatar only)"""
+    def __init__(
+        self,
+        *,
+        avatar_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        created_unix: _builtins.int = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        fps: _builtins.float = ...,
+        frames: _builtins.int = ...,
+        face_bytes: _builtins.int = ...,
+        preview_jpeg: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_id", b"avatar_id", "created_unix", b"created_unix", "face_bytes", b"face_bytes", "fps", b"fps", "frames", b"frames", "height", b"height", "name", b"name", "preview_jpeg", b"preview_jpeg", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Avatar: _TypeAlias = Avatar  # noqa: Y015
+
+@_typing.final
+class GetAvatarRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVATAR_ID_FIELD_NUMBER: _builtins.int
+    avatar_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        avatar_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_id", b"avatar_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAvatarRequest: _TypeAlias = GetAvatarRequest  # noqa: Y015
+
+@_typing.final
+class ListAvatarsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """default 50, at most 500"""
+    page_token: _builtins.str
+    """from the previous page's next_page_token"""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAvatarsRequest: _TypeAlias = ListAvatarsRequest  # noqa: Y015
+
+@_typing.final
+class ListAvatarsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVATARS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def avatars(self) -> _containers.RepeatedCompositeFieldContainer[Global___Avatar]:
+        """newest first, without previews"""
+
+    def __init__(
+        self,
+        *,
+        avatars: _abc.Iterable[Global___Avatar] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatars", b"avatars", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAvatarsResponse: _TypeAlias = ListAvatarsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteAvatarRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVATAR_ID_FIELD_NUMBER: _builtins.int
+    avatar_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        avatar_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_id", b"avatar_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAvatarRequest: _TypeAlias = DeleteAvatarRequest  # noqa: Y015
+
+@_typing.final
+class GenerateFromAvatarRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVATAR_ID_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    avatar_id: _builtins.str
+    @_builtins.property
+    def audio(self) -> _httpbody_pb2.HttpBody: ...
+    @_builtins.property
+    def options(self) -> Global___GenerateOptions: ...
+    def __init__(
+        self,
+        *,
+        avatar_id: _builtins.str = ...,
+        audio: _httpbody_pb2.HttpBody | None = ...,
+        options: Global___GenerateOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "avatar_id", b"avatar_id", "options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateFromAvatarRequest: _TypeAlias = GenerateFromAvatarRequest  # noqa: Y015

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from superwav2lip.gateway.v1 import gateway_pb2 as superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -60,6 +61,36 @@ class GatewayStub:
                 request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromUploadRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.CreateAvatar = channel.stream_stream(
+                '/superwav2lip.gateway.v1.Gateway/CreateAvatar',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarChunk.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarEvent.FromString,
+                _registered_method=True)
+        self.CreateAvatarFromJson = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/CreateAvatarFromJson',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Avatar.FromString,
+                _registered_method=True)
+        self.GetAvatar = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/GetAvatar',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GetAvatarRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Avatar.FromString,
+                _registered_method=True)
+        self.ListAvatars = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/ListAvatars',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListAvatarsRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListAvatarsResponse.FromString,
+                _registered_method=True)
+        self.DeleteAvatar = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/DeleteAvatar',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.DeleteAvatarRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.GenerateFromAvatar = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/GenerateFromAvatar',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromAvatarRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -105,6 +136,48 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAvatar(self, request_iterator, context):
+        """Avatars: a face video or photo planned once (detection, tracking, target choice, smoothing) and kept,
+        so that later jobs run only the generator. Send AvatarOptions first, then face chunks; receive
+        progress events, then the avatar.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAvatarFromJson(self, request, context):
+        """The same for HTTP callers: JSON with the base64 face and the options.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAvatar(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAvatars(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAvatar(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateFromAvatar(self, request, context):
+        """Generation from an avatar with the speech as the raw HTTP body; options as query parameters.
+        (gRPC and JSON callers set options.avatar_id on Generate / GenerateVideo instead.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +204,36 @@ def add_GatewayServicer_to_server(servicer, server):
             'GenerateFromUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateFromUpload,
                     request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromUploadRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'CreateAvatar': grpc.stream_stream_rpc_method_handler(
+                    servicer.CreateAvatar,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarChunk.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarEvent.SerializeToString,
+            ),
+            'CreateAvatarFromJson': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAvatarFromJson,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Avatar.SerializeToString,
+            ),
+            'GetAvatar': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAvatar,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GetAvatarRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Avatar.SerializeToString,
+            ),
+            'ListAvatars': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAvatars,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListAvatarsRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListAvatarsResponse.SerializeToString,
+            ),
+            'DeleteAvatar': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAvatar,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.DeleteAvatarRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'GenerateFromAvatar': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateFromAvatar,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromAvatarRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
@@ -268,6 +371,168 @@ class Gateway:
             target,
             '/superwav2lip.gateway.v1.Gateway/GenerateFromUpload',
             superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromUploadRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAvatar(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/CreateAvatar',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarChunk.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAvatarFromJson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/CreateAvatarFromJson',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.CreateAvatarRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Avatar.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAvatar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/GetAvatar',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GetAvatarRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Avatar.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAvatars(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/ListAvatars',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListAvatarsRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListAvatarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAvatar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/DeleteAvatar',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.DeleteAvatarRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateFromAvatar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/GenerateFromAvatar',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromAvatarRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,

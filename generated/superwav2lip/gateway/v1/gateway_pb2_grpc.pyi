@@ -5,6 +5,7 @@ Public API: face media + speech in, lip-synced H.264 mp4 out."""
 
 from collections import abc as _abc
 from google.api import httpbody_pb2 as _httpbody_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 from superwav2lip.gateway.v1 import gateway_pb2 as _gateway_pb2
 import abc as _abc_1
@@ -51,6 +52,20 @@ class GatewayStub:
     """Generation from an uploaded face with the speech as the raw HTTP body; options as query parameters
     (`?options.crf=18&options.crop_mode=CROP_MODE_BOX`). Returns video/mp4.
     """
+    CreateAvatar: _grpc.StreamStreamMultiCallable[_gateway_pb2.CreateAvatarChunk, _gateway_pb2.CreateAvatarEvent]
+    """Avatars: a face video or photo planned once (detection, tracking, target choice, smoothing) and kept,
+    so that later jobs run only the generator. Send AvatarOptions first, then face chunks; receive
+    progress events, then the avatar.
+    """
+    CreateAvatarFromJson: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CreateAvatarRequest, _gateway_pb2.Avatar]
+    """The same for HTTP callers: JSON with the base64 face and the options."""
+    GetAvatar: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetAvatarRequest, _gateway_pb2.Avatar]
+    ListAvatars: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListAvatarsRequest, _gateway_pb2.ListAvatarsResponse]
+    DeleteAvatar: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DeleteAvatarRequest, _empty_pb2.Empty]
+    GenerateFromAvatar: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GenerateFromAvatarRequest, _httpbody_pb2.HttpBody]
+    """Generation from an avatar with the speech as the raw HTTP body; options as query parameters.
+    (gRPC and JSON callers set options.avatar_id on Generate / GenerateVideo instead.)
+    """
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -73,6 +88,20 @@ class GatewayAsyncStub(GatewayStub):
     GenerateFromUpload: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GenerateFromUploadRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Generation from an uploaded face with the speech as the raw HTTP body; options as query parameters
     (`?options.crf=18&options.crop_mode=CROP_MODE_BOX`). Returns video/mp4.
+    """
+    CreateAvatar: _aio.StreamStreamMultiCallable[_gateway_pb2.CreateAvatarChunk, _gateway_pb2.CreateAvatarEvent]  # type: ignore[assignment]
+    """Avatars: a face video or photo planned once (detection, tracking, target choice, smoothing) and kept,
+    so that later jobs run only the generator. Send AvatarOptions first, then face chunks; receive
+    progress events, then the avatar.
+    """
+    CreateAvatarFromJson: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CreateAvatarRequest, _gateway_pb2.Avatar]  # type: ignore[assignment]
+    """The same for HTTP callers: JSON with the base64 face and the options."""
+    GetAvatar: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetAvatarRequest, _gateway_pb2.Avatar]  # type: ignore[assignment]
+    ListAvatars: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListAvatarsRequest, _gateway_pb2.ListAvatarsResponse]  # type: ignore[assignment]
+    DeleteAvatar: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DeleteAvatarRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    GenerateFromAvatar: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GenerateFromAvatarRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Generation from an avatar with the speech as the raw HTTP body; options as query parameters.
+    (gRPC and JSON callers set options.avatar_id on Generate / GenerateVideo instead.)
     """
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
@@ -123,6 +152,56 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """Generation from an uploaded face with the speech as the raw HTTP body; options as query parameters
         (`?options.crf=18&options.crop_mode=CROP_MODE_BOX`). Returns video/mp4.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAvatar(
+        self,
+        request_iterator: _MaybeAsyncIterator[_gateway_pb2.CreateAvatarChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.CreateAvatarEvent], _abc.AsyncIterator[_gateway_pb2.CreateAvatarEvent]]:
+        """Avatars: a face video or photo planned once (detection, tracking, target choice, smoothing) and kept,
+        so that later jobs run only the generator. Send AvatarOptions first, then face chunks; receive
+        progress events, then the avatar.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAvatarFromJson(
+        self,
+        request: _gateway_pb2.CreateAvatarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Avatar, _abc.Awaitable[_gateway_pb2.Avatar]]:
+        """The same for HTTP callers: JSON with the base64 face and the options."""
+
+    @_abc_1.abstractmethod
+    def GetAvatar(
+        self,
+        request: _gateway_pb2.GetAvatarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Avatar, _abc.Awaitable[_gateway_pb2.Avatar]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAvatars(
+        self,
+        request: _gateway_pb2.ListAvatarsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListAvatarsResponse, _abc.Awaitable[_gateway_pb2.ListAvatarsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteAvatar(
+        self,
+        request: _gateway_pb2.DeleteAvatarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def GenerateFromAvatar(
+        self,
+        request: _gateway_pb2.GenerateFromAvatarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """Generation from an avatar with the speech as the raw HTTP body; options as query parameters.
+        (gRPC and JSON callers set options.avatar_id on Generate / GenerateVideo instead.)
         """
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
