@@ -1,9 +1,10 @@
-"""`superwav2lip`: generate a lip-synced mp4 through the gateway, or check the stack's health."""
+"""`superwav2lip`: generate a lip-synced mp4 through the gateway, manage avatars, or check the stack's health."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from superwav2lip.gateway.v1 import gateway_pb2
@@ -34,6 +35,7 @@ class ProgressBar:
 
 def build_options(args: argparse.Namespace) -> gateway_pb2.GenerateOptions:
     options = gateway_pb2.GenerateOptions(
+        avatar_id=getattr(args, "avatar", None) or "",
         enhance=args.enhance,
         no_face_policy=gateway_pb2.NO_FACE_POLICY_KEEP_FRAME if args.no_face == "keep" else gateway_pb2.NO_FACE_POLICY_FAIL,
         loop_mode=gateway_pb2.LOOP_MODE_LOOP if args.loop == "loop" else gateway_pb2.LOOP_MODE_PING_PONG,
@@ -77,6 +79,48 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def create_avatar(args: argparse.Namespace) -> int:
+    try:
+        with GatewayClient(args.server) as client:
+            avatar = client.create_avatar(args.face, build_options(args), name=args.name or Path(args.face).name,
+                                          on_progress=ProgressBar(), timeout=args.timeout)
+    except GenerationError as error:
+        sys.stderr.write(f"\nerror: {error.code.name}: {error.message}\n")
+        return 1
+    except FileNotFoundError as error:
+        sys.stderr.write(f"error: {error.filename} does not exist\n")
+        return 1
+    sys.stderr.write(f"\navatar {avatar.name}: {avatar.width}x{avatar.height}, {avatar.fps:g} fps, "
+                     f"{avatar.frames} frames\n")
+    print(avatar.avatar_id)
+    return 0
+
+
+def list_avatars(args: argparse.Namespace) -> int:
+    try:
+        with GatewayClient(args.server) as client:
+            avatars = client.list_avatars()
+    except GenerationError as error:
+        sys.stderr.write(f"error: {error.code.name}: {error.message}\n")
+        return 1
+    for avatar in avatars:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(avatar.created_unix))
+        print(f"{avatar.avatar_id}  {created}  {avatar.width}x{avatar.height}  {avatar.fps:g} fps  "
+              f"{avatar.frames:>6} frames  {avatar.name}")
+    return 0
+
+
+def delete_avatar(args: argparse.Namespace) -> int:
+    try:
+        with GatewayClient(args.server) as client:
+            client.delete_avatar(args.avatar_id)
+    except GenerationError as error:
+        sys.stderr.write(f"error: {error.code.name}: {error.message}\n")
+        return 1
+    sys.stderr.write(f"deleted {args.avatar_id}\n")
+    return 0
+
+
 def check_health(args: argparse.Namespace) -> int:
     addresses = {name: getattr(args, name) for name in DEFAULT_ADDRESSES}
     statuses = {name: health(address) for name, address in addresses.items()}
@@ -85,39 +129,73 @@ def check_health(args: argparse.Namespace) -> int:
     return 0 if all(s == "SERVING" for s in statuses.values()) else 1
 
 
+def add_common_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--server", default=DEFAULT_ADDRESSES["gateway"], help="gateway host:port")
+    command.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+
+
+def add_planning_arguments(command: argparse.ArgumentParser) -> None:
+    """Options that decide who is animated where (fixed in an avatar when it is made)."""
+    command.add_argument("--pads", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+                         help="face box padding in pixels (default 0 10 0 0)")
+    command.add_argument("--smooth", type=int, help="box smoothing window in frames (default 5, 0 = off)")
+    command.add_argument("--max-detection-size", type=int, help="longest side of frames sent to the detector (640)")
+    command.add_argument("--fps", type=float, help="frame rate for a still image (default 25)")
+    command.add_argument("--no-face", choices=("fail", "keep"), default="fail",
+                         help="frames without a face: fail the job (default) or keep them untouched")
+    command.add_argument("--reference-face", help="photo of the person to animate (default: pick by --target)")
+    command.add_argument("--target", choices=("largest", "center"), default="largest",
+                         help="who to animate without a reference photo")
+    command.add_argument("--similarity", type=float, help="cosine threshold for the reference person (default 0.4)")
+    command.add_argument("--detect-every", type=int, help="detect faces every k-th frame, interpolate between (1)")
+    command.set_defaults(enhance=False, loop="ping-pong", crop_mode="aligned", enhance_region="face", crf=None,
+                         preset=None, mouth_pads=None)
+
+
+def add_synthesis_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--enhance", action="store_true", help="restore faces with GFPGAN (slow on CPU)")
+    command.add_argument("--crf", type=int, help="x264 quality, lower is better (default 20)")
+    command.add_argument("--preset", help="x264 preset (default veryfast)")
+    command.add_argument("--loop", choices=("ping-pong", "loop"), default="ping-pong",
+                         help="how a video shorter than the speech is reused")
+    command.add_argument("--crop-mode", choices=("aligned", "box"), default="aligned",
+                         help="aligned: 5-point alignment and feathered paste (default); box: Wav2Lip's reference")
+    command.add_argument("--mouth-pads", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+                         help="move the aligned mouth window's edges, in pixels of the 256 crop")
+    command.add_argument("--enhance-region", choices=("face", "mouth"), default="face",
+                         help="what --enhance restores")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="superwav2lip", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="make a lip-synced mp4 from a face image/video and speech")
-    gen.add_argument("--face", required=True, help="face image or video")
+    gen = commands.add_parser("generate", help="make a lip-synced mp4 from a face image/video (or an avatar) and speech")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--face", help="face image or video")
+    source.add_argument("--avatar", help="an avatar id (from `avatar create`) instead of --face")
     gen.add_argument("--audio", required=True, help="speech (any format FFmpeg reads)")
     gen.add_argument("-o", "--output", required=True, help="mp4 to write")
-    gen.add_argument("--server", default=DEFAULT_ADDRESSES["gateway"], help="gateway host:port")
-    gen.add_argument("--enhance", action="store_true", help="restore faces with GFPGAN (slow on CPU)")
-    gen.add_argument("--pads", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
-                     help="face box padding in pixels (default 0 10 0 0)")
-    gen.add_argument("--smooth", type=int, help="box smoothing window in frames (default 5, 0 = off)")
-    gen.add_argument("--max-detection-size", type=int, help="longest side of frames sent to the detector (640)")
-    gen.add_argument("--fps", type=float, help="frame rate for a still image (default 25)")
-    gen.add_argument("--crf", type=int, help="x264 quality, lower is better (default 20)")
-    gen.add_argument("--preset", help="x264 preset (default veryfast)")
-    gen.add_argument("--no-face", choices=("fail", "keep"), default="fail",
-                     help="frames without a face: fail the job (default) or keep them untouched")
-    gen.add_argument("--loop", choices=("ping-pong", "loop"), default="ping-pong",
-                     help="how a video shorter than the speech is reused")
-    gen.add_argument("--reference-face", help="photo of the person to animate (default: pick by --target)")
-    gen.add_argument("--target", choices=("largest", "center"), default="largest",
-                     help="who to animate without a reference photo")
-    gen.add_argument("--similarity", type=float, help="cosine threshold for the reference person (default 0.4)")
-    gen.add_argument("--detect-every", type=int, help="detect faces every k-th frame, interpolate between (1)")
-    gen.add_argument("--crop-mode", choices=("aligned", "box"), default="aligned",
-                     help="aligned: 5-point alignment and feathered paste (default); box: Wav2Lip's reference")
-    gen.add_argument("--mouth-pads", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
-                     help="move the aligned mouth window's edges, in pixels of the 256 crop")
-    gen.add_argument("--enhance-region", choices=("face", "mouth"), default="face",
-                     help="what --enhance restores")
-    gen.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    add_common_arguments(gen)
+    add_planning_arguments(gen)
+    add_synthesis_arguments(gen)
     gen.set_defaults(run=generate)
+
+    avatar = commands.add_parser("avatar", help="avatars: face media planned once, then used with any speech")
+    verbs = avatar.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser("create", help="plan a face image or video once; prints the avatar id")
+    create.add_argument("--face", required=True, help="face image or video")
+    create.add_argument("--name", help="a label (default: the file name)")
+    add_common_arguments(create)
+    add_planning_arguments(create)
+    create.set_defaults(run=create_avatar, avatar=None)
+    listing = verbs.add_parser("list", help="the avatars, newest first")
+    add_common_arguments(listing)
+    listing.set_defaults(run=list_avatars)
+    delete = verbs.add_parser("delete", help="delete an avatar and its media")
+    delete.add_argument("avatar_id")
+    add_common_arguments(delete)
+    delete.set_defaults(run=delete_avatar)
+
     check = commands.add_parser("health", help="print each service's health; exit 0 only if all are SERVING")
     check.add_argument("--server", dest="gateway", default=DEFAULT_ADDRESSES["gateway"], help="gateway host:port")
     for name in ("detector", "lipsync", "enhancer"):

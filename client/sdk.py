@@ -1,4 +1,4 @@
-"""A small synchronous SDK over the gateway's streaming Generate RPC."""
+"""A small synchronous SDK over the gateway: streaming generation and avatars."""
 
 from __future__ import annotations
 
@@ -56,12 +56,14 @@ class GatewayClient:
     def close(self) -> None:
         self._channel.close()
 
-    def generate(self, face: bytes | str | Path, audio: bytes | str | Path,
+    def generate(self, face: bytes | str | Path | None, audio: bytes | str | Path,
                  options: gateway_pb2.GenerateOptions | None = None, *,
                  on_progress: Callable[[gateway_pb2.Progress], None] | None = None,
                  timeout: float | None = None) -> GenerationResult:
-        """Uploads in chunks, reports progress, and returns the mp4 with its description."""
-        stream = self._stub.Generate(_chunks(options or gateway_pb2.GenerateOptions(), _read(face), _read(audio)),
+        """Uploads in chunks, reports progress, and returns the mp4 with its description. With
+        `options.avatar_id` set, pass `face=None`: the avatar's media is used."""
+        face_bytes = b"" if face is None else _read(face)
+        stream = self._stub.Generate(_chunks(options or gateway_pb2.GenerateOptions(), face_bytes, _read(audio)),
                                      timeout=timeout)
         info, parts = None, []
         try:
@@ -78,6 +80,48 @@ class GatewayClient:
         if info is None:
             raise GenerationError(grpc.StatusCode.INTERNAL, "the gateway closed the stream without a result")
         return GenerationResult(b"".join(parts), info)
+
+
+    def create_avatar(self, face: bytes | str | Path, planning: gateway_pb2.GenerateOptions | None = None, *,
+                      name: str = "", on_progress: Callable[[gateway_pb2.Progress], None] | None = None,
+                      timeout: float | None = None) -> gateway_pb2.Avatar:
+        """Plans the face media once on the server and keeps it; returns the avatar (its id for later jobs)."""
+        data = _read(face)
+        first = gateway_pb2.CreateAvatarChunk(options=gateway_pb2.AvatarOptions(
+            name=name, planning=planning or gateway_pb2.GenerateOptions()))
+        chunks = [first, *(gateway_pb2.CreateAvatarChunk(face_chunk=data[i : i + UPLOAD_CHUNK])
+                           for i in range(0, len(data), UPLOAD_CHUNK))]
+        try:
+            for event in self._stub.CreateAvatar(iter(chunks), timeout=timeout):
+                if event.WhichOneof("event") == "progress" and on_progress:
+                    on_progress(event.progress)
+                elif event.WhichOneof("event") == "avatar":
+                    return event.avatar
+        except grpc.RpcError as error:
+            raise GenerationError(error.code(), error.details()) from None
+        raise GenerationError(grpc.StatusCode.INTERNAL, "the gateway closed the stream without an avatar")
+
+    def list_avatars(self, timeout: float | None = 30) -> list[gateway_pb2.Avatar]:
+        """Every avatar, newest first (all pages)."""
+        avatars, token = [], ""
+        while True:
+            page = self._unary(self._stub.ListAvatars, gateway_pb2.ListAvatarsRequest(page_token=token), timeout)
+            avatars.extend(page.avatars)
+            if not (token := page.next_page_token):
+                return avatars
+
+    def get_avatar(self, avatar_id: str, timeout: float | None = 30) -> gateway_pb2.Avatar:
+        return self._unary(self._stub.GetAvatar, gateway_pb2.GetAvatarRequest(avatar_id=avatar_id), timeout)
+
+    def delete_avatar(self, avatar_id: str, timeout: float | None = 30) -> None:
+        self._unary(self._stub.DeleteAvatar, gateway_pb2.DeleteAvatarRequest(avatar_id=avatar_id), timeout)
+
+    @staticmethod
+    def _unary(method, request, timeout):
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise GenerationError(error.code(), error.details()) from None
 
 
 def health(address: str, service: str = "", timeout: float = 3.0) -> str:

@@ -217,3 +217,37 @@ async def test_https_when_a_certificate_is_configured(dev_models_dir, tmp_path):
                                                        {"content-type": "application/json"}, context)
         assert status == 200 and headers["content-type"] == "video/mp4"
         assert abs(media_seconds(mp4)["video"] - 0.5) <= 1 / 25
+
+
+def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+async def test_avatar_routes_through_envoy(dev_models_dir, tmp_path):
+    video = encode_video(marker_frames(10))
+    async with running_stack(dev_models_dir, data_dir=str(tmp_path / "data")) as stack, \
+            envoy_in_front(stack, tmp_path) as edge:
+        body = json.dumps({"face": base64.b64encode(video).decode(), "options": {"name": "host"}}).encode()
+        status, reply = await asyncio.to_thread(call, "POST", f"{edge}/v1/avatars", body,
+                                                {"content-type": "application/json"})
+        assert status == 200, reply
+        avatar = json.loads(reply)
+        assert avatar["avatar_id"].startswith("av_") and int(avatar["frames"]) == 10
+        status, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars")
+        assert status == 200 and [a["avatar_id"] for a in json.loads(reply)["avatars"]] == [avatar["avatar_id"]]
+        status, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/{avatar['avatar_id']}")
+        assert status == 200 and base64.b64decode(json.loads(reply)["preview_jpeg"])[:2] == b"\xff\xd8"
+        status, mp4 = await asyncio.to_thread(call, "POST", f"{edge}/v1/avatars/{avatar['avatar_id']}:generate",
+                                              speech_wav(0.8), {"content-type": "audio/wav"})
+        assert status == 200 and abs(media_seconds(mp4)["video"] - 0.8) <= 1 / 25
+        status, _ = await asyncio.to_thread(call, "DELETE", f"{edge}/v1/avatars/{avatar['avatar_id']}")
+        assert status == 200
+        status, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/{avatar['avatar_id']}")
+        assert status == 404, reply
+        status, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/not-an-id")
+        assert status == 400, reply

@@ -9,7 +9,7 @@ import sys
 import time
 
 from .conftest import ROOT
-from .media_factory import encode_png, scene, speech_wav, stream_durations, with_marker
+from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
 
 
 def free_port_block(count: int) -> int:
@@ -90,6 +90,23 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
             assert abs(durations["video"] - 1.2) <= 0.04, name
         assert '"stage":"encode"' in shell.stdout  # the server-sent progress reached the end
         assert '"code":3' in shell.stdout.replace(" ", "") and "INVALID_ARGUMENT" not in shell.stderr
+
+        # The avatar verbs, as the README shows them.
+        server = f"--server=127.0.0.1:{base}"
+        video = tmp_path / "presenter.mp4"
+        video.write_bytes(encode_video(marker_frames(10)))
+        created = cli("avatar", "create", "--face", str(video), server)
+        assert created.returncode == 0, created.stderr
+        avatar_id = created.stdout.strip()
+        assert avatar_id.startswith("av_") and "10 frames" in created.stderr
+        listed = cli("avatar", "list", server)
+        assert listed.returncode == 0 and avatar_id in listed.stdout and "presenter.mp4" in listed.stdout
+        made = cli("generate", "--avatar", avatar_id, "--audio", str(tmp_path / "speech.wav"), "-o",
+                   str(tmp_path / "avatar.mp4"), server)
+        assert made.returncode == 0, made.stderr
+        assert abs(stream_durations((tmp_path / "avatar.mp4").read_bytes())["video"] - 1.2) <= 0.04
+        deleted = cli("avatar", "delete", avatar_id, server)
+        assert deleted.returncode == 0 and avatar_id not in cli("avatar", "list", server).stdout
     finally:
         runner.send_signal(signal.SIGTERM)
         rest, _ = runner.communicate(timeout=60)
