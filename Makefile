@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev,edge
 
-.PHONY: install protos models models-dev lint test run bench clean
+.PHONY: install protos models models-dev lint test run bench bench-avatar clean
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,6 @@ run: install  ## start the whole stack on CPU (real weights when present, genera
 
 bench: install  ## throughput (batched vs the seed's lock), gateway memory and wire bytes; prints tables
 	$(PY) -m bench.throughput
+
+bench-avatar: install  ## fresh vs plan-cache hit vs avatar request on the same clip; writes bench/RESULTS.md
+	$(PY) -m bench.avatar

@@ -75,7 +75,7 @@ def speech(seconds: float) -> bytes:
     return buffer.getvalue()
 
 
-def clip(seconds: float) -> bytes:
+def clip(seconds: float, crf: int = 23) -> bytes:
     """A 720p25 clip: the shared moving-astronaut video, ping-ponged to length (or a marker clip without it)."""
     source = SHARED / "media" / "face_astronaut_moving_720p25_5s.mp4"
     if source.is_file():
@@ -94,7 +94,7 @@ def clip(seconds: float) -> bytes:
     with av.open(buffer, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=Fraction(25))
         stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
-        stream.options = {"crf": "23", "preset": "veryfast"}
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
         for i in order:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frames[i], format="bgr24")))
         out.mux(stream.encode(None))
@@ -118,12 +118,12 @@ class Stack:
     """`tools/run_stack.py` in a subprocess, with the gateway's process id for memory readings."""
 
     def __init__(self, models: Path, logs: Path, env: dict[str, str]) -> None:
-        self.base, metrics = free_base_port(), free_base_port()
+        self.base, metrics, http = free_base_port(), free_base_port(), free_base_port()
         self.metrics_port = metrics
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(self.base),
              "--metrics-base-port", str(metrics), "--models-dir", str(models), "--logs", str(logs),
-             "--extra-model-dirs", ""],
+             "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}, cwd=ROOT)
         for line in self.process.stdout:
             if line.startswith("READY"):
