@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
 
 from bench.full_size_models import write_wav2lip  # noqa: E402
+from bench.results import write_section  # noqa: E402
 from client.sdk import GatewayClient  # noqa: E402
 from service_runtime.dev_models import write_dev_model  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
@@ -187,11 +188,17 @@ def main() -> None:
     parser.add_argument("--long-seconds", type=float, default=60.0)
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    lines: list[str] = []
+
+    def out(text: str = "") -> None:
+        print(text)
+        lines.append(text)
+
     work = Path(tempfile.mkdtemp(prefix="swl-bench-"))
     try:
         detector = prepare_models(work)
         face, audio = clip(args.seconds), speech(args.seconds)
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+        out(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
               f"Wav2Lip full size (36.9 M params, random weights); detector: {detector}; "
               f"clip {args.seconds:g} s 1280x720 25 fps\n")
         rows: dict[str, dict[int, float]] = {}
@@ -208,17 +215,17 @@ def main() -> None:
                             for s in ("detector", "lipsync", "enhancer")}
             finally:
                 stack.stop()
-        print("| clients | batched req/s | batched x real time | seed-lock req/s | seed-lock x real time | batched / seed |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        out("| clients | batched req/s | batched x real time | seed-lock req/s | seed-lock x real time | batched / seed |")
+        out("| --- | --- | --- | --- | --- | --- |")
         for n in counts:
             fast, slow = rows["batched"][n], rows["seed lock"][n]
-            print(f"| {n} | {n / fast:.3f} | {n * args.seconds / fast:.2f} | {n / slow:.3f} | "
+            out(f"| {n} | {n / fast:.3f} | {n * args.seconds / fast:.2f} | {n / slow:.3f} | "
                   f"{n * args.seconds / slow:.2f} | {slow / fast:.2f} |")
         raw = 1280 * 720 * 3
         total = sum(wire.values())
-        print("\n| bytes sent per output frame | detector | lipsync | enhancer | all | raw 720p frame | ratio |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        print(f"| gateway -> services | {wire['detector']:.0f} | {wire['lipsync']:.0f} | {wire['enhancer']:.0f} | "
+        out("\n| bytes sent per output frame | detector | lipsync | enhancer | all | raw 720p frame | ratio |")
+        out("| --- | --- | --- | --- | --- | --- | --- |")
+        out(f"| gateway -> services | {wire['detector']:.0f} | {wire['lipsync']:.0f} | {wire['enhancer']:.0f} | "
               f"{total:.0f} | {raw} | {total / raw:.3f} |")
         long_face, long_audio = clip(args.long_seconds), speech(args.long_seconds)
         peaks = {}
@@ -230,11 +237,12 @@ def main() -> None:
             finally:
                 stack.stop()
         (short, short_mb), (long, long_mb) = peaks.items()
-        print(f"\n| gateway peak RSS | {short} clip | {long} clip | ratio |")
-        print("| --- | --- | --- | --- |")
-        print(f"| MiB | {short_mb:.0f} | {long_mb:.0f} | {long_mb / short_mb:.2f} |")
+        out(f"\n| gateway peak RSS | {short} clip | {long} clip | ratio |")
+        out("| --- | --- | --- | --- |")
+        out(f"| MiB | {short_mb:.0f} | {long_mb:.0f} | {long_mb / short_mb:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    write_section("throughput", "Throughput, wire bytes and gateway memory (`make bench`)", "\n".join(lines))
 
 
 if __name__ == "__main__":
