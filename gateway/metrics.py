@@ -33,5 +33,10 @@ class GatewayMetrics(ServiceMetrics):
                                               "Planning time that cached plans and avatars saved.", registry=r)
         self.avatars = Gauge("swl_gateway_avatars", "Avatars stored (as this replica last counted them).",
                              registry=r)
+        self.job_events = Counter("swl_gateway_job_events_total",
+                                  "Asynchronous jobs submitted, succeeded, failed, cancelled or requeued.", ["event"],
+                                  registry=r)
+        self.webhook_attempts = Counter("swl_gateway_webhook_attempts_total", "Webhook deliveries tried, by outcome.",
+                                        ["outcome"], registry=r)
         self.received_bytes = Counter("swl_gateway_received_bytes_total", "Media bytes uploaded by clients.",
                                       registry=r)

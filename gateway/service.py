@@ -20,6 +20,7 @@ from .auth import ApiKeyInterceptor, ApiKeys
 from .avatars import AvatarStore
 from .clients import ModelClients
 from .limits import http_body_limit_bytes
+from .job_store import MemoryJobStore, RedisJobStore
 from .plan_cache import MemoryPlanCache, RedisPlanCache
 from .metrics import GatewayMetrics
 from .servicer import GatewayServicer
@@ -77,12 +78,30 @@ class GatewaySettings(ServerSettings):
                                  ge=0, le=1 << 20)
     plan_cache_ttl_s: float = setting(7 * 86400.0, "How long Redis keeps a cached plan.", ge=1, le=365 * 86400)
     data_dir: str = setting("data", "Folder for avatar media and plans (a shared volume across replicas).")
+    # Asynchronous jobs (the store is Redis when redis_url is set, else this process).
+    job_queue_size: int = setting(100, "Jobs that may wait; a submission beyond it gets RESOURCE_EXHAUSTED.", ge=1,
+                                  le=1_000_000)
+    job_workers: int = setting(2, "Jobs this replica runs at once from the queue (within max_concurrent_jobs; 0 = "
+                                  "answer the jobs API but run none).", ge=0, le=1024)
+    job_result_ttl_s: float = setting(86400.0, "How long a finished job and its video are kept.", ge=1,
+                                      le=365 * 86400)
+    job_lease_s: float = setting(10.0, "A running job's lease; a replica that stops renewing it (it died) loses the "
+                                       "job to the others.", ge=0.5, le=3600)
+    job_max_attempts: int = setting(3, "Runs a job gets when replicas die under it; then it FAILS (ABORTED).", ge=1,
+                                    le=100)
+    webhook_secret: str = setting("", "Key of the HMAC-SHA256 signature on webhooks (needed to accept a webhook_url).")
+    webhook_allowed_hosts: tuple[str, ...] = setting(
+        (), "Hosts (or host:port) webhooks may be sent to; empty = none, so jobs cannot probe internal networks.")
+    webhook_max_attempts: int = setting(5, "Deliveries tried per webhook before giving up.", ge=1, le=50)
+    webhook_backoff_s: float = setting(1.0, "Wait before the second delivery; it doubles after each failure.",
+                                       ge=0.01, le=3600)
     api_keys: tuple[str, ...] = setting(
         (), "Comma-separated API keys; when set, every call but the health check needs one (x-api-key header).")
 
     def __repr__(self) -> str:  # API keys are secrets: never in logs or tracebacks
-        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "api_keys"}
-        return f"GatewaySettings({shown}, api_keys=<{len(self.api_keys)} hidden>)"
+        hidden = ("api_keys", "webhook_secret")
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in hidden}
+        return f"GatewaySettings({shown}, secrets hidden)"
 
 
 class GatewayService(GrpcService):
@@ -103,7 +122,13 @@ class GatewayService(GrpcService):
         else:
             plans = MemoryPlanCache(settings.plan_cache_mb << 20, self.metrics) if settings.plan_cache_mb else None
         avatars = AvatarStore(Path(settings.data_dir), self.redis, settings.redis_timeout_s)
-        self.servicer = GatewayServicer(self.clients, self.metrics, settings, plans=plans, avatars=avatars)
+        if self.redis is not None:
+            jobs = RedisJobStore(self.redis, settings.job_queue_size, settings.job_result_ttl_s,
+                                 settings.redis_timeout_s)
+        else:
+            jobs = MemoryJobStore(settings.job_queue_size, settings.job_result_ttl_s)
+        self.servicer = GatewayServicer(self.clients, self.metrics, settings, plans=plans, avatars=avatars,
+                                        job_store=jobs)
         self.api_keys = ApiKeys(settings.api_keys)
 
     def interceptors(self):
@@ -121,11 +146,13 @@ class GatewayService(GrpcService):
         noise = np.random.default_rng(0).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1
         await asyncio.to_thread(melspectrogram, noise)
         log.info("mel warmed up")
+        self.servicer.jobs.start()
 
     def register(self, server) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
 
     async def close(self) -> None:
+        await self.servicer.jobs.stop()
         await self.clients.close()
         if self.redis is not None:
             await self.redis.aclose()

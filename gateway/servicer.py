@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
@@ -17,6 +18,8 @@ from service_runtime.logs import request_id_var
 from service_runtime.rpc import checked_request_id, grpc_method, grpc_stream_method
 
 from .admission import JobSlots
+from .job_store import TERMINAL
+from .jobs import Jobs
 from .avatars import AvatarStore
 from .clients import ModelClients
 from .deadline import JobDeadline
@@ -35,11 +38,12 @@ WARNING_TRAILER = "x-swl-warning"
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, clients: ModelClients, metrics: GatewayMetrics, settings, *, plans: PlanCache | None = None,
-                 avatars: AvatarStore) -> None:
+                 avatars: AvatarStore, job_store) -> None:
         self.clients, self.metrics, self.settings = clients, metrics, settings
         self.plans, self.avatars = plans, avatars
         self.limits = MediaLimits.from_settings(settings)
         self.slots = JobSlots(settings.max_concurrent_jobs)
+        self.jobs = Jobs(job_store, Path(settings.data_dir), settings, metrics, self.slots, self._job, self._run)
         self.uploads = UploadStore(settings.upload_store_mb << 20, settings.upload_ttl_s)
         self._serial = asyncio.Lock() if settings.serial_jobs else contextlib.nullcontext()
 
@@ -265,6 +269,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         options.CopyFrom(request.options)
         options.avatar_id = request.avatar_id
         return await self._unary(options, b"", request.audio.data, context)
+
+    # --- Asynchronous jobs -----------------------------------------------------------------------------------
+
+    @grpc_method()
+    async def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context) -> gateway_pb2.Job:
+        record = await self.jobs.submit(request)
+        return record.message(await self.jobs.store.position(record.job_id))
+
+    @grpc_method()
+    async def GetJob(self, request: gateway_pb2.JobRequest, context) -> gateway_pb2.Job:
+        record, position = await self.jobs.get(request.job_id)
+        return record.message(position)
+
+    @grpc_method()
+    async def GetJobVideo(self, request: gateway_pb2.JobRequest, context) -> httpbody_pb2.HttpBody:
+        return httpbody_pb2.HttpBody(content_type="video/mp4", data=await self.jobs.video(request.job_id))
+
+    @grpc_method()
+    async def DeleteJob(self, request: gateway_pb2.JobRequest, context) -> gateway_pb2.Job:
+        return (await self.jobs.delete(request.job_id)).message()
+
+    @grpc_method()
+    async def ListJobs(self, request: gateway_pb2.ListJobsRequest, context) -> gateway_pb2.ListJobsResponse:
+        records, token = await self.jobs.recent(max(0, request.page_size), request.page_token)
+        return gateway_pb2.ListJobsResponse(jobs=[r.message() for r in records], next_page_token=token)
+
+    @grpc_stream_method()
+    async def WatchJob(self, request: gateway_pb2.JobRequest, context):
+        last = None
+        while True:
+            record, position = await self.jobs.get(request.job_id)
+            message = record.message(position)
+            if message != last:
+                yield message
+                last = message
+            if record.state in TERMINAL:
+                return
+            await asyncio.sleep(0.25)
 
 
 def progress_queue() -> tuple[asyncio.Queue, Progress]:

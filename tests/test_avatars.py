@@ -185,20 +185,21 @@ async def test_avatar_ids_are_checked_and_unknown_ones_are_not_found(dev_models_
 
 
 @contextlib.contextmanager
-def gateway_process(stack, redis_url: str, data_dir, log):
+def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = None):
     """A second gateway as its own process, on the same model services, Redis and data directory."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'generated'}", SWL_GATEWAY_HOST="127.0.0.1",
                SWL_GATEWAY_PORT=str(port), SWL_GATEWAY_METRICS_PORT="-1", SWL_GATEWAY_REDIS_URL=redis_url,
                SWL_GATEWAY_DATA_DIR=str(data_dir), SWL_GATEWAY_DETECTOR_ADDRESS=stack.address("detector"),
                SWL_GATEWAY_LIPSYNC_ADDRESS=stack.address("lipsync"),
-               SWL_GATEWAY_ENHANCER_ADDRESS=stack.address("enhancer"))
+               SWL_GATEWAY_ENHANCER_ADDRESS=stack.address("enhancer"), **(extra or {}))
     process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stderr=log, stdout=log)
     try:
         yield f"127.0.0.1:{port}", process
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
 
 
 async def test_two_gateway_processes_share_avatars_through_redis_and_the_data_dir(dev_models_dir, tmp_path,

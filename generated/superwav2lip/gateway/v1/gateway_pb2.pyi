@@ -815,3 +815,189 @@ class GenerateFromAvatarRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateFromAvatarRequest: _TypeAlias = GenerateFromAvatarRequest  # noqa: Y015
+
+@_typing.final
+class SubmitJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    FACE_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    face: _builtins.bytes
+    audio: _builtins.bytes
+    webhook_url: _builtins.str
+    """Called with a signed JSON body when the job ends; its host must be on the gateway's allow-list."""
+    @_builtins.property
+    def options(self) -> Global___GenerateOptions:
+        """options.avatar_id instead of face for an avatar"""
+
+    def __init__(
+        self,
+        *,
+        options: Global___GenerateOptions | None = ...,
+        face: _builtins.bytes = ...,
+        audio: _builtins.bytes = ...,
+        webhook_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "face", b"face", "options", b"options", "webhook_url", b"webhook_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobRequest: _TypeAlias = SubmitJobRequest  # noqa: Y015
+
+@_typing.final
+class Job(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Job._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: Job._State.ValueType  # 0
+        QUEUED: Job._State.ValueType  # 1
+        RUNNING: Job._State.ValueType  # 2
+        SUCCEEDED: Job._State.ValueType  # 3
+        FAILED: Job._State.ValueType  # 4
+        CANCELLED: Job._State.ValueType  # 5
+
+    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    STATE_UNSPECIFIED: Job.State.ValueType  # 0
+    QUEUED: Job.State.ValueType  # 1
+    RUNNING: Job.State.ValueType  # 2
+    SUCCEEDED: Job.State.ValueType  # 3
+    FAILED: Job.State.ValueType  # 4
+    CANCELLED: Job.State.ValueType  # 5
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    STARTED_UNIX_FIELD_NUMBER: _builtins.int
+    FINISHED_UNIX_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    VIDEO_PATH_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    state: Global___Job.State.ValueType
+    queue_position: _builtins.int
+    """1 = next to run (QUEUED only)"""
+    created_unix: _builtins.float
+    started_unix: _builtins.float
+    finished_unix: _builtins.float
+    error_code: _builtins.int
+    """FAILED: the google.rpc.Code number"""
+    error_status: _builtins.str
+    """FAILED: its name"""
+    error_message: _builtins.str
+    attempts: _builtins.int
+    """runs started (a replica that died mid-run counts)"""
+    video_path: _builtins.str
+    """SUCCEEDED: GET this path for the mp4"""
+    @_builtins.property
+    def progress(self) -> Global___Progress:
+        """the running stage"""
+
+    @_builtins.property
+    def result(self) -> Global___ResultInfo:
+        """SUCCEEDED"""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        state: Global___Job.State.ValueType = ...,
+        progress: Global___Progress | None = ...,
+        queue_position: _builtins.int = ...,
+        created_unix: _builtins.float = ...,
+        started_unix: _builtins.float = ...,
+        finished_unix: _builtins.float = ...,
+        error_code: _builtins.int = ...,
+        error_status: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        result: Global___ResultInfo | None = ...,
+        video_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_unix", b"created_unix", "error_code", b"error_code", "error_message", b"error_message", "error_status", b"error_status", "finished_unix", b"finished_unix", "job_id", b"job_id", "progress", b"progress", "queue_position", b"queue_position", "result", b"result", "started_unix", b"started_unix", "state", b"state", "video_path", b"video_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class JobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRequest: _TypeAlias = JobRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """default 50, at most 500"""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
+        """newest first"""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___Job] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015

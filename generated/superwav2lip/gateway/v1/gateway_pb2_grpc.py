@@ -91,6 +91,36 @@ class GatewayStub:
                 request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromAvatarRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/SubmitJob',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/GetJob',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJobVideo = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/GetJobVideo',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/DeleteJob',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/superwav2lip.gateway.v1.Gateway/ListJobs',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/superwav2lip.gateway.v1.Gateway/WatchJob',
+                request_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -178,6 +208,47 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Asynchronous jobs: submit, then poll (or watch, or get a webhook), then download. Any gateway replica
+        sharing the job store (Redis) and the data directory answers for any job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobVideo(self, request, context):
+        """The finished job's mp4 (FAILED_PRECONDITION until it has SUCCEEDED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Cancels a queued or running job, or removes a finished one and its files.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job as it changes, until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +306,36 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GenerateFromAvatar,
                     request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromAvatarRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.SubmitJobRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'GetJobVideo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobVideo,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListJobsRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.FromString,
+                    response_serializer=superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -534,6 +635,168 @@ class Gateway:
             '/superwav2lip.gateway.v1.Gateway/GenerateFromAvatar',
             superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.GenerateFromAvatarRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/SubmitJob',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.SubmitJobRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/GetJob',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/GetJobVideo',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/DeleteJob',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/ListJobs',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/superwav2lip.gateway.v1.Gateway/WatchJob',
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.JobRequest.SerializeToString,
+            superwav2lip_dot_gateway_dot_v1_dot_gateway__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,18 @@ class GatewayStub:
     """Generation from an avatar with the speech as the raw HTTP body; options as query parameters.
     (gRPC and JSON callers set options.avatar_id on Generate / GenerateVideo instead.)
     """
+    SubmitJob: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.SubmitJobRequest, _gateway_pb2.Job]
+    """Asynchronous jobs: submit, then poll (or watch, or get a webhook), then download. Any gateway replica
+    sharing the job store (Redis) and the data directory answers for any job.
+    """
+    GetJob: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.JobRequest, _gateway_pb2.Job]
+    GetJobVideo: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.JobRequest, _httpbody_pb2.HttpBody]
+    """The finished job's mp4 (FAILED_PRECONDITION until it has SUCCEEDED)."""
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.JobRequest, _gateway_pb2.Job]
+    """Cancels a queued or running job, or removes a finished one and its files."""
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListJobsRequest, _gateway_pb2.ListJobsResponse]
+    WatchJob: _grpc.UnaryStreamMultiCallable[_gateway_pb2.JobRequest, _gateway_pb2.Job]
+    """The job as it changes, until it ends."""
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -103,6 +115,18 @@ class GatewayAsyncStub(GatewayStub):
     """Generation from an avatar with the speech as the raw HTTP body; options as query parameters.
     (gRPC and JSON callers set options.avatar_id on Generate / GenerateVideo instead.)
     """
+    SubmitJob: _aio.UnaryUnaryMultiCallable[_gateway_pb2.SubmitJobRequest, _gateway_pb2.Job]  # type: ignore[assignment]
+    """Asynchronous jobs: submit, then poll (or watch, or get a webhook), then download. Any gateway replica
+    sharing the job store (Redis) and the data directory answers for any job.
+    """
+    GetJob: _aio.UnaryUnaryMultiCallable[_gateway_pb2.JobRequest, _gateway_pb2.Job]  # type: ignore[assignment]
+    GetJobVideo: _aio.UnaryUnaryMultiCallable[_gateway_pb2.JobRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The finished job's mp4 (FAILED_PRECONDITION until it has SUCCEEDED)."""
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_gateway_pb2.JobRequest, _gateway_pb2.Job]  # type: ignore[assignment]
+    """Cancels a queued or running job, or removes a finished one and its files."""
+    ListJobs: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListJobsRequest, _gateway_pb2.ListJobsResponse]  # type: ignore[assignment]
+    WatchJob: _aio.UnaryStreamMultiCallable[_gateway_pb2.JobRequest, _gateway_pb2.Job]  # type: ignore[assignment]
+    """The job as it changes, until it ends."""
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -203,5 +227,53 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         """Generation from an avatar with the speech as the raw HTTP body; options as query parameters.
         (gRPC and JSON callers set options.avatar_id on Generate / GenerateVideo instead.)
         """
+
+    @_abc_1.abstractmethod
+    def SubmitJob(
+        self,
+        request: _gateway_pb2.SubmitJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Job, _abc.Awaitable[_gateway_pb2.Job]]:
+        """Asynchronous jobs: submit, then poll (or watch, or get a webhook), then download. Any gateway replica
+        sharing the job store (Redis) and the data directory answers for any job.
+        """
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _gateway_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Job, _abc.Awaitable[_gateway_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def GetJobVideo(
+        self,
+        request: _gateway_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """The finished job's mp4 (FAILED_PRECONDITION until it has SUCCEEDED)."""
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _gateway_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Job, _abc.Awaitable[_gateway_pb2.Job]]:
+        """Cancels a queued or running job, or removes a finished one and its files."""
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _gateway_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListJobsResponse, _abc.Awaitable[_gateway_pb2.ListJobsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchJob(
+        self,
+        request: _gateway_pb2.JobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.Job], _abc.AsyncIterator[_gateway_pb2.Job]]:
+        """The job as it changes, until it ends."""
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

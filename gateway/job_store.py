@@ -1,0 +1,248 @@
+"""Job records and the job queue: in this process, or in Redis so that every replica shares them.
+
+A job's inputs and result live in `<data_dir>/jobs/<id>/` (a shared volume); its record (state, progress,
+error, attempts) and the FIFO live here. A replica that takes a job holds a lease it renews; a job whose
+lease lapsed (its replica died) goes back to the front of the queue, or fails after too many attempts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+from superwav2lip.gateway.v1 import gateway_pb2
+
+from service_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+
+from .limits import setting_name
+
+JOB_ID = re.compile(r"job_[0-9a-f]{24}")
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+QUEUE, RUNNING, INDEX = "swl:jobs:queue", "swl:jobs:running", "swl:jobs"
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID.fullmatch(job_id):
+        raise InvalidArgument(f"job_id {job_id[:40]!r} is not a job id (job_ and 24 hex digits)")
+    return job_id
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    state: str = "QUEUED"
+    created: float = field(default_factory=time.time)
+    started: float = 0.0
+    finished: float = 0.0
+    attempts: int = 0
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    error_code: int = 0
+    error_status: str = ""
+    error_message: str = ""
+    result: dict = field(default_factory=dict)  # ResultInfo fields
+    webhook_url: str = ""
+    owner: str = ""  # the replica running it
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "JobRecord":
+        return cls(**json.loads(data))
+
+    def message(self, queue_position: int = 0) -> gateway_pb2.Job:
+        return gateway_pb2.Job(
+            job_id=self.job_id, state=gateway_pb2.Job.State.Value(self.state),
+            progress=gateway_pb2.Progress(stage=self.stage, done=self.done, total=self.total),
+            queue_position=queue_position, created_unix=self.created, started_unix=self.started,
+            finished_unix=self.finished, error_code=self.error_code, error_status=self.error_status,
+            error_message=self.error_message, attempts=self.attempts, result=gateway_pb2.ResultInfo(**self.result),
+            video_path=f"/v1/jobs/{self.job_id}/video" if self.state == "SUCCEEDED" else "")
+
+    def fail(self, code: int, status: str, message: str) -> None:
+        self.state, self.finished = "FAILED", time.time()
+        self.error_code, self.error_status, self.error_message = code, status, message
+
+
+class MemoryJobStore:
+    """Records and queue in this process: jobs are lost with it (configure Redis to share and keep them)."""
+
+    def __init__(self, max_queue: int, result_ttl_s: float) -> None:
+        self.max_queue, self.result_ttl_s = max_queue, result_ttl_s
+        self._records: OrderedDict[str, JobRecord] = OrderedDict()
+        self._queue: list[str] = []
+        self._leases: dict[str, float] = {}
+        self._cancels: set[str] = set()
+
+    async def request_cancel(self, job_id: str) -> None:
+        self._cancels.add(job_id)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return job_id in self._cancels
+
+    async def enqueue(self, record: JobRecord) -> None:
+        if len(self._queue) >= self.max_queue:
+            raise queue_full(self.max_queue)
+        self._records[record.job_id] = record
+        self._queue.append(record.job_id)
+
+    async def claim(self, owner: str, lease_s: float) -> str | None:
+        if not self._queue:
+            return None
+        job_id = self._queue.pop(0)
+        self._leases[job_id] = time.monotonic() + lease_s
+        return job_id
+
+    async def renew(self, job_id: str, lease_s: float) -> None:
+        self._leases[job_id] = time.monotonic() + lease_s
+
+    async def release(self, job_id: str) -> None:
+        self._leases.pop(job_id, None)
+
+    async def expired_leases(self) -> list[str]:
+        now = time.monotonic()
+        expired = [job_id for job_id, until in self._leases.items() if until < now]
+        for job_id in expired:
+            del self._leases[job_id]
+        return expired
+
+    async def requeue_front(self, job_id: str) -> None:
+        self._queue.insert(0, job_id)
+
+    async def save(self, record: JobRecord) -> None:
+        self._records[record.job_id] = record
+
+    async def load(self, job_id: str) -> JobRecord | None:
+        record = self._records.get(job_id)
+        if record is not None and record.state in TERMINAL and record.finished + self.result_ttl_s < time.time():
+            return None
+        return None if record is None else JobRecord(**asdict(record))  # a copy, as Redis would give
+
+    async def position(self, job_id: str) -> int:
+        return self._queue.index(job_id) + 1 if job_id in self._queue else 0
+
+    async def unqueue(self, job_id: str) -> bool:
+        if job_id in self._queue:
+            self._queue.remove(job_id)
+            return True
+        return False
+
+    async def recent(self, start: int, count: int) -> list[JobRecord]:
+        ids = list(reversed(self._records))[start : start + count]
+        return [r for r in [await self.load(i) for i in ids] if r is not None]
+
+    async def delete(self, job_id: str) -> None:
+        self._records.pop(job_id, None)
+        await self.unqueue(job_id)
+
+    async def known(self) -> set[str]:
+        return {job_id for job_id in self._records if await self.load(job_id) is not None}
+
+
+# Atomic steps as Redis scripts, so that two replicas never take or requeue the same job.
+_ENQUEUE = """if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1]) return 1"""
+_CLAIM = """local id = redis.call('LPOP', KEYS[1])
+if id then redis.call('SADD', KEYS[2], id) redis.call('SET', 'swl:job:' .. id .. ':lease', ARGV[1], 'PX', ARGV[2]) end
+return id"""
+
+
+class RedisJobStore:
+    """Records, queue and leases in Redis, shared by every replica; a restart loses no queued job."""
+
+    def __init__(self, client, max_queue: int, result_ttl_s: float, timeout_s: float) -> None:
+        self.client, self.max_queue, self.result_ttl_s, self.timeout_s = client, max_queue, result_ttl_s, timeout_s
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._claim = client.register_script(_CLAIM)
+
+    async def request_cancel(self, job_id: str) -> None:
+        """A flag of its own, so that the running replica's progress writes never overwrite it."""
+        await self._call(self.client.set(f"swl:job:{job_id}:cancel", 1, px=int(self.result_ttl_s * 1000)))
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self._call(self.client.exists(f"swl:job:{job_id}:cancel")))
+
+    async def _call(self, call):
+        try:
+            return await asyncio.wait_for(call, self.timeout_s * 4)
+        except Exception as error:  # noqa: BLE001 - any Redis or network failure
+            raise Unavailable(f"the job store (Redis) is unavailable ({type(error).__name__}); retry shortly") from None
+
+    async def enqueue(self, record: JobRecord) -> None:
+        await self.save(record)
+        await self._call(self.client.zadd(INDEX, {record.job_id: record.created}))
+        if not await self._call(self._enqueue(keys=[QUEUE], args=[record.job_id, self.max_queue])):
+            await self.delete(record.job_id)
+            raise queue_full(self.max_queue)
+
+    async def claim(self, owner: str, lease_s: float) -> str | None:
+        job_id = await self._call(self._claim(keys=[QUEUE, RUNNING], args=[owner, int(lease_s * 1000)]))
+        return job_id.decode() if job_id else None
+
+    async def renew(self, job_id: str, lease_s: float) -> None:
+        await self._call(self.client.pexpire(f"swl:job:{job_id}:lease", int(lease_s * 1000)))
+
+    async def release(self, job_id: str) -> None:
+        await self._call(self.client.srem(RUNNING, job_id))
+        await self._call(self.client.delete(f"swl:job:{job_id}:lease"))
+
+    async def expired_leases(self) -> list[str]:
+        """Running jobs whose lease lapsed; each is returned to exactly one caller (SREM decides)."""
+        expired = []
+        for raw in await self._call(self.client.smembers(RUNNING)):
+            job_id = raw.decode()
+            if not await self._call(self.client.exists(f"swl:job:{job_id}:lease")):
+                if await self._call(self.client.srem(RUNNING, job_id)):
+                    expired.append(job_id)
+        return expired
+
+    async def requeue_front(self, job_id: str) -> None:
+        await self._call(self.client.lpush(QUEUE, job_id))
+
+    async def save(self, record: JobRecord) -> None:
+        ttl = int(self.result_ttl_s * 1000) if record.state in TERMINAL else None
+        await self._call(self.client.set(f"swl:job:{record.job_id}", record.to_json(), px=ttl))
+
+    async def load(self, job_id: str) -> JobRecord | None:
+        data = await self._call(self.client.get(f"swl:job:{job_id}"))
+        return None if data is None else JobRecord.from_json(data)
+
+    async def position(self, job_id: str) -> int:
+        index = await self._call(self.client.lpos(QUEUE, job_id))
+        return 0 if index is None else index + 1
+
+    async def unqueue(self, job_id: str) -> bool:
+        return bool(await self._call(self.client.lrem(QUEUE, 0, job_id)))
+
+    async def recent(self, start: int, count: int) -> list[JobRecord]:
+        ids = [i.decode() for i in await self._call(self.client.zrevrange(INDEX, start, start + count - 1))]
+        records = [await self.load(i) for i in ids]
+        for job_id, record in zip(ids, records):
+            if record is None:  # expired: drop it from the index too
+                await self._call(self.client.zrem(INDEX, job_id))
+        return [r for r in records if r is not None]
+
+    async def delete(self, job_id: str) -> None:
+        await self._call(self.client.delete(f"swl:job:{job_id}"))
+        await self._call(self.client.zrem(INDEX, job_id))
+        await self.unqueue(job_id)
+
+    async def known(self) -> set[str]:
+        ids = [i.decode() for i in await self._call(self.client.zrange(INDEX, 0, -1))]
+        exists = [await self._call(self.client.exists(f"swl:job:{i}")) for i in ids]
+        return {i for i, e in zip(ids, exists) if e}
+
+
+def queue_full(size: int) -> ResourceExhausted:
+    return ResourceExhausted(f"the job queue is full ({size} jobs waiting, {setting_name('job_queue_size')}); "
+                             "retry later", retry_after_s=5.0)
