@@ -35,14 +35,14 @@ class LipSyncJob:
 
     def __init__(self, clients: ModelClients, options: JobOptions, metrics: GatewayMetrics, *,
                  chunk_frames: int, limits: MediaLimits = MediaLimits(), deadline: JobDeadline | None = None,
-                 progress: Progress | None = None, plans: PlanCache | None = None) -> None:
+                 progress: Progress | None = None, plans: PlanCache | None = None, encoder_threads: int = 0) -> None:
         self.clients, self.options, self.metrics = clients, options, metrics
         self.limits, self.deadline, self.plans = limits, deadline, plans
         self._progress = progress
         self.planner = Planner(clients, options, metrics, chunk_frames=chunk_frames, limits=limits,
                                deadline=deadline, progress=progress)
         self.synthesiser = Synthesiser(clients, options, metrics, chunk_frames=chunk_frames, deadline=deadline,
-                                       progress=progress)
+                                       progress=progress, encoder_threads=encoder_threads)
         self._avatar: tuple[bytes, FacePlan] | None = None
 
     def use_avatar(self, face: bytes, plan: FacePlan) -> None:

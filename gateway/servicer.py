@@ -59,7 +59,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if avatar is not None:
             options = options.with_planning_of(JobOptions.from_proto(avatar.planning))
         job = LipSyncJob(self.clients, options, self.metrics, chunk_frames=self.settings.chunk_frames,
-                         limits=self.limits, deadline=deadline, progress=progress, plans=self.plans)
+                         limits=self.limits, deadline=deadline, progress=progress, plans=self.plans,
+                         encoder_threads=self.settings.encoder_threads)
         if avatar is not None:
             job.use_avatar(avatar.face, avatar.plan)
         return job

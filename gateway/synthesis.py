@@ -91,8 +91,10 @@ class Synthesiser:
     """Makes one job's frames against the lip-sync (and enhancer) services, and encodes them."""
 
     def __init__(self, clients: ModelClients, options: JobOptions, metrics: GatewayMetrics, *, chunk_frames: int,
-                 deadline: JobDeadline | None = None, progress: Progress | None = None) -> None:
+                 deadline: JobDeadline | None = None, progress: Progress | None = None,
+                 encoder_threads: int = 0) -> None:
         self.clients, self.options, self.metrics = clients, options, metrics
+        self.encoder_threads = encoder_threads
         self.chunk_frames, self.deadline = chunk_frames, deadline
         self._progress = progress
         self._window = mouth_window(options.mouth_padding)
@@ -104,7 +106,8 @@ class Synthesiser:
     async def encode(self, plan: Plan) -> bytes:
         """The mp4 of the whole job: frames are encoded as their chunks are made."""
         width, height = plan.face.size
-        writer = Mp4Writer(width, height, plan.fps, self.options.crf, self.options.preset, plan.speech)
+        writer = Mp4Writer(width, height, plan.fps, self.options.crf, self.options.preset, plan.speech,
+                           self.encoder_threads)
         try:
             # The chunk stages stop before the writer (and then the source) they use are closed.
             async with contextlib.aclosing(self.chunks(plan)) as chunks:

@@ -105,3 +105,15 @@ def decode_all(mp4: bytes) -> tuple[list[np.ndarray], Fraction]:
     with av.open(io.BytesIO(mp4)) as container:
         stream = container.streams.video[0]
         return [f.to_ndarray(format="bgr24") for f in container.decode(stream)], stream.average_rate
+
+
+def assert_same_video(first: bytes, second: bytes, min_psnr: float = 35.0) -> None:
+    """Two encodings of the same frames: equal frame counts, each frame equal up to encoder noise.
+
+    Frames are compared exactly before encoding elsewhere (tests/test_avatars.py); after libx264 two runs of
+    one job can differ in a few pixels of a few frames (seen about once in seven under concurrent load)."""
+    a, b = decode_all(first)[0], decode_all(second)[0]
+    assert len(a) == len(b), (len(a), len(b))
+    for index, (x, y) in enumerate(zip(a, b)):
+        mse = np.mean((x.astype(np.float64) - y) ** 2)
+        assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= min_psnr, f"frame {index} differs beyond encoder noise"

@@ -20,7 +20,7 @@ from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from deploy.envoy import local
 from deploy.envoy.render import EdgeConfig, render
 
-from .media_factory import decode_all, encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
+from .media_factory import assert_same_video, encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
 from .stack import running_stack
 
 FACE = encode_png(with_marker(scene(), 100, 80))
@@ -80,9 +80,11 @@ def test_rendered_config_passes_envoy_validate(tmp_path, with_tls):
     assert done.returncode == 0 and f"configuration '{path}' OK" in done.stdout + done.stderr, done.stderr
 
 
-async def test_json_raw_upload_and_errors_through_envoy(dev_models_dir, tmp_path):
+async def test_json_raw_upload_and_errors_through_envoy(identity_models_dir, tmp_path):
+    """Identity models and a single-threaded encoder: both routes must give the same frames."""
     audio = speech_wav(1.2)
-    async with running_stack(dev_models_dir) as stack, envoy_in_front(stack, tmp_path) as edge:
+    async with running_stack(identity_models_dir, encoder_threads=1) as stack, \
+            envoy_in_front(stack, tmp_path) as edge:
         status, headers, mp4 = await asyncio.to_thread(post, f"{edge}/v1/generate", generate_json(FACE, audio),
                                                        {"content-type": "application/json"})
         assert status == 200 and headers["content-type"] == "video/mp4", mp4[:300]
@@ -97,9 +99,7 @@ async def test_json_raw_upload_and_errors_through_envoy(dev_models_dir, tmp_path
         status, headers, raw_mp4 = await asyncio.to_thread(
             post, f"{edge}/v1/uploads/{upload['upload_id']}:generate", audio, {"content-type": "audio/wav"})
         assert status == 200 and headers["content-type"] == "video/mp4", raw_mp4[:300]
-        frames, _ = decode_all(mp4)
-        raw_frames, _ = decode_all(raw_mp4)
-        assert len(frames) == len(raw_frames) and all((a == b).all() for a, b in zip(frames, raw_frames))
+        assert_same_video(mp4, raw_mp4)
 
         status, _, body = await asyncio.to_thread(post, f"{edge}/v1/uploads/no-such-id:generate", audio)
         assert status == 404 and "no-such-id" in json.loads(body)["message"]
