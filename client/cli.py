@@ -121,6 +121,55 @@ def delete_avatar(args: argparse.Namespace) -> int:
     return 0
 
 
+def state_name(job: gateway_pb2.Job) -> str:
+    return gateway_pb2.Job.State.Name(job.state)
+
+
+def job_line(job: gateway_pb2.Job) -> str:
+    line = f"{job.job_id}  {state_name(job):<9}"
+    if state_name(job) == "QUEUED":
+        line += f"  position {job.queue_position}"
+    elif state_name(job) == "RUNNING":
+        line += f"  {job.progress.stage} {job.progress.done}/{job.progress.total}"
+    elif state_name(job) == "FAILED":
+        line += f"  {job.error_status}: {job.error_message}"
+    return line
+
+
+def jobs_command(args: argparse.Namespace) -> int:
+    """submit | status | wait | download | cancel | list."""
+    try:
+        with GatewayClient(args.server) as client:
+            if args.verb == "submit":
+                job = client.submit_job(args.face, args.audio, build_options(args), webhook_url=args.webhook or "")
+                print(job.job_id)
+            elif args.verb == "status":
+                print(job_line(client.get_job(args.job_id)))
+            elif args.verb == "wait":
+                bar, job = ProgressBar(), None
+                for job in client.watch_job(args.job_id, timeout=args.timeout):
+                    if state_name(job) == "RUNNING" and job.progress.total:
+                        bar(job.progress)
+                sys.stderr.write("\n")
+                print(job_line(job))
+                return 0 if state_name(job) == "SUCCEEDED" else 1
+            elif args.verb == "download":
+                Path(args.output).write_bytes(client.job_video(args.job_id))
+                sys.stderr.write(f"wrote {args.output}\n")
+            elif args.verb == "cancel":
+                print(job_line(client.cancel_job(args.job_id)))
+            else:
+                for job in client.list_jobs():
+                    print(job_line(job))
+    except GenerationError as error:
+        sys.stderr.write(f"error: {error.code.name}: {error.message}\n")
+        return 1
+    except FileNotFoundError as error:
+        sys.stderr.write(f"error: {error.filename} does not exist\n")
+        return 1
+    return 0
+
+
 def check_health(args: argparse.Namespace) -> int:
     addresses = {name: getattr(args, name) for name in DEFAULT_ADDRESSES}
     statuses = {name: health(address) for name, address in addresses.items()}
@@ -195,6 +244,27 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("avatar_id")
     add_common_arguments(delete)
     delete.set_defaults(run=delete_avatar)
+
+    jobs = commands.add_parser("jobs", help="asynchronous jobs: submit, then status / wait, then download")
+    job_verbs = jobs.add_subparsers(dest="verb", required=True)
+    submit = job_verbs.add_parser("submit", help="queue a job; prints its id")
+    submit_source = submit.add_mutually_exclusive_group(required=True)
+    submit_source.add_argument("--face", help="face image or video")
+    submit_source.add_argument("--avatar", help="an avatar id instead of --face")
+    submit.add_argument("--audio", required=True, help="speech")
+    submit.add_argument("--webhook", help="URL called (signed) when the job ends; its host must be allow-listed")
+    add_common_arguments(submit)
+    add_planning_arguments(submit)
+    add_synthesis_arguments(submit)
+    for verb, text in (("status", "print a job's state"), ("wait", "follow a job with a progress bar until it ends"),
+                       ("download", "write a finished job's mp4"), ("cancel", "cancel a job, or remove a finished one")):
+        command = job_verbs.add_parser(verb, help=text)
+        command.add_argument("job_id")
+        if verb == "download":
+            command.add_argument("-o", "--output", required=True, help="mp4 to write")
+        add_common_arguments(command)
+    add_common_arguments(job_verbs.add_parser("list", help="recent jobs, newest first"))
+    jobs.set_defaults(run=jobs_command)
 
     check = commands.add_parser("health", help="print each service's health; exit 0 only if all are SERVING")
     check.add_argument("--server", dest="gateway", default=DEFAULT_ADDRESSES["gateway"], help="gateway host:port")

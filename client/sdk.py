@@ -116,6 +116,35 @@ class GatewayClient:
     def delete_avatar(self, avatar_id: str, timeout: float | None = 30) -> None:
         self._unary(self._stub.DeleteAvatar, gateway_pb2.DeleteAvatarRequest(avatar_id=avatar_id), timeout)
 
+    def submit_job(self, face: bytes | str | Path | None, audio: bytes | str | Path,
+                   options: gateway_pb2.GenerateOptions | None = None, *, webhook_url: str = "",
+                   timeout: float | None = 300) -> gateway_pb2.Job:
+        """Queues a job (face media, or `options.avatar_id` with `face=None`); returns it, QUEUED."""
+        request = gateway_pb2.SubmitJobRequest(options=options or gateway_pb2.GenerateOptions(),
+                                               face=b"" if face is None else _read(face), audio=_read(audio),
+                                               webhook_url=webhook_url)
+        return self._unary(self._stub.SubmitJob, request, timeout)
+
+    def get_job(self, job_id: str, timeout: float | None = 30) -> gateway_pb2.Job:
+        return self._unary(self._stub.GetJob, gateway_pb2.JobRequest(job_id=job_id), timeout)
+
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[gateway_pb2.Job]:
+        """The job each time it changes, until it ends."""
+        try:
+            yield from self._stub.WatchJob(gateway_pb2.JobRequest(job_id=job_id), timeout=timeout)
+        except grpc.RpcError as error:
+            raise GenerationError(error.code(), error.details()) from None
+
+    def job_video(self, job_id: str, timeout: float | None = 300) -> bytes:
+        return self._unary(self._stub.GetJobVideo, gateway_pb2.JobRequest(job_id=job_id), timeout).data
+
+    def cancel_job(self, job_id: str, timeout: float | None = 30) -> gateway_pb2.Job:
+        """Cancels a queued or running job, or removes a finished one."""
+        return self._unary(self._stub.DeleteJob, gateway_pb2.JobRequest(job_id=job_id), timeout)
+
+    def list_jobs(self, timeout: float | None = 30) -> list[gateway_pb2.Job]:
+        return list(self._unary(self._stub.ListJobs, gateway_pb2.ListJobsRequest(), timeout).jobs)
+
     @staticmethod
     def _unary(method, request, timeout):
         try:

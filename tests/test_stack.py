@@ -85,7 +85,7 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
         shell = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
                                text=True, timeout=180)
         assert shell.returncode == 0, shell.stderr
-        for name in ("out.mp4", "out-raw.mp4"):
+        for name in ("out.mp4", "out-raw.mp4", "out-job.mp4"):
             durations = stream_durations((tmp_path / name).read_bytes())
             assert abs(durations["video"] - 1.2) <= 0.04, name
         assert '"stage":"encode"' in shell.stdout  # the server-sent progress reached the end
@@ -107,6 +107,20 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
         assert abs(stream_durations((tmp_path / "avatar.mp4").read_bytes())["video"] - 1.2) <= 0.04
         deleted = cli("avatar", "delete", avatar_id, server)
         assert deleted.returncode == 0 and avatar_id not in cli("avatar", "list", server).stdout
+
+        # The jobs verbs, as the README shows them.
+        submitted = cli("jobs", "submit", "--face", str(tmp_path / "face.png"), "--audio", str(tmp_path / "speech.wav"),
+                        server)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        waited = cli("jobs", "wait", job_id, server)
+        assert waited.returncode == 0 and "SUCCEEDED" in waited.stdout, waited.stdout + waited.stderr
+        assert cli("jobs", "download", job_id, "-o", str(tmp_path / "job.mp4"), server).returncode == 0
+        assert abs(stream_durations((tmp_path / "job.mp4").read_bytes())["video"] - 1.2) <= 0.04
+        assert job_id in cli("jobs", "list", server).stdout
+        assert cli("jobs", "cancel", job_id, server).returncode == 0  # a finished job: removed
+        status = cli("jobs", "status", job_id, server)
+        assert status.returncode == 1 and "NOT_FOUND" in status.stderr
     finally:
         runner.send_signal(signal.SIGTERM)
         rest, _ = runner.communicate(timeout=60)
