@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from superwav2lip.gateway.v1 import gateway_pb2
@@ -60,18 +62,27 @@ def build_options(args: argparse.Namespace) -> gateway_pb2.GenerateOptions:
     return options
 
 
+def reporting_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """The gateway's refusals and missing files become one line on stderr and exit code 1."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except GenerationError as error:
+            sys.stderr.write(f"\nerror: {error.code.name}: {error.message}\n")
+        except FileNotFoundError as error:
+            sys.stderr.write(f"error: {error.filename} does not exist\n")
+        return 1
+
+    return run
+
+
+@reporting_errors
 def generate(args: argparse.Namespace) -> int:
-    bar = ProgressBar()
-    try:
-        with GatewayClient(args.server) as client:
-            result = client.generate(args.face, args.audio, build_options(args), on_progress=bar,
-                                     timeout=args.timeout)
-    except GenerationError as error:
-        sys.stderr.write(f"\nerror: {error.code.name}: {error.message}\n")
-        return 1
-    except FileNotFoundError as error:
-        sys.stderr.write(f"error: {error.filename} does not exist\n")
-        return 1
+    with GatewayClient(args.server) as client:
+        result = client.generate(args.face, args.audio, build_options(args), on_progress=ProgressBar(),
+                                 timeout=args.timeout)
     Path(args.output).write_bytes(result.mp4)
     info = result.info
     sys.stderr.write(f"\nwrote {args.output}: {info.width}x{info.height}, {info.fps:g} fps, {info.frames} frames, "
@@ -79,30 +90,21 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@reporting_errors
 def create_avatar(args: argparse.Namespace) -> int:
-    try:
-        with GatewayClient(args.server) as client:
-            avatar = client.create_avatar(args.face, build_options(args), name=args.name or Path(args.face).name,
-                                          on_progress=ProgressBar(), timeout=args.timeout)
-    except GenerationError as error:
-        sys.stderr.write(f"\nerror: {error.code.name}: {error.message}\n")
-        return 1
-    except FileNotFoundError as error:
-        sys.stderr.write(f"error: {error.filename} does not exist\n")
-        return 1
+    with GatewayClient(args.server) as client:
+        avatar = client.create_avatar(args.face, build_options(args), name=args.name or Path(args.face).name,
+                                      on_progress=ProgressBar(), timeout=args.timeout)
     sys.stderr.write(f"\navatar {avatar.name}: {avatar.width}x{avatar.height}, {avatar.fps:g} fps, "
                      f"{avatar.frames} frames\n")
     print(avatar.avatar_id)
     return 0
 
 
+@reporting_errors
 def list_avatars(args: argparse.Namespace) -> int:
-    try:
-        with GatewayClient(args.server) as client:
-            avatars = client.list_avatars()
-    except GenerationError as error:
-        sys.stderr.write(f"error: {error.code.name}: {error.message}\n")
-        return 1
+    with GatewayClient(args.server) as client:
+        avatars = client.list_avatars()
     for avatar in avatars:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(avatar.created_unix))
         print(f"{avatar.avatar_id}  {created}  {avatar.width}x{avatar.height}  {avatar.fps:g} fps  "
@@ -110,13 +112,10 @@ def list_avatars(args: argparse.Namespace) -> int:
     return 0
 
 
+@reporting_errors
 def delete_avatar(args: argparse.Namespace) -> int:
-    try:
-        with GatewayClient(args.server) as client:
-            client.delete_avatar(args.avatar_id)
-    except GenerationError as error:
-        sys.stderr.write(f"error: {error.code.name}: {error.message}\n")
-        return 1
+    with GatewayClient(args.server) as client:
+        client.delete_avatar(args.avatar_id)
     sys.stderr.write(f"deleted {args.avatar_id}\n")
     return 0
 
@@ -136,37 +135,30 @@ def job_line(job: gateway_pb2.Job) -> str:
     return line
 
 
+@reporting_errors
 def jobs_command(args: argparse.Namespace) -> int:
     """submit | status | wait | download | cancel | list."""
-    try:
-        with GatewayClient(args.server) as client:
-            if args.verb == "submit":
-                job = client.submit_job(args.face, args.audio, build_options(args), webhook_url=args.webhook or "")
-                print(job.job_id)
-            elif args.verb == "status":
-                print(job_line(client.get_job(args.job_id)))
-            elif args.verb == "wait":
-                bar, job = ProgressBar(), None
-                for job in client.watch_job(args.job_id, timeout=args.timeout):
-                    if state_name(job) == "RUNNING" and job.progress.total:
-                        bar(job.progress)
-                sys.stderr.write("\n")
+    with GatewayClient(args.server) as client:
+        if args.verb == "submit":
+            print(client.submit_job(args.face, args.audio, build_options(args), webhook_url=args.webhook or "").job_id)
+        elif args.verb == "status":
+            print(job_line(client.get_job(args.job_id)))
+        elif args.verb == "wait":
+            bar, job = ProgressBar(), None
+            for job in client.watch_job(args.job_id, timeout=args.timeout):
+                if state_name(job) == "RUNNING" and job.progress.total:
+                    bar(job.progress)
+            sys.stderr.write("\n")
+            print(job_line(job))
+            return 0 if state_name(job) == "SUCCEEDED" else 1
+        elif args.verb == "download":
+            Path(args.output).write_bytes(client.job_video(args.job_id))
+            sys.stderr.write(f"wrote {args.output}\n")
+        elif args.verb == "cancel":
+            print(job_line(client.cancel_job(args.job_id)))
+        else:
+            for job in client.list_jobs():
                 print(job_line(job))
-                return 0 if state_name(job) == "SUCCEEDED" else 1
-            elif args.verb == "download":
-                Path(args.output).write_bytes(client.job_video(args.job_id))
-                sys.stderr.write(f"wrote {args.output}\n")
-            elif args.verb == "cancel":
-                print(job_line(client.cancel_job(args.job_id)))
-            else:
-                for job in client.list_jobs():
-                    print(job_line(job))
-    except GenerationError as error:
-        sys.stderr.write(f"error: {error.code.name}: {error.message}\n")
-        return 1
-    except FileNotFoundError as error:
-        sys.stderr.write(f"error: {error.filename} does not exist\n")
-        return 1
     return 0
 
 

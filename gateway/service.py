@@ -27,6 +27,8 @@ from .servicer import GatewayServicer
 
 log = logging.getLogger(__name__)
 
+CLOSE_STEP_S = 5.0
+
 
 @dataclasses.dataclass(frozen=True)
 class GatewaySettings(ServerSettings):
@@ -155,10 +157,14 @@ class GatewayService(GrpcService):
         gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
 
     async def close(self) -> None:
-        await self.servicer.jobs.stop()
-        await self.clients.close()
-        if self.redis is not None:
-            await self.redis.aclose()
+        """Stops the job workers, then the channels and Redis; no step may hold shutdown up (a Redis command
+        cancelled mid-flight has left redis-py's close waiting forever)."""
+        for step in (self.servicer.jobs.stop(), self.clients.close(),
+                     self.redis.aclose() if self.redis is not None else asyncio.sleep(0)):
+            try:
+                await asyncio.wait_for(step, CLOSE_STEP_S)
+            except TimeoutError:
+                log.warning("shutdown step timed out", extra={"step": step.__qualname__, "seconds": CLOSE_STEP_S})
 
 
 def keep_large_buffers_returnable() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import grpc
@@ -46,6 +47,13 @@ def identity_models_dir(tmp_path_factory) -> Path:
     for spec in load_manifest(folder).models.values():
         write_dev_model(spec, folder / "dev", identity=spec.role in {"lipsync", "enhancer"})
     return folder
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def service_env(models_dir, prefix: str, **extra) -> dict[str, str]:

@@ -5,7 +5,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.options import JobOptions
 from gateway.pipeline import LipSyncJob
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port
 from .media_factory import assert_same_video, decode_all, encode_video, marker_frames, speech_wav, stream_durations
 from .stack import model_clients, running_stack
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisServer:

@@ -6,7 +6,6 @@ import contextlib
 import http.client
 import io
 import json
-import socket
 import ssl
 import subprocess
 import urllib.error
@@ -20,16 +19,12 @@ from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from deploy.envoy import local
 from deploy.envoy.render import EdgeConfig, render
 
+from .conftest import free_port
 from .media_factory import assert_same_video, encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
 from .stack import running_stack
 
 FACE = encode_png(with_marker(scene(), 100, 80))
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.asynccontextmanager

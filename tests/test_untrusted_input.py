@@ -10,7 +10,6 @@ import io
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from gateway.faststart import faststart
 
-from .conftest import ROOT, service_env
+from .conftest import ROOT, service_env, free_port
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
 from .stack import running_stack
 
@@ -329,11 +328,6 @@ async def test_jobs_cancelled_at_random_points_leave_the_gateway_serving(dev_mod
         assert await call_status(stack, chunks_of(face, audio, Options())) is None
     assert completed < 60  # most jobs really were cut off mid-way
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_a_model_service_that_never_answers_ends_in_deadline_exceeded(dev_models_dir, tmp_path):
