@@ -72,8 +72,8 @@ class GatewaySettings(ServerSettings):
     # The HTTP edge: raw uploads and API keys.
     upload_ttl_s: float = setting(600.0, "Seconds a raw upload (POST /v1/uploads) is kept for generation.", ge=1,
                                   le=86400)
-    upload_store_mb: int = setting(2048, "Memory for raw uploads, in MiB; beyond it uploads get RESOURCE_EXHAUSTED.",
-                                   ge=1, le=1 << 20)
+    upload_store_mb: int = setting(2048, "Disk for raw uploads in the data directory, in MiB; beyond it uploads get "
+                                         "RESOURCE_EXHAUSTED.", ge=1, le=1 << 20)
     # Shared state: the plan cache and avatars.
     redis_url: str = setting("", "Redis URL (redis://host:6379/0) for the shared plan cache and avatar index; empty = "
                                  "in-process cache and meta.json files.")
@@ -82,7 +82,8 @@ class GatewaySettings(ServerSettings):
     plan_cache_mb: int = setting(256, "In-process plan cache size, in MiB (when no Redis is configured); 0 disables.",
                                  ge=0, le=1 << 20)
     plan_cache_ttl_s: float = setting(7 * 86400.0, "How long Redis keeps a cached plan.", ge=1, le=365 * 86400)
-    data_dir: str = setting("data", "Folder for avatar media and plans (a shared volume across replicas).")
+    data_dir: str = setting("data", "Folder for avatars, job inputs and results, and raw uploads (a shared volume "
+                                    "across replicas).")
     # Asynchronous jobs (the store is Redis when redis_url is set, else this process).
     job_queue_size: int = setting(100, "Jobs that may wait; a submission beyond it gets RESOURCE_EXHAUSTED.", ge=1,
                                   le=1_000_000)

@@ -44,7 +44,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.limits = MediaLimits.from_settings(settings)
         self.slots = JobSlots(settings.max_concurrent_jobs)
         self.jobs = Jobs(job_store, Path(settings.data_dir), settings, metrics, self.slots, self._job, self._run)
-        self.uploads = UploadStore(settings.upload_store_mb << 20, settings.upload_ttl_s)
+        self.uploads = UploadStore(Path(settings.data_dir) / "uploads", settings.upload_store_mb << 20,
+                                   settings.upload_ttl_s)
         self._serial = asyncio.Lock() if settings.serial_jobs else contextlib.nullcontext()
 
     def _deadline(self, context) -> JobDeadline:
@@ -199,15 +200,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def UploadMedia(self, request: gateway_pb2.UploadMediaRequest, context) -> gateway_pb2.UploadMediaResponse:
         data = request.media.data
         self.limits.check_upload(len(data))
-        upload_id = self.uploads.add(data)
-        self.metrics.uploads_bytes.set(self.uploads.size_bytes)
+        upload_id = await self.uploads.add(data)
+        self.metrics.uploads_bytes.set(await asyncio.to_thread(self.uploads.size_bytes))
         return gateway_pb2.UploadMediaResponse(upload_id=upload_id, size_bytes=len(data),
                                                expires_in_seconds=int(self.uploads.ttl_s))
 
     @grpc_method()
     async def GenerateFromUpload(self, request: gateway_pb2.GenerateFromUploadRequest,
                                  context) -> httpbody_pb2.HttpBody:
-        face = self.uploads.get(request.face_upload_id)
+        face = await self.uploads.get(request.face_upload_id)
         return await self._unary(request.options, face, request.audio.data, context)
 
     # --- Avatars ---------------------------------------------------------------------------------------------

@@ -1,61 +1,75 @@
-"""Raw media uploads kept in memory for a while, by an unguessable id, within a byte budget."""
+"""Raw media uploads kept for a while in the data directory (shared by replicas), by an unguessable id.
+
+An upload made through one replica is used through any other that shares the data directory, which a load
+balancer in front of several gateways needs. The id is the only key (a capability) and is checked against
+one pattern before it becomes a file name."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import secrets
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from pathlib import Path
 
 from service_runtime.errors import InvalidArgument, NotFound, ResourceExhausted
 
 from .limits import setting_name
 
-
-@dataclass(frozen=True)
-class Upload:
-    data: bytes
-    expires_at: float  # time.monotonic()
+UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{24}")
 
 
 class UploadStore:
-    """Uploads by id (a capability: whoever holds the id may use the upload), dropped after `ttl_s`."""
+    def __init__(self, folder: Path, max_bytes: int, ttl_s: float) -> None:
+        self.folder, self.max_bytes, self.ttl_s = Path(folder), max_bytes, ttl_s
 
-    def __init__(self, max_bytes: int, ttl_s: float) -> None:
-        self.max_bytes, self.ttl_s = max_bytes, ttl_s
-        self._uploads: OrderedDict[str, Upload] = OrderedDict()  # oldest first
-        self._bytes = 0
-
-    @property
-    def size_bytes(self) -> int:
-        return self._bytes
-
-    def add(self, data: bytes) -> str:
+    async def add(self, data: bytes) -> str:
         if not data:
             raise InvalidArgument("media: the upload has no bytes")
-        self._expire()
-        if self._bytes + len(data) > self.max_bytes:
+        return await asyncio.to_thread(self._add, data)
+
+    def _add(self, data: bytes) -> str:
+        held = self._expire()
+        if held + len(data) > self.max_bytes:
             raise ResourceExhausted(
-                f"the upload store is full ({self._bytes >> 20} of {self.max_bytes >> 20} MiB, "
+                f"the upload store is full ({held >> 20} of {self.max_bytes >> 20} MiB, "
                 f"{setting_name('upload_store_mb')}); retry once earlier uploads expire", retry_after_s=self.ttl_s / 10)
+        self.folder.mkdir(parents=True, exist_ok=True)
         upload_id = secrets.token_urlsafe(18)
-        self._uploads[upload_id] = Upload(data, time.monotonic() + self.ttl_s)
-        self._bytes += len(data)
+        partial = self.folder / f".{upload_id}.partial"
+        partial.write_bytes(data)
+        partial.rename(self.folder / upload_id)  # no replica ever reads half an upload
         return upload_id
 
-    def get(self, upload_id: str) -> bytes:
-        self._expire()
-        upload = self._uploads.get(upload_id)
-        if upload is None:
-            raise NotFound(f"upload {upload_id[:32]!r} does not exist or has expired (uploads are kept "
-                           f"{self.ttl_s:.0f} s, {setting_name('upload_ttl_s')}); upload the media again")
-        return upload.data
+    async def get(self, upload_id: str) -> bytes:
+        return await asyncio.to_thread(self._get, upload_id)
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._uploads:
-            upload_id, upload = next(iter(self._uploads.items()))
-            if upload.expires_at > now:
-                return
-            del self._uploads[upload_id]
-            self._bytes -= len(upload.data)
+    def _get(self, upload_id: str) -> bytes:
+        path = self.folder / upload_id if UPLOAD_ID.fullmatch(upload_id) else None
+        try:
+            if path is not None and path.stat().st_mtime + self.ttl_s >= time.time():
+                return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        raise NotFound(f"upload {upload_id[:32]!r} does not exist or has expired (uploads are kept "
+                       f"{self.ttl_s:.0f} s, {setting_name('upload_ttl_s')}); upload the media again")
+
+    def size_bytes(self) -> int:
+        return self._expire()
+
+    def _expire(self) -> int:
+        """Deletes uploads past their time; returns the bytes the others hold."""
+        if not self.folder.is_dir():
+            return 0
+        held, now = 0, time.time()
+        for entry in os.scandir(self.folder):
+            try:
+                stat = entry.stat()
+                if stat.st_mtime + self.ttl_s < now:
+                    os.unlink(entry.path)
+                else:
+                    held += stat.st_size
+            except FileNotFoundError:  # another replica expired it first
+                continue
+        return held

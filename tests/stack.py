@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import tempfile
 import urllib.request
 
 import grpc
@@ -83,7 +84,9 @@ async def running_stack(models_dir, down: str | None = None, overrides=None, ext
             server, _ = await stack.enter_async_context(started(service_cls(settings)))
             servers[name] = server
             addresses[name] = f"127.0.0.1:{server.port}"
+        data_dir = gateway_overrides.pop("data_dir", None) or stack.enter_context(tempfile.TemporaryDirectory())
         settings = GatewaySettings.from_env({}, host="127.0.0.1", port=0, metrics_port=0, grace_period_s=1.0,
+                                            data_dir=data_dir,
                                             detector_address=addresses["detector"],
                                             lipsync_address=addresses["lipsync"],
                                             enhancer_address=addresses["enhancer"], **gateway_overrides)

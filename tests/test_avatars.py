@@ -230,3 +230,29 @@ async def test_two_gateway_processes_share_avatars_through_redis_and_the_data_di
             assert not (data / "avatars" / avatar.avatar_id).exists()
             with pytest.raises(GenerationError):
                 await asyncio.to_thread(lambda: GatewayClient(address_b).get_avatar(avatar.avatar_id))
+
+
+async def test_an_upload_made_through_one_replica_is_used_through_another(dev_models_dir, tmp_path, redis_server):
+    """Behind a load balancer, POST /v1/uploads and the generate call that follows may reach different gateways."""
+    from google.api import httpbody_pb2
+    from superwav2lip.gateway.v1 import gateway_pb2_grpc
+
+    data, log_path = tmp_path / "data", tmp_path / "gateway-b.log"
+    async with running_stack(dev_models_dir, redis_url=redis_server.url, data_dir=str(data)) as stack:
+        with open(log_path, "w") as log, gateway_process(stack, redis_server.url, data, log) as (address_b, b):
+            deadline = time.monotonic() + 60
+            while '"event": "serving"' not in log_path.read_text():
+                assert b.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                await asyncio.sleep(0.1)
+            upload = await stack.stub.UploadMedia(gateway_pb2.UploadMediaRequest(
+                media=httpbody_pb2.HttpBody(data=encode_video(marker_frames(10)))), timeout=30)
+            async with grpc.aio.insecure_channel(address_b) as channel:
+                reply = await gateway_pb2_grpc.GatewayStub(channel).GenerateFromUpload(
+                    gateway_pb2.GenerateFromUploadRequest(face_upload_id=upload.upload_id,
+                                                          audio=httpbody_pb2.HttpBody(data=speech_wav(0.6))),
+                    timeout=60)
+                assert abs(stream_durations(reply.data)["video"] - 0.6) <= 1 / 25
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await gateway_pb2_grpc.GatewayStub(channel).GenerateFromUpload(
+                        gateway_pb2.GenerateFromUploadRequest(face_upload_id="../../../etc/passwd"), timeout=30)
+                assert error.value.code() == grpc.StatusCode.NOT_FOUND
