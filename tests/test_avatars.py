@@ -179,6 +179,14 @@ async def test_avatar_ids_are_checked_and_unknown_ones_are_not_found(dev_models_
     assert not (tmp_path / "etc").exists()
 
 
+async def wait_serving(log_path, process) -> None:
+    """Until a gateway started by `gateway_process` logs that it is SERVING (or dies)."""
+    deadline = time.monotonic() + 60
+    while '"event": "serving"' not in log_path.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        await asyncio.sleep(0.1)
+
+
 @contextlib.contextmanager
 def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = None):
     """A second gateway as its own process, on the same model services, Redis and data directory."""
@@ -205,10 +213,7 @@ async def test_two_gateway_processes_share_avatars_through_redis_and_the_data_di
     log_path = tmp_path / "gateway-b.log"
     async with running_stack(dev_models_dir, redis_url=redis_server.url, data_dir=str(data)) as stack:
         with open(log_path, "w") as log, gateway_process(stack, redis_server.url, data, log) as (address_b, b):
-            deadline = time.monotonic() + 60
-            while '"event": "serving"' not in log_path.read_text():
-                assert b.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                await asyncio.sleep(0.1)
+            await wait_serving(log_path, b)
             avatar, _ = await create_avatar(stack.stub, encode_video(marker_frames(12)))  # made on gateway A
 
             def on_b():
@@ -240,10 +245,7 @@ async def test_an_upload_made_through_one_replica_is_used_through_another(dev_mo
     data, log_path = tmp_path / "data", tmp_path / "gateway-b.log"
     async with running_stack(dev_models_dir, redis_url=redis_server.url, data_dir=str(data)) as stack:
         with open(log_path, "w") as log, gateway_process(stack, redis_server.url, data, log) as (address_b, b):
-            deadline = time.monotonic() + 60
-            while '"event": "serving"' not in log_path.read_text():
-                assert b.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                await asyncio.sleep(0.1)
+            await wait_serving(log_path, b)
             upload = await stack.stub.UploadMedia(gateway_pb2.UploadMediaRequest(
                 media=httpbody_pb2.HttpBody(data=encode_video(marker_frames(10)))), timeout=30)
             async with grpc.aio.insecure_channel(address_b) as channel:

@@ -17,7 +17,7 @@ from gateway.jobs import sign
 
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
 from .stack import running_stack
-from .test_avatars import RedisServer, gateway_process
+from .test_avatars import RedisServer, gateway_process, wait_serving
 
 FACE = encode_png(with_marker(scene(), 100, 80))
 State = gateway_pb2.Job.State
@@ -30,13 +30,6 @@ async def wait_for(stub, job_id: str, states: set, seconds: float = 60) -> gatew
         if State.Name(job.state) in states:
             return job
         assert time.monotonic() < deadline, f"job stayed {State.Name(job.state)}"
-        await asyncio.sleep(0.1)
-
-
-async def wait_serving(log_path, process) -> None:
-    deadline = time.monotonic() + 60
-    while '"event": "serving"' not in log_path.read_text():
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
         await asyncio.sleep(0.1)
 
 
