@@ -63,12 +63,13 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class Jobs:
-    def __init__(self, store, data_dir: Path, settings, metrics: GatewayMetrics, slots: JobSlots,
-                 make_job: Callable[..., Awaitable], run_job: Callable[..., Awaitable]) -> None:
+    def __init__(self, store, data_dir: Path, settings, metrics: GatewayMetrics, slots: JobSlots, *,
+                 check: Callable[..., Awaitable], make_job: Callable[..., Awaitable],
+                 run_job: Callable[..., Awaitable]) -> None:
         self.store, self.settings, self.metrics, self.slots = store, settings, metrics, slots
         self.root = Path(data_dir) / "jobs"
         self.limits = MediaLimits.from_settings(settings)
-        self._make_job, self._run_job = make_job, run_job
+        self._check, self._make_job, self._run_job = check, make_job, run_job
         self.replica = f"{socket.gethostname()}-{os.getpid()}"
         self._tasks: set[asyncio.Task] = set()
         self._opener = urllib.request.build_opener(_NoRedirects)
@@ -78,7 +79,7 @@ class Jobs:
     async def submit(self, request: gateway_pb2.SubmitJobRequest) -> JobRecord:
         s = self.settings
         check_webhook(request.webhook_url, s.webhook_allowed_hosts, s.webhook_secret)
-        await self._make_job(request.options, None, None)  # options, request id and avatar checked now
+        await self._check(request.options)  # options, request id and avatar refused now, not when it runs
         self.limits.check_upload(len(request.face) + len(request.audio) + len(request.options.reference_face))
         record = JobRecord(new_job_id(), webhook_url=request.webhook_url)
         await asyncio.to_thread(self._write_inputs, record.job_id, request)

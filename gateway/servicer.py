@@ -43,7 +43,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.plans, self.avatars = plans, avatars
         self.limits = MediaLimits.from_settings(settings)
         self.slots = JobSlots(settings.max_concurrent_jobs)
-        self.jobs = Jobs(job_store, Path(settings.data_dir), settings, metrics, self.slots, self._job, self._run)
+        self.jobs = Jobs(job_store, Path(settings.data_dir), settings, metrics, self.slots, check=self._check,
+                         make_job=self._job, run_job=self._run)
         self.uploads = UploadStore(Path(settings.data_dir) / "uploads", settings.upload_store_mb << 20,
                                    settings.upload_ttl_s)
         self._serial = asyncio.Lock() if settings.serial_jobs else contextlib.nullcontext()
@@ -66,6 +67,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             job.use_avatar(avatar.face, avatar.plan)
         return job
 
+    async def _checked_job(self, message: gateway_pb2.GenerateOptions, deadline: JobDeadline, progress) -> LipSyncJob:
+        """A job whose reference photo is checked (decodable, a face found) before any media is used."""
+        job = await self._job(message, deadline, progress)
+        async with deadline.enforced():
+            await job.prepare_reference()
+        return job
+
+    async def _check(self, message: gateway_pb2.GenerateOptions) -> None:
+        """Options, request id and avatar (its metadata only) of a job that will run later."""
+        self._options(message)
+        if message.avatar_id:
+            await self.avatars.get(message.avatar_id)
+
     def _options(self, message: gateway_pb2.GenerateOptions) -> JobOptions:
         if message.request_id:
             request_id_var.set(checked_request_id(message.request_id, "options.request_id"))
@@ -75,9 +89,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                        progress) -> tuple[LipSyncJob, bytes, bytes]:
         """Options first, checked with the reference photo before any media is read; then the media."""
         first = await self._first(requests, "Generate")
-        job = await self._job(first.options, deadline, progress)
-        async with deadline.enforced():
-            await job.prepare_reference()
+        job = await self._checked_job(first.options, deadline, progress)
         parts = await self._upload(requests, len(first.options.reference_face))
         return job, parts["face_chunk"], parts["audio_chunk"]
 
@@ -132,10 +144,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _prepared(self, options: gateway_pb2.GenerateOptions, context, progress, *media: bytes) -> LipSyncJob:
         """A job for media that arrived in one message: options and reference photo checked, upload counted."""
-        deadline = self._deadline(context)
-        job = await self._job(options, deadline, progress)
-        async with deadline.enforced():
-            await job.prepare_reference()
+        job = await self._checked_job(options, self._deadline(context), progress)
         received = sum(map(len, media)) + len(options.reference_face)
         self.limits.check_upload(received)
         self.metrics.received_bytes.inc(received)
@@ -201,7 +210,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         data = request.media.data
         self.limits.check_upload(len(data))
         upload_id = await self.uploads.add(data)
-        self.metrics.uploads_bytes.set(await asyncio.to_thread(self.uploads.size_bytes))
+        self.metrics.uploads_bytes.set(self.uploads.held_bytes)
         return gateway_pb2.UploadMediaResponse(upload_id=upload_id, size_bytes=len(data),
                                                expires_in_seconds=int(self.uploads.ttl_s))
 

@@ -23,6 +23,7 @@ UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{24}")
 class UploadStore:
     def __init__(self, folder: Path, max_bytes: int, ttl_s: float) -> None:
         self.folder, self.max_bytes, self.ttl_s = Path(folder), max_bytes, ttl_s
+        self.held_bytes = 0  # what the uploads held at the last scan (a metric)
 
     async def add(self, data: bytes) -> str:
         if not data:
@@ -40,6 +41,7 @@ class UploadStore:
         partial = self.folder / f".{upload_id}.partial"
         partial.write_bytes(data)
         partial.rename(self.folder / upload_id)  # no replica ever reads half an upload
+        self.held_bytes = held + len(data)
         return upload_id
 
     async def get(self, upload_id: str) -> bytes:
@@ -55,9 +57,6 @@ class UploadStore:
         raise NotFound(f"upload {upload_id[:32]!r} does not exist or has expired (uploads are kept "
                        f"{self.ttl_s:.0f} s, {setting_name('upload_ttl_s')}); upload the media again")
 
-    def size_bytes(self) -> int:
-        return self._expire()
-
     def _expire(self) -> int:
         """Deletes uploads past their time; returns the bytes the others hold."""
         if not self.folder.is_dir():
@@ -72,4 +71,5 @@ class UploadStore:
                     held += stat.st_size
             except FileNotFoundError:  # another replica expired it first
                 continue
+        self.held_bytes = held
         return held

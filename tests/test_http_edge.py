@@ -46,13 +46,19 @@ async def envoy_in_front(stack, folder, *, tls: tuple[str, str] | None = None, m
         process.wait(timeout=30)
 
 
-def post(url: str, body: bytes, headers: dict | None = None, context=None) -> tuple[int, dict, bytes]:
-    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+         context=None) -> tuple[int, dict, bytes]:
+    """Status, headers and body of one HTTP request (an error status is an answer, not an exception)."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=120, context=context) as reply:
             return reply.status, dict(reply.headers), reply.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
+
+
+def post(url: str, body: bytes, headers: dict | None = None, context=None) -> tuple[int, dict, bytes]:
+    return call("POST", url, body, headers, context)
 
 
 def generate_json(face: bytes, audio: bytes, **options) -> bytes:
@@ -214,35 +220,26 @@ async def test_https_when_a_certificate_is_configured(dev_models_dir, tmp_path):
         assert abs(media_seconds(mp4)["video"] - 0.5) <= 1 / 25
 
 
-def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as reply:
-            return reply.status, reply.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
 async def test_avatar_routes_through_envoy(dev_models_dir, tmp_path):
     video = encode_video(marker_frames(10))
     async with running_stack(dev_models_dir, data_dir=str(tmp_path / "data")) as stack, \
             envoy_in_front(stack, tmp_path) as edge:
         body = json.dumps({"face": base64.b64encode(video).decode(), "options": {"name": "host"}}).encode()
-        status, reply = await asyncio.to_thread(call, "POST", f"{edge}/v1/avatars", body,
+        status, _, reply = await asyncio.to_thread(call, "POST", f"{edge}/v1/avatars", body,
                                                 {"content-type": "application/json"})
         assert status == 200, reply
         avatar = json.loads(reply)
         assert avatar["avatar_id"].startswith("av_") and int(avatar["frames"]) == 10
-        status, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars")
+        status, _, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars")
         assert status == 200 and [a["avatar_id"] for a in json.loads(reply)["avatars"]] == [avatar["avatar_id"]]
-        status, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/{avatar['avatar_id']}")
+        status, _, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/{avatar['avatar_id']}")
         assert status == 200 and base64.b64decode(json.loads(reply)["preview_jpeg"])[:2] == b"\xff\xd8"
-        status, mp4 = await asyncio.to_thread(call, "POST", f"{edge}/v1/avatars/{avatar['avatar_id']}:generate",
+        status, _, mp4 = await asyncio.to_thread(call, "POST", f"{edge}/v1/avatars/{avatar['avatar_id']}:generate",
                                               speech_wav(0.8), {"content-type": "audio/wav"})
         assert status == 200 and abs(media_seconds(mp4)["video"] - 0.8) <= 1 / 25
-        status, _ = await asyncio.to_thread(call, "DELETE", f"{edge}/v1/avatars/{avatar['avatar_id']}")
+        status, _, _ = await asyncio.to_thread(call, "DELETE", f"{edge}/v1/avatars/{avatar['avatar_id']}")
         assert status == 200
-        status, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/{avatar['avatar_id']}")
+        status, _, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/{avatar['avatar_id']}")
         assert status == 404, reply
-        status, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/not-an-id")
+        status, _, reply = await asyncio.to_thread(call, "GET", f"{edge}/v1/avatars/not-an-id")
         assert status == 400, reply
