@@ -32,9 +32,12 @@ DESCRIBE_TTL_S = 30.0
 MIN_LANDMARK_SPREAD = 2.0  # pixels: closer landmarks give no alignment (a degenerate similarity transform)
 T = TypeVar("T")
 R = TypeVar("R")
+# Round robin over every address the name resolves to: in Kubernetes a headless Service gives one address per
+# pod, and the DNS resolver re-resolves when a pod goes away or a server ends a connection for its age.
 # A model service that is briefly full or restarting should cost a job a short wait, not its life: gRPC
 # retries such calls itself, with exponential back-off, before the error reaches the pipeline.
-RETRY_POLICY = {
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "superwav2lip.detector.v1.Detector"}, {"service": "superwav2lip.lipsync.v1.LipSync"},
                  {"service": "superwav2lip.enhancer.v1.Enhancer"}],
@@ -43,7 +46,7 @@ RETRY_POLICY = {
     }]
 }
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
-                   ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY)),
+                   ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
                    # A call is retried only while its request is buffered: room for the largest batches.
                    ("grpc.per_rpc_retry_buffer_size", 64 << 20), ("grpc.retry_buffer_size", 256 << 20)]
 

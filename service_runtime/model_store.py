@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 import urllib.error
@@ -50,9 +51,17 @@ def download(spec: ModelSpec, path: Path, timeout: float = 30.0) -> None:
     partial.rename(path)
 
 
-def fetch_all(models_dir: Path, names: list[str]) -> int:
-    """Verifies or downloads each model; returns the number that are still not usable."""
-    manifest = load_manifest(models_dir)
+def source_url(spec: ModelSpec, mirror: str | None) -> str:
+    """Where a model is fetched from: `<mirror>/<file>` when a mirror is given (a bucket or web server that
+    holds copies), else the manifest's own address (empty when none is public)."""
+    return f"{mirror.rstrip('/')}/{spec.file}" if mirror else spec.url
+
+
+def fetch_all(models_dir: Path, names: list[str], manifest_dir: Path | None = None, mirror: str | None = None) -> int:
+    """Verifies or downloads each model into `models_dir`; returns the number that are still not usable.
+    The manifest is read from `manifest_dir` (default: `models_dir`)."""
+    manifest = load_manifest(manifest_dir or models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
     missing = 0
     for name in names or sorted(manifest.models):
         spec = manifest.get(name)
@@ -61,6 +70,7 @@ def fetch_all(models_dir: Path, names: list[str]) -> int:
         if problem is None:
             print(f"ok       {spec.file}")
             continue
+        spec = dataclasses.replace(spec, url=source_url(spec, mirror))
         if not spec.url:
             print(f"manual   {spec.file}: no public download address is recorded ({spec.source}); "
                   f"place it at {path} (sha256 {spec.sha256 or 'not recorded'})")
@@ -78,9 +88,13 @@ def fetch_all(models_dir: Path, names: list[str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Download and verify the real model weights.")
     parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--manifest-dir", help="folder of manifest.json (default: --models-dir)")
+    parser.add_argument("--mirror", help="base URL holding copies of the files (<mirror>/<file>); checked against "
+                                         "the manifest's sha256 like any download")
     parser.add_argument("names", nargs="*", help="manifest names (default: all)")
     args = parser.parse_args(argv)
-    missing = fetch_all(Path(args.models_dir), args.names)
+    missing = fetch_all(Path(args.models_dir), args.names, args.manifest_dir and Path(args.manifest_dir),
+                        args.mirror)
     if missing:
         print(f"{missing} model(s) not available; services can still run on generated weights "
               "with *_ALLOW_DEV_MODELS=1 (make models-dev)")

@@ -135,6 +135,10 @@ class ServiceServer:
             ("grpc.max_receive_message_length", self.service.max_message_bytes),
             ("grpc.max_send_message_length", self.service.max_message_bytes),
         ]
+        if self.settings.max_connection_age_s:
+            # GOAWAY after the age; calls already running get the shutdown grace to finish.
+            options += [("grpc.max_connection_age_ms", int(self.settings.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(self.settings.grace_period_s * 1000))]
         self.server = grpc.aio.server(options=options, interceptors=self.service.interceptors())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service.register(self.server)

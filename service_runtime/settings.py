@@ -107,6 +107,9 @@ class ServerSettings(BaseSettings):
     metrics_port: int = metrics_port_setting(0)
     grace_period_s: float = setting(10.0, "Seconds in-flight calls get to finish after SIGTERM.", ge=0, le=3600)
     log_level: str = setting("INFO", "Python log level.")
+    max_connection_age_s: float = setting(
+        0.0, "Seconds after which the server asks a client to reconnect, so clients balancing over a headless "
+        "Service re-resolve and find new replicas (0 = never).", ge=0, le=86400)
 
 
 @dataclasses.dataclass(frozen=True)
