@@ -10,6 +10,7 @@ gateway; the admin interface listens on loopback only; TLS is added when a certi
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class EdgeConfig:
     route_timeout_s: int = 3600  # long jobs: an hour for one request
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Kubernetes: the descriptor travels inside the config (one ConfigMap key) instead of as a file path.
+    embed_descriptor: bool = False
 
     @property
     def max_body_bytes(self) -> int:
@@ -96,11 +99,13 @@ def _health_check() -> dict:
 
 
 def _transcoder(config: EdgeConfig) -> dict:
+    descriptor = ({"proto_descriptor_bin": base64.b64encode(Path(config.descriptor).read_bytes()).decode()}
+                  if config.embed_descriptor else {"proto_descriptor": config.descriptor})
     return {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
             "@type": f"{API}.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-            "proto_descriptor": config.descriptor,
+            **descriptor,
             "services": [GATEWAY_SERVICE],
             "print_options": {
                 "always_print_primitive_fields": True,
@@ -163,11 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--route-timeout-s", type=int, default=defaults.route_timeout_s)
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
+    parser.add_argument("--embed-descriptor", action="store_true", help="put the descriptor inside the config")
     parser.add_argument("-o", "--output", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
     host, _, port = args.gateway.rpartition(":")
     config = EdgeConfig(args.listen_host, args.listen_port, args.admin_port, host, int(port), args.descriptor,
-                        args.max_upload_mb, args.route_timeout_s, args.tls_cert, args.tls_key)
+                        args.max_upload_mb, args.route_timeout_s, args.tls_cert, args.tls_key,
+                        args.embed_descriptor)
     text = json.dumps(render(config), indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)
