@@ -1,0 +1,177 @@
+"""The project's rules for rendered manifests, beyond what the Kubernetes schema checks; each returns problems."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+from deploy.k8s import edge
+
+WORKLOADS = {"Deployment", "StatefulSet"}
+GRPC_COMPONENTS = {"model-service", "gateway"}  # app.kubernetes.io/component of pods that serve gRPC
+GRACE_ENV = re.compile(r"^SWL_[A-Z]+_GRACE_PERIOD_S$")
+Objects = list[dict]
+
+
+def name_of(obj: dict) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def workloads(objects: Objects) -> Iterator[dict]:
+    return (obj for obj in objects if obj["kind"] in WORKLOADS)
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def component(workload: dict) -> str | None:
+    return workload["spec"]["template"]["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def model_services(objects: Objects) -> Iterator[dict]:
+    return (obj for obj in objects if obj["kind"] == "Deployment" and component(obj) == "model-service")
+
+
+def gpu_limit_problems(objects: Objects, gpu: bool) -> list[str]:
+    """On a GPU overlay each model service limits `nvidia.com/gpu` to a positive whole number (the schema also
+    takes "one" and 1.5) and runs a GPU image; on a CPU overlay none asks for a GPU."""
+    problems = []
+    for deployment in model_services(objects):
+        for container in pod_spec(deployment)["containers"]:
+            limit = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+            where = f"{name_of(deployment)} container {container['name']}"
+            if not gpu:
+                if limit is not None:
+                    problems.append(f"{where}: a CPU overlay must not ask for nvidia.com/gpu")
+                continue
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                problems.append(f"{where}: nvidia.com/gpu limit must be a positive integer, not {limit!r}")
+            if not container["image"].endswith("-gpu"):
+                problems.append(f"{where}: a GPU overlay must run the -gpu image, not {container['image']}")
+    return problems
+
+
+def _is_true(context: dict, key: str) -> bool:
+    return context.get(key) is True
+
+
+def container_problems(objects: Objects) -> list[str]:
+    """Every container: probes (not init containers, which cannot have them), CPU and memory limits, non-root,
+    a read-only root, no privilege escalation, all capabilities dropped; every pod: seccomp RuntimeDefault."""
+    problems = []
+    for workload in workloads(objects):
+        spec = pod_spec(workload)
+        pod_security = spec.get("securityContext", {})
+        if pod_security.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name_of(workload)}: pod seccompProfile must be RuntimeDefault")
+        for kind, containers in (("container", spec["containers"]), ("init container", spec.get("initContainers", []))):
+            for container in containers:
+                where = f"{name_of(workload)} {kind} {container['name']}"
+                security = container.get("securityContext", {})
+                if kind == "container":
+                    problems += [f"{where}: no {probe}" for probe in ("readinessProbe", "livenessProbe")
+                                 if probe not in container]
+                limits = container.get("resources", {}).get("limits", {})
+                problems += [f"{where}: no {resource} limit" for resource in ("cpu", "memory") if resource not in limits]
+                if not (_is_true(security, "runAsNonRoot") or _is_true(pod_security, "runAsNonRoot")):
+                    problems.append(f"{where}: must run as non-root (runAsNonRoot: true)")
+                if not _is_true(security, "readOnlyRootFilesystem"):
+                    problems.append(f"{where}: root file system must be read-only")
+                if security.get("allowPrivilegeEscalation") is not False:
+                    problems.append(f"{where}: allowPrivilegeEscalation must be false")
+                if security.get("capabilities", {}).get("drop") != ["ALL"]:
+                    problems.append(f"{where}: must drop ALL capabilities")
+    return problems
+
+
+def grpc_port_problems(objects: Objects) -> list[str]:
+    """Every port of a Service in front of gRPC pods is named `grpc` (the name the probes and Envoy rely on)."""
+    components = {(obj["metadata"]["name"], component(obj)) for obj in workloads(objects)}
+    grpc_apps = {name for name, kind in components if kind in GRPC_COMPONENTS}
+    problems = []
+    for service in (obj for obj in objects if obj["kind"] == "Service"):
+        if service["spec"].get("selector", {}).get("app.kubernetes.io/name") not in grpc_apps:
+            continue
+        problems += [f"{name_of(service)}: gRPC port {port.get('port')} must be named grpc, not {port.get('name')!r}"
+                     for port in service["spec"]["ports"] if port.get("name") != "grpc"]
+    return problems
+
+
+def image_problems(objects: Objects) -> list[str]:
+    """Every image names an explicit tag (or digest) other than `latest`."""
+    problems = []
+    for workload in workloads(objects):
+        spec = pod_spec(workload)
+        for container in spec["containers"] + spec.get("initContainers", []):
+            image = container["image"]
+            if "@sha256:" in image:
+                continue
+            tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else None
+            if tag in (None, "latest"):
+                problems.append(f"{name_of(workload)} container {container['name']}: image {image} must name a "
+                                "version tag, not latest")
+    return problems
+
+
+def _prestop_seconds(container: dict) -> float:
+    return container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+
+
+def _grace_seconds(container: dict) -> float:
+    """The service's own drain time, from its SWL_*_GRACE_PERIOD_S (10 s when not set)."""
+    values = [float(env["value"]) for env in container.get("env", []) if GRACE_ENV.match(env["name"]) and "value" in env]
+    return values[0] if values else 10.0
+
+
+def rollout_problems(objects: Objects) -> list[str]:
+    """Deployments roll with maxUnavailable 0, have a PodDisruptionBudget, and give a stopping pod more time than
+    its preStop sleep plus the service's own grace period."""
+    budgets = {obj["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/name")
+               for obj in objects if obj["kind"] == "PodDisruptionBudget"}
+    problems = []
+    for deployment in (obj for obj in objects if obj["kind"] == "Deployment"):
+        strategy = deployment["spec"].get("strategy", {})
+        unavailable = strategy.get("rollingUpdate", {}).get("maxUnavailable")
+        if strategy.get("type") != "RollingUpdate" or unavailable not in (0, "0%"):
+            problems.append(f"{name_of(deployment)}: must roll out with RollingUpdate and maxUnavailable: 0")
+        if deployment["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/name") not in budgets:
+            problems.append(f"{name_of(deployment)}: no PodDisruptionBudget selects it")
+        spec = pod_spec(deployment)
+        termination = spec.get("terminationGracePeriodSeconds", 30)
+        for container in spec["containers"]:
+            needed = _prestop_seconds(container) + _grace_seconds(container)
+            if termination <= needed:
+                problems.append(f"{name_of(deployment)}: terminationGracePeriodSeconds {termination} must exceed "
+                                f"preStop + grace period ({needed:g} s)")
+    return problems
+
+
+def _gateway_upload_mb(objects: Objects) -> str | None:
+    for deployment in (obj for obj in objects if obj["kind"] == "Deployment" and obj["metadata"]["name"] == "gateway"):
+        for env in pod_spec(deployment)["containers"][0].get("env", []):
+            if env["name"] == "SWL_GATEWAY_MAX_UPLOAD_MB":
+                return env.get("value")
+    return None
+
+
+def envoy_config_problems(objects: Objects) -> list[str]:
+    """The Envoy ConfigMap holds exactly what deploy/envoy/render.py renders for Kubernetes, and its body limit
+    comes from the same upload limit the gateway enforces."""
+    maps = [obj for obj in objects if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].startswith("envoy-config")]
+    if len(maps) != 1:
+        return [f"expected one envoy-config ConfigMap, found {len(maps)}"]
+    problems = []
+    shipped = maps[0].get("data", {}).get("envoy.json", "")
+    if shipped != edge.rendered():
+        problems.append(f"{name_of(maps[0])}: envoy.json differs from the rendering (python -m deploy.k8s.edge)")
+    if _gateway_upload_mb(objects) != str(edge.K8S_EDGE.max_upload_mb):
+        problems.append(f"Deployment/gateway: SWL_GATEWAY_MAX_UPLOAD_MB must be {edge.K8S_EDGE.max_upload_mb}, "
+                        "the limit Envoy's config is rendered with")
+    return problems
+
+
+def all_problems(objects: Objects, gpu: bool) -> list[str]:
+    checks: list[Callable[[Objects], list[str]]] = [container_problems, grpc_port_problems, image_problems,
+                                                    rollout_problems, envoy_config_problems]
+    return gpu_limit_problems(objects, gpu) + [problem for check in checks for problem in check(objects)]
