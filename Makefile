@@ -2,9 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,dev,edge
+EXTRAS ?= cpu,dev,edge,deploy
+OVERLAY ?= gpu
+KUBECTL ?= kubectl
+NAMESPACE ?= superwav2lip
 
-.PHONY: install protos models models-dev lint test run bench bench-avatar clean
+.PHONY: install protos models models-dev lint test run bench bench-avatar clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -39,3 +42,17 @@ bench: install  ## throughput (batched vs the seed's lock), gateway memory and w
 
 bench-avatar: install  ## fresh vs plan-cache hit vs avatar request on the same clip; writes bench/RESULTS.md
 	$(PY) -m bench.avatar
+
+k8s-validate: install  ## render every overlay (kubectl wheel's kustomize), validate offline, apply policies, hadolint
+	$(PY) -m deploy.k8s.validate
+
+# deploy and rollback need only the standard library and your kubectl (and its current context).
+deploy:  ## apply deploy/k8s/overlays/$(OVERLAY), wait for every rollout and /healthz; on failure explain and roll back
+	$(PYTHON) -m deploy.k8s.rollout deploy --overlay deploy/k8s/overlays/$(OVERLAY) --kubectl $(KUBECTL) \
+		--namespace $(NAMESPACE)
+
+rollback:  ## undo the last rollout of each Deployment, wait, check /healthz
+	$(PYTHON) -m deploy.k8s.rollout rollback --kubectl $(KUBECTL) --namespace $(NAMESPACE)
+
+images:  ## print the image build commands; RUN=1 runs them with docker, PUSH=1 pushes too
+	$(PYTHON) -m deploy.docker.images $(if $(RUN),--run) $(if $(PUSH),--push)

@@ -191,3 +191,17 @@ def test_hadolint_passes_every_dockerfile_and_fails_a_bad_one(tmp_path):
     bad.write_text("FROM python:latest\nRUN pip install numpy\n")
     problems = validate.hadolint_problems([bad])
     assert any("DL3007" in p for p in problems) and any("DL3013" in p for p in problems), problems
+
+
+def test_every_project_image_the_overlays_run_is_one_make_images_builds_from_a_real_target(rendered):
+    from deploy.docker import images
+
+    built = {image.reference(images.REGISTRY): image for image in images.images()}
+    used = {c["image"] for objects in rendered.values() for w in policy.workloads(objects)
+            for c in policy.pod_spec(w)["containers"] + policy.pod_spec(w).get("initContainers", [])
+            if c["image"].startswith(images.REGISTRY)}
+    assert used and used <= set(built), used - set(built)
+    for image in built.values():
+        stages = {line.split()[-1] for line in (ROOT / image.dockerfile).read_text().splitlines()
+                  if line.startswith("FROM ") and " AS " in line}
+        assert image.target is None or image.target in stages, image
