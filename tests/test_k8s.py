@@ -205,3 +205,21 @@ def test_every_project_image_the_overlays_run_is_one_make_images_builds_from_a_r
         stages = {line.split()[-1] for line in (ROOT / image.dockerfile).read_text().splitlines()
                   if line.startswith("FROM ") and " AS " in line}
         assert image.target is None or image.target in stages, image
+
+
+def test_the_grafana_dashboard_is_current_and_every_series_it_plots_exists():
+    """A dashboard that names a metric nobody exports shows an empty panel forever: each name must be one the
+    gateway or a model service registers."""
+    import re
+
+    from deploy.grafana import dashboard
+    from gateway.metrics import GatewayMetrics
+
+    assert dashboard.DASHBOARD_PATH.read_text() == dashboard.rendered()
+    exported = set(GatewayMetrics().registry._names_to_collectors)  # every sample name: _total, _bucket, ...
+    panels = json.loads(dashboard.rendered())["panels"]
+    used = {name for p in panels for t in p["targets"] for name in re.findall(r"\bswl_[a-z_]+", t["expr"])}
+    assert len(panels) >= 8 and used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in panels)
+    for subject in ("stage latency", "batch size", "queue depth", "cache hit rate", "outcomes"):
+        assert subject in titles
