@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
+sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import write_section  # noqa: E402
 from bench.throughput import Stack, clip, prepare_models, speech  # noqa: E402
-from client.sdk import GatewayClient  # noqa: E402
+from superwav2lip_client.sdk import GatewayClient  # noqa: E402
 from superwav2lip.gateway.v1 import gateway_pb2  # noqa: E402
 
 

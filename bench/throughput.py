@@ -25,11 +25,11 @@ import av
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
+sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.full_size_models import write_wav2lip  # noqa: E402
 from bench.results import write_section  # noqa: E402
-from client.sdk import GatewayClient  # noqa: E402
+from superwav2lip_client.sdk import GatewayClient  # noqa: E402
 from service_runtime.dev_models import write_dev_model  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
 

@@ -58,7 +58,7 @@ def free_port() -> int:
 
 def service_env(models_dir, prefix: str, **extra) -> dict[str, str]:
     """Environment for a model service started as its own process: loopback, dev models' folder, no metrics."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'generated'}")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client'}")
     env.update({f"{prefix}MODELS_DIR": str(models_dir), f"{prefix}PORT": "0", f"{prefix}METRICS_PORT": "-1",
                 f"{prefix}HOST": "127.0.0.1", f"{prefix}WARMUP_BATCH_SIZES": "1"})
     env.update({f"{prefix}{k}": str(v) for k, v in extra.items()})

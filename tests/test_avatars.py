@@ -191,7 +191,7 @@ async def wait_serving(log_path, process) -> None:
 def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = None):
     """A second gateway as its own process, on the same model services, Redis and data directory."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'generated'}", SWL_GATEWAY_HOST="127.0.0.1",
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client'}", SWL_GATEWAY_HOST="127.0.0.1",
                SWL_GATEWAY_PORT=str(port), SWL_GATEWAY_METRICS_PORT="-1", SWL_GATEWAY_REDIS_URL=redis_url,
                SWL_GATEWAY_DATA_DIR=str(data_dir), SWL_GATEWAY_DETECTOR_ADDRESS=stack.address("detector"),
                SWL_GATEWAY_LIPSYNC_ADDRESS=stack.address("lipsync"),
@@ -207,7 +207,7 @@ def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = N
 
 async def test_two_gateway_processes_share_avatars_through_redis_and_the_data_dir(dev_models_dir, tmp_path,
                                                                                    redis_server):
-    from client.sdk import GatewayClient, GenerationError
+    from superwav2lip_client.sdk import GatewayClient, GenerationError
 
     data = tmp_path / "data"
     log_path = tmp_path / "gateway-b.log"

@@ -31,8 +31,8 @@ def free_port_block(count: int) -> int:
 
 
 def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'generated'}"))
+    return subprocess.run([sys.executable, "-m", "superwav2lip_client.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client'}"))
 
 
 def readme_http_examples() -> str:

@@ -10,7 +10,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-DEFAULT_OUT = ROOT / "generated"
+STUBS_OUT = ROOT / "client"  # the SDK distribution carries the stubs
+DESCRIPTOR_OUT = ROOT / "generated"
 
 
 def _plugin(name: str) -> str:
@@ -20,10 +21,11 @@ def _plugin(name: str) -> str:
     return f"--plugin={name}={path}"
 
 
-def generate(out: Path) -> None:
-    """Writes the `superwav2lip` stub package and `superwav2lip_descriptor.pb` into `out`."""
+def generate(out: Path, descriptor_out: Path | None = None) -> None:
+    """Writes the `superwav2lip` stub package into `out` and `superwav2lip_descriptor.pb` into `descriptor_out`
+    (default: `out`)."""
     package = out / "superwav2lip"
-    descriptor = out / "superwav2lip_descriptor.pb"
+    descriptor = (descriptor_out or out) / "superwav2lip_descriptor.pb"
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     shutil.rmtree(package, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,10 @@ def generate(out: Path) -> None:
 
 
 def main() -> None:
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
+    if len(sys.argv) > 1:
+        generate(Path(sys.argv[1]))
+    else:
+        generate(STUBS_OUT, DESCRIPTOR_OUT)
 
 
 if __name__ == "__main__":

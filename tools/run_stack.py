@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
+sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
-from client.sdk import health  # noqa: E402
+from superwav2lip_client.sdk import health  # noqa: E402
 from deploy.envoy import local as local_envoy  # noqa: E402
 from deploy.envoy.render import EdgeConfig  # noqa: E402
 from gateway.service import GatewaySettings  # noqa: E402
@@ -59,7 +59,7 @@ def address(name: str, args: argparse.Namespace) -> str:
 def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]) -> dict[str, str]:
     prefix = f"SWL_{name.upper()}_"
     index = SERVICES.index(name)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "generated")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))
     env.setdefault(f"{prefix}HOST", args.host)
     env.setdefault(f"{prefix}PORT", str(args.base_port + index))
     env.setdefault(f"{prefix}METRICS_PORT", str(args.metrics_base_port + index))

@@ -8,7 +8,6 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
-COPY generated ./generated
 COPY service_runtime ./service_runtime
 COPY services ./services
 COPY gateway ./gateway
