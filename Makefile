@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-protos: install  ## regenerate stubs, .pyi and the Envoy descriptor set from protos/
+protos: install  ## regenerate stubs, .pyi and the Envoy descriptor set from protos/ (and the Kubernetes Envoy config that embeds it)
 	$(PY) tools/gen_protos.py
+	$(PY) -m deploy.k8s.edge
 
 models: install  ## download and verify the real weights (needs internet)
 	$(PY) -m service_runtime.model_store

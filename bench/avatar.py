@@ -20,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import write_section  # noqa: E402
 from bench.throughput import Stack, clip, prepare_models, speech  # noqa: E402
-from superwav2lip_client.sdk import GatewayClient  # noqa: E402
+from superwav2lip_client import Client  # noqa: E402
 from superwav2lip.gateway.v1 import gateway_pb2  # noqa: E402
 
 
@@ -43,15 +43,13 @@ def main() -> None:
         fresh_faces = [clip(args.seconds, crf=20 + i) for i in range(args.repeats)]
         stack = Stack(work, work / "logs", {})
         try:
-            with GatewayClient(stack.address) as client:
-                client.generate(clip(args.seconds, crf=30), audio, timeout=1800)  # nothing left to warm
-                fresh = [timed(lambda f=f: client.generate(f, audio, timeout=1800)) for f in fresh_faces]
-                cached = [timed(lambda: client.generate(fresh_faces[0], audio, timeout=1800))
-                          for _ in range(args.repeats)]
+            with Client(stack.address, timeout=1800) as client:
+                client.generate(clip(args.seconds, crf=30), audio)  # nothing left to warm
+                fresh = [timed(lambda f=f: client.generate(f, audio)) for f in fresh_faces]
+                cached = [timed(lambda: client.generate(fresh_faces[0], audio)) for _ in range(args.repeats)]
                 created: list[gateway_pb2.Avatar] = []
-                create = timed(lambda: created.append(client.create_avatar(fresh_faces[-1], timeout=1800)))
-                options = gateway_pb2.GenerateOptions(avatar_id=created[0].avatar_id)
-                from_avatar = [timed(lambda: client.generate(None, audio, options, timeout=1800))
+                create = timed(lambda: created.append(client.create_avatar(fresh_faces[-1])))
+                from_avatar = [timed(lambda: client.generate(None, audio, avatar=created[0].avatar_id))
                                for _ in range(args.repeats)]
         finally:
             stack.stop()

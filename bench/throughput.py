@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.full_size_models import write_wav2lip  # noqa: E402
 from bench.results import write_section  # noqa: E402
-from superwav2lip_client.sdk import GatewayClient  # noqa: E402
+from superwav2lip_client import Client  # noqa: E402
 from service_runtime.dev_models import write_dev_model  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
 
@@ -161,8 +161,8 @@ def run_clients(address: str, face: bytes, audio: bytes, clients: int) -> float:
 
     def one() -> None:
         try:
-            with GatewayClient(address) as client:
-                client.generate(face, audio, timeout=1800)
+            with Client(address, timeout=1800) as client:
+                client.generate(face, audio)
         except BaseException as error:  # reported after the run
             errors.append(error)
 

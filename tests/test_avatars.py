@@ -207,7 +207,7 @@ def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = N
 
 async def test_two_gateway_processes_share_avatars_through_redis_and_the_data_dir(dev_models_dir, tmp_path,
                                                                                    redis_server):
-    from superwav2lip_client.sdk import GatewayClient, GenerationError
+    from superwav2lip_client import Client, SuperWav2LipError
 
     data = tmp_path / "data"
     log_path = tmp_path / "gateway-b.log"
@@ -217,11 +217,10 @@ async def test_two_gateway_processes_share_avatars_through_redis_and_the_data_di
             avatar, _ = await create_avatar(stack.stub, encode_video(marker_frames(12)))  # made on gateway A
 
             def on_b():
-                with GatewayClient(address_b) as client:
+                with Client(address_b) as client:
                     listed = [a.avatar_id for a in client.list_avatars()]
                     seen = client.get_avatar(avatar.avatar_id)
-                    result = client.generate(None, speech_wav(0.8), gateway_pb2.GenerateOptions(
-                        avatar_id=avatar.avatar_id))
+                    result = client.generate(None, speech_wav(0.8), avatar=avatar.avatar_id)
                     client.delete_avatar(avatar.avatar_id)
                     return listed, seen, result
 
@@ -233,8 +232,9 @@ async def test_two_gateway_processes_share_avatars_through_redis_and_the_data_di
                 await stack.stub.GetAvatar(gateway_pb2.GetAvatarRequest(avatar_id=avatar.avatar_id), timeout=10)
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
             assert not (data / "avatars" / avatar.avatar_id).exists()
-            with pytest.raises(GenerationError):
-                await asyncio.to_thread(lambda: GatewayClient(address_b).get_avatar(avatar.avatar_id))
+            with pytest.raises(SuperWav2LipError) as gone:
+                await asyncio.to_thread(lambda: Client(address_b).get_avatar(avatar.avatar_id))
+            assert gone.value.code == grpc.StatusCode.NOT_FOUND
 
 
 async def test_an_upload_made_through_one_replica_is_used_through_another(dev_models_dir, tmp_path, redis_server):

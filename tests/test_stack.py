@@ -70,13 +70,13 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
         made = cli("generate", "--face", str(tmp_path / "face.png"), "--audio", str(tmp_path / "speech.wav"),
                    "-o", str(out), "--server", f"127.0.0.1:{base}")
         assert made.returncode == 0, made.stderr
-        assert "lipsync" in made.stderr and "wrote" in made.stderr  # progress bar and summary
+        assert "lipsync" in made.stderr and "wrote" in made.stdout  # progress bar, then the summary
         durations = stream_durations(out.read_bytes())
         assert abs(durations["video"] - 1.2) <= 0.04 and abs(durations["audio"] - 1.2) <= 0.04
 
         refused = cli("generate", "--face", str(tmp_path / "speech.wav"), "--audio", str(tmp_path / "speech.wav"),
                       "-o", str(tmp_path / "bad.mp4"), "--server", f"127.0.0.1:{base}")
-        assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+        assert refused.returncode == 3 and "INVALID_ARGUMENT" in refused.stderr  # the input was refused
 
         # The README's curl examples, as written but for the port.
         assert any(f"http http://127.0.0.1:{http}" in l for l in output)
@@ -120,11 +120,11 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
         assert job_id in cli("jobs", "list", server).stdout
         assert cli("jobs", "cancel", job_id, server).returncode == 0  # a finished job: removed
         status = cli("jobs", "status", job_id, server)
-        assert status.returncode == 1 and "NOT_FOUND" in status.stderr
+        assert status.returncode == 3 and "NOT_FOUND" in status.stderr
     finally:
         runner.send_signal(signal.SIGTERM)
         rest, _ = runner.communicate(timeout=60)
     assert runner.returncode == 0, "".join(output) + rest
     assert "stopped" in rest
     down = cli("health", *servers)
-    assert down.returncode == 1 and "SERVING" not in down.stdout.replace("NOT_SERVING", "")
+    assert down.returncode == 4 and "SERVING" not in down.stdout.replace("NOT_SERVING", "")

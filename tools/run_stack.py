@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
-from superwav2lip_client.sdk import health  # noqa: E402
+from superwav2lip_client.services import health  # noqa: E402
 from deploy.envoy import local as local_envoy  # noqa: E402
 from deploy.envoy.render import EdgeConfig  # noqa: E402
 from gateway.service import GatewaySettings  # noqa: E402

@@ -1,123 +1,149 @@
-"""`superwav2lip`: generate a lip-synced mp4 through the gateway, manage avatars, or check the stack's health."""
+"""`superwav2lip`: generate lip-synced video, manage avatars and jobs, check health and models (built on the SDK).
+
+Exit codes: 0 success; 2 usage error (bad arguments, a file that cannot be read); 3 the server refused the input
+(INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND, OUT_OF_RANGE, UNAUTHENTICATED, PERMISSION_DENIED; or a job
+that failed so); 4 unavailable or out of time (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, or a health
+check that is not SERVING); 1 anything else the server reported.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
+from google.protobuf.json_format import MessageToDict
 from superwav2lip.gateway.v1 import gateway_pb2
 
-from .sdk import GatewayClient, GenerationError, health
+from . import services
+from .core import NO_RETRY, RetryPolicy
+from .sync import Client
+from .types import Options, Progress, SuperWav2LipError
 
-DEFAULT_ADDRESSES = {"gateway": "localhost:50051", "detector": "localhost:50052", "lipsync": "localhost:50053",
-                     "enhancer": "localhost:50054"}
-BAR_WIDTH = 30
-
-
-class ProgressBar:
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.stage = ""
-
-    def __call__(self, progress: gateway_pb2.Progress) -> None:
-        if progress.message:
-            self.stream.write(f"\n{progress.message}\n")
-        if progress.stage != self.stage and self.stage:
-            self.stream.write("\n")
-        self.stage = progress.stage
-        filled = BAR_WIDTH * progress.done // max(1, progress.total)
-        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-        self.stream.write(f"\r{progress.stage:<8} [{bar}] {progress.done}/{progress.total}")
-        self.stream.flush()
+EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+INPUT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+               grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                     grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-def build_options(args: argparse.Namespace) -> gateway_pb2.GenerateOptions:
-    options = gateway_pb2.GenerateOptions(
-        avatar_id=getattr(args, "avatar", None) or "",
-        enhance=args.enhance,
-        no_face_policy=gateway_pb2.NO_FACE_POLICY_KEEP_FRAME if args.no_face == "keep" else gateway_pb2.NO_FACE_POLICY_FAIL,
-        loop_mode=gateway_pb2.LOOP_MODE_LOOP if args.loop == "loop" else gateway_pb2.LOOP_MODE_PING_PONG,
-        target_rule=gateway_pb2.TARGET_RULE_CENTER if args.target == "center" else gateway_pb2.TARGET_RULE_LARGEST,
-        crop_mode=gateway_pb2.CROP_MODE_BOX if args.crop_mode == "box" else gateway_pb2.CROP_MODE_ALIGNED,
-        enhance_region=(gateway_pb2.ENHANCE_REGION_MOUTH if args.enhance_region == "mouth"
-                        else gateway_pb2.ENHANCE_REGION_FACE),
-    )
-    if args.reference_face:
-        options.reference_face = Path(args.reference_face).read_bytes()
-    if args.mouth_pads is not None:
-        top, bottom, left, right = args.mouth_pads
-        options.mouth_padding.CopyFrom(gateway_pb2.Padding(top=top, bottom=bottom, left=left, right=right))
-    if args.pads is not None:
-        top, bottom, left, right = args.pads
-        options.padding.CopyFrom(gateway_pb2.Padding(top=top, bottom=bottom, left=left, right=right))
-    for field, value in (("smoothing_window", args.smooth), ("max_detection_size", args.max_detection_size),
-                         ("still_fps", args.fps), ("crf", args.crf), ("preset", args.preset),
-                         ("similarity_threshold", args.similarity), ("detect_every", args.detect_every)):
+def exit_code_for(code: grpc.StatusCode | str) -> int:
+    name = code if isinstance(code, str) else code.name
+    if name in {c.name for c in INPUT_CODES}:
+        return EXIT_INPUT
+    return EXIT_UNAVAILABLE if name in {c.name for c in UNAVAILABLE_CODES} else EXIT_SERVER
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool) -> Iterator[Callable[[Progress], None]]:
+    """A rich progress bar on stderr, one task per stage; a no-op with --json or --quiet."""
+    if not enabled:
+        yield lambda progress: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+
+    console = Console(stderr=True)
+    tasks: dict[str, int] = {}
+    with RichProgress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as bar:
+        def update(progress: Progress) -> None:
+            if progress.message:
+                console.print(f"[yellow]{progress.message}")
+            if progress.stage not in tasks:
+                tasks[progress.stage] = bar.add_task(progress.stage, total=progress.total or None)
+            bar.update(tasks[progress.stage], completed=progress.done, total=progress.total or None)
+
+        yield update
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    options: dict = {"crop_mode": args.crop_mode, "enhance": args.enhance, "enhance_region": args.enhance_region,
+                     "no_face_policy": "keep_frame" if args.no_face == "keep" else "fail",
+                     "loop_mode": args.loop.replace("-", "_"), "target_rule": args.target}
+    for name, value in (("reference_face", args.reference_face), ("padding", args.pads),
+                        ("mouth_padding", args.mouth_pads), ("smoothing_window", args.smooth),
+                        ("max_detection_size", args.max_detection_size), ("still_fps", args.fps), ("crf", args.crf),
+                        ("preset", args.preset), ("similarity_threshold", args.similarity),
+                        ("detect_every", args.detect_every)):
         if value is not None:
-            setattr(options, field, value)
-    return options
+            options[name] = tuple(value) if isinstance(value, list) else value
+    return options  # type: ignore[return-value]
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    retry = RetryPolicy(max_attempts=args.retries + 1) if args.retries else NO_RETRY
+    return Client(args.server, api_key=args.api_key, timeout=args.timeout or 900, retry=retry)
+
+
+def emit(args: argparse.Namespace, data: dict, text: str) -> None:
+    """One JSON object on stdout with --json, else the human line."""
+    print(json.dumps(data) if args.json else text)
+
+
+def as_dict(message) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 def reporting_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """The gateway's refusals and missing files become one line on stderr and exit code 1."""
+    """Errors become one line on stderr (a JSON object with --json) and the documented exit code."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except GenerationError as error:
-            sys.stderr.write(f"\nerror: {error.code.name}: {error.message}\n")
-        except FileNotFoundError as error:
-            sys.stderr.write(f"error: {error.filename} does not exist\n")
-        return 1
+        except SuperWav2LipError as error:
+            code, message = error.code.name, error.message
+            exit_code, request_id = exit_code_for(error.code), error.request_id
+        except (ValueError, TypeError, OSError) as error:  # the caller's own input, before any call
+            code, message, exit_code, request_id = "USAGE", str(error), EXIT_USAGE, ""
+        if args.json:
+            print(json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}))
+        else:
+            sys.stderr.write(f"error: {code}: {message}" + (f" (request id {request_id})" if request_id else "") + "\n")
+        return exit_code
 
     return run
 
 
 @reporting_errors
 def generate(args: argparse.Namespace) -> int:
-    with GatewayClient(args.server) as client:
-        result = client.generate(args.face, args.audio, build_options(args), on_progress=ProgressBar(),
-                                 timeout=args.timeout)
-    Path(args.output).write_bytes(result.mp4)
+    with client_for(args) as client, progress_bar(not (args.json or args.quiet)) as show:
+        result = client.generate(args.face, args.audio, avatar=args.avatar, output=args.output, on_progress=show,
+                                 **options_from(args))
     info = result.info
-    sys.stderr.write(f"\nwrote {args.output}: {info.width}x{info.height}, {info.fps:g} fps, {info.frames} frames, "
-                     f"{info.audio_seconds:.2f} s, {info.size_bytes} bytes\n")
-    return 0
+    emit(args, {"output": args.output, "request_id": result.request_id, **vars(info)},
+         f"wrote {args.output}: {info.width}x{info.height}, {info.fps:g} fps, {info.frames} frames, "
+         f"{info.audio_seconds:.2f} s, {info.size_bytes} bytes")
+    return EXIT_OK
 
 
 @reporting_errors
-def create_avatar(args: argparse.Namespace) -> int:
-    with GatewayClient(args.server) as client:
-        avatar = client.create_avatar(args.face, build_options(args), name=args.name or Path(args.face).name,
-                                      on_progress=ProgressBar(), timeout=args.timeout)
-    sys.stderr.write(f"\navatar {avatar.name}: {avatar.width}x{avatar.height}, {avatar.fps:g} fps, "
-                     f"{avatar.frames} frames\n")
-    print(avatar.avatar_id)
-    return 0
-
-
-@reporting_errors
-def list_avatars(args: argparse.Namespace) -> int:
-    with GatewayClient(args.server) as client:
-        avatars = client.list_avatars()
-    for avatar in avatars:
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(avatar.created_unix))
-        print(f"{avatar.avatar_id}  {created}  {avatar.width}x{avatar.height}  {avatar.fps:g} fps  "
-              f"{avatar.frames:>6} frames  {avatar.name}")
-    return 0
-
-
-@reporting_errors
-def delete_avatar(args: argparse.Namespace) -> int:
-    with GatewayClient(args.server) as client:
-        client.delete_avatar(args.avatar_id)
-    sys.stderr.write(f"deleted {args.avatar_id}\n")
-    return 0
+def avatar_command(args: argparse.Namespace) -> int:
+    """create | list | delete."""
+    with client_for(args) as client:
+        if args.verb == "create":
+            avatar = client.create_avatar(args.face, name=args.name or Path(args.face).name, **options_from(args))
+            if not args.json:
+                sys.stderr.write(f"avatar {avatar.name}: {avatar.width}x{avatar.height}, {avatar.fps:g} fps, "
+                                 f"{avatar.frames} frames\n")
+            emit(args, as_dict(avatar), avatar.avatar_id)
+        elif args.verb == "list":
+            avatars = client.list_avatars()
+            lines = [f"{a.avatar_id}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(a.created_unix))}  "
+                     f"{a.width}x{a.height}  {a.fps:g} fps  {a.frames:>6} frames  {a.name}" for a in avatars]
+            emit(args, {"avatars": [as_dict(a) for a in avatars]}, "\n".join(lines) or "(no avatars)")
+        else:
+            client.delete_avatar(args.avatar_id)
+            emit(args, {"deleted": args.avatar_id}, f"deleted {args.avatar_id}")
+    return EXIT_OK
 
 
 def state_name(job: gateway_pb2.Job) -> str:
@@ -138,41 +164,74 @@ def job_line(job: gateway_pb2.Job) -> str:
 @reporting_errors
 def jobs_command(args: argparse.Namespace) -> int:
     """submit | status | wait | download | cancel | list."""
-    with GatewayClient(args.server) as client:
+    with client_for(args) as client:
         if args.verb == "submit":
-            print(client.submit_job(args.face, args.audio, build_options(args), webhook_url=args.webhook or "").job_id)
-        elif args.verb == "status":
-            print(job_line(client.get_job(args.job_id)))
+            job = client.submit_job(args.face, args.audio, avatar=args.avatar, webhook_url=args.webhook or "",
+                                    **options_from(args))
+            emit(args, as_dict(job), job.job_id)
         elif args.verb == "wait":
-            bar, job = ProgressBar(), None
-            for job in client.watch_job(args.job_id, timeout=args.timeout):
-                if state_name(job) == "RUNNING" and job.progress.total:
-                    bar(job.progress)
-            sys.stderr.write("\n")
-            print(job_line(job))
-            return 0 if state_name(job) == "SUCCEEDED" else 1
+            job = None
+            with progress_bar(not (args.json or args.quiet)) as show:
+                for job in client.watch_job(args.job_id):
+                    if state_name(job) == "RUNNING" and job.progress.total:
+                        show(Progress(job.progress.stage, job.progress.done, job.progress.total))
+            job = job or client.get_job(args.job_id)
+            emit(args, as_dict(job), job_line(job))
+            return EXIT_OK if state_name(job) == "SUCCEEDED" else exit_code_for(job.error_status or "UNKNOWN")
         elif args.verb == "download":
-            Path(args.output).write_bytes(client.job_video(args.job_id))
-            sys.stderr.write(f"wrote {args.output}\n")
-        elif args.verb == "cancel":
-            print(job_line(client.cancel_job(args.job_id)))
+            client.job_video(args.job_id, output=args.output)
+            emit(args, {"output": args.output}, f"wrote {args.output}")
+        elif args.verb in ("status", "cancel"):
+            job = client.get_job(args.job_id) if args.verb == "status" else client.cancel_job(args.job_id)
+            emit(args, as_dict(job), job_line(job))
         else:
-            for job in client.list_jobs():
-                print(job_line(job))
-    return 0
+            jobs = client.list_jobs()
+            emit(args, {"jobs": [as_dict(j) for j in jobs]}, "\n".join(map(job_line, jobs)) or "(no jobs)")
+    return EXIT_OK
 
 
-def check_health(args: argparse.Namespace) -> int:
-    addresses = {name: getattr(args, name) for name in DEFAULT_ADDRESSES}
-    statuses = {name: health(address) for name, address in addresses.items()}
-    for name, status in statuses.items():
-        print(f"{name:<9} {addresses[name]:<22} {status}")
-    return 0 if all(s == "SERVING" for s in statuses.values()) else 1
+def addresses_of(args: argparse.Namespace) -> dict[str, str]:
+    return {"gateway": args.server, **{name: getattr(args, name) for name in ("detector", "lipsync", "enhancer")}}
+
+
+def health_command(args: argparse.Namespace) -> int:
+    addresses = addresses_of(args)
+    statuses = {name: services.health(address) for name, address in addresses.items()}
+    emit(args, {name: {"address": addresses[name], "status": s} for name, s in statuses.items()},
+         "\n".join(f"{name:<9} {addresses[name]:<22} {status}" for name, status in statuses.items()))
+    return EXIT_OK if all(s == "SERVING" for s in statuses.values()) else EXIT_UNAVAILABLE
+
+
+def models_command(args: argparse.Namespace) -> int:
+    addresses = addresses_of(args)
+    described = {role: services.describe(role, addresses[role]) for role in services.DESCRIBE}
+    lines = []
+    for role, info in described.items():
+        if "error" in info:
+            lines.append(f"{role:<9} {addresses[role]:<22} {info['error']}")
+            continue
+        names = [info[k] for k in ("detection_model", "recognition_model", "model") if info.get(k)]
+        generated = info.get("generated_weights")
+        lines.append(f"{role:<9} {', '.join(names):<28} {','.join(info.get('providers', []))}"
+                     + ("  (generated weights)" if generated else ""))
+    emit(args, described, "\n".join(lines))
+    return EXIT_UNAVAILABLE if any("error" in info for info in described.values()) else EXIT_OK
 
 
 def add_common_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--server", default=DEFAULT_ADDRESSES["gateway"], help="gateway host:port")
-    command.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    command.add_argument("--server", default=services.DEFAULT_ADDRESSES["gateway"], help="gateway (or Envoy) host:port")
+    command.add_argument("--api-key", help="API key (default: $SUPERWAV2LIP_API_KEY)")
+    command.add_argument("--timeout", type=float, help="give up after this many seconds (default 900)")
+    command.add_argument("--retries", type=int, default=2, help="retries when the server is busy or restarting (2)")
+    command.add_argument("--json", action="store_true", help="print one JSON object on stdout (for scripts)")
+    command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_service_addresses(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--server", default=services.DEFAULT_ADDRESSES["gateway"], help="gateway host:port")
+    for name in ("detector", "lipsync", "enhancer"):
+        command.add_argument(f"--{name}", default=services.DEFAULT_ADDRESSES[name], help=f"{name} host:port")
+    command.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def add_planning_arguments(command: argparse.ArgumentParser) -> None:
@@ -207,18 +266,22 @@ def add_synthesis_arguments(command: argparse.ArgumentParser) -> None:
                          help="what --enhance restores")
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="superwav2lip", description=__doc__)
-    commands = root.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="make a lip-synced mp4 from a face image/video (or an avatar) and speech")
-    source = gen.add_mutually_exclusive_group(required=True)
+def add_media_source(command: argparse.ArgumentParser) -> None:
+    source = command.add_mutually_exclusive_group(required=True)
     source.add_argument("--face", help="face image or video")
     source.add_argument("--avatar", help="an avatar id (from `avatar create`) instead of --face")
-    gen.add_argument("--audio", required=True, help="speech (any format FFmpeg reads)")
+    command.add_argument("--audio", required=True, help="speech (any format FFmpeg reads)")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="superwav2lip", description=__doc__.split("\n\n")[0],
+                                   epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    commands = root.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="make a lip-synced mp4 from a face image/video (or an avatar) and speech")
+    add_media_source(gen)
     gen.add_argument("-o", "--output", required=True, help="mp4 to write")
-    add_common_arguments(gen)
-    add_planning_arguments(gen)
-    add_synthesis_arguments(gen)
+    for add in (add_common_arguments, add_planning_arguments, add_synthesis_arguments):
+        add(gen)
     gen.set_defaults(run=generate)
 
     avatar = commands.add_parser("avatar", help="avatars: face media planned once, then used with any speech")
@@ -228,26 +291,19 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--name", help="a label (default: the file name)")
     add_common_arguments(create)
     add_planning_arguments(create)
-    create.set_defaults(run=create_avatar, avatar=None)
-    listing = verbs.add_parser("list", help="the avatars, newest first")
-    add_common_arguments(listing)
-    listing.set_defaults(run=list_avatars)
+    add_common_arguments(verbs.add_parser("list", help="the avatars, newest first"))
     delete = verbs.add_parser("delete", help="delete an avatar and its media")
     delete.add_argument("avatar_id")
     add_common_arguments(delete)
-    delete.set_defaults(run=delete_avatar)
+    avatar.set_defaults(run=avatar_command)
 
     jobs = commands.add_parser("jobs", help="asynchronous jobs: submit, then status / wait, then download")
     job_verbs = jobs.add_subparsers(dest="verb", required=True)
     submit = job_verbs.add_parser("submit", help="queue a job; prints its id")
-    submit_source = submit.add_mutually_exclusive_group(required=True)
-    submit_source.add_argument("--face", help="face image or video")
-    submit_source.add_argument("--avatar", help="an avatar id instead of --face")
-    submit.add_argument("--audio", required=True, help="speech")
+    add_media_source(submit)
     submit.add_argument("--webhook", help="URL called (signed) when the job ends; its host must be allow-listed")
-    add_common_arguments(submit)
-    add_planning_arguments(submit)
-    add_synthesis_arguments(submit)
+    for add in (add_common_arguments, add_planning_arguments, add_synthesis_arguments):
+        add(submit)
     for verb, text in (("status", "print a job's state"), ("wait", "follow a job with a progress bar until it ends"),
                        ("download", "write a finished job's mp4"), ("cancel", "cancel a job, or remove a finished one")):
         command = job_verbs.add_parser(verb, help=text)
@@ -258,16 +314,17 @@ def parser() -> argparse.ArgumentParser:
     add_common_arguments(job_verbs.add_parser("list", help="recent jobs, newest first"))
     jobs.set_defaults(run=jobs_command)
 
-    check = commands.add_parser("health", help="print each service's health; exit 0 only if all are SERVING")
-    check.add_argument("--server", dest="gateway", default=DEFAULT_ADDRESSES["gateway"], help="gateway host:port")
-    for name in ("detector", "lipsync", "enhancer"):
-        check.add_argument(f"--{name}", default=DEFAULT_ADDRESSES[name], help=f"{name} host:port")
-    check.set_defaults(run=check_health)
+    check = commands.add_parser("health", help="each service's health; exit 0 only if all are SERVING, else 4")
+    add_service_addresses(check)
+    check.set_defaults(run=health_command)
+    models = commands.add_parser("models", help="the models each service has loaded, and their providers")
+    add_service_addresses(models)
+    models.set_defaults(run=models_command)
     return root
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # usage errors exit 2 here
     sys.exit(args.run(args))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from superwav2lip.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 
 from service_runtime.batching import BatchingQueue
+from service_runtime.errors import Unavailable
 from service_runtime.metrics import ServiceMetrics
 from service_runtime.rpc import grpc_method, item_status
 
@@ -23,3 +24,11 @@ class LipSyncServicer(lipsync_pb2_grpc.LipSyncServicer):
             else lipsync_pb2.LipSyncResult(face=o.tobytes())
             for o in outcomes
         ])
+
+    @grpc_method()
+    async def Describe(self, request: lipsync_pb2.DescribeRequest, context) -> lipsync_pb2.DescribeResponse:
+        model = self.generator.model
+        if model is None:
+            raise Unavailable("the lip-sync service is still loading its model; retry shortly")
+        return lipsync_pb2.DescribeResponse(model=model.spec.name, providers=model.providers,
+                                            generated_weights=model.is_dev)

@@ -25,21 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%superwav2lip/lipsync/v1/lipsync.proto\x12\x17superwav2lip.lipsync.v1\x1a\x17google/rpc/status.proto\"(\n\x0bLipSyncItem\x12\x0c\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0c\x12\x0b\n\x03mel\x18\x02 \x01(\x0c\"F\n\x0fGenerateRequest\x12\x33\n\x05items\x18\x01 \x03(\x0b\x32$.superwav2lip.lipsync.v1.LipSyncItem\"@\n\rLipSyncResult\x12\x0c\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0c\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"K\n\x10GenerateResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.superwav2lip.lipsync.v1.LipSyncResult2j\n\x07LipSync\x12_\n\x08Generate\x12(.superwav2lip.lipsync.v1.GenerateRequest\x1a).superwav2lip.lipsync.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%superwav2lip/lipsync/v1/lipsync.proto\x12\x17superwav2lip.lipsync.v1\x1a\x17google/rpc/status.proto\"\x11\n\x0f\x44\x65scribeRequest\"O\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tproviders\x18\x02 \x03(\t\x12\x19\n\x11generated_weights\x18\x03 \x01(\x08\"(\n\x0bLipSyncItem\x12\x0c\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0c\x12\x0b\n\x03mel\x18\x02 \x01(\x0c\"F\n\x0fGenerateRequest\x12\x33\n\x05items\x18\x01 \x03(\x0b\x32$.superwav2lip.lipsync.v1.LipSyncItem\"@\n\rLipSyncResult\x12\x0c\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0c\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"K\n\x10GenerateResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.superwav2lip.lipsync.v1.LipSyncResult2\xcb\x01\n\x07LipSync\x12_\n\x08Generate\x12(.superwav2lip.lipsync.v1.GenerateRequest\x1a).superwav2lip.lipsync.v1.GenerateResponse\x12_\n\x08\x44\x65scribe\x12(.superwav2lip.lipsync.v1.DescribeRequest\x1a).superwav2lip.lipsync.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'superwav2lip.lipsync.v1.lipsync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LIPSYNCITEM']._serialized_start=91
-  _globals['_LIPSYNCITEM']._serialized_end=131
-  _globals['_GENERATEREQUEST']._serialized_start=133
-  _globals['_GENERATEREQUEST']._serialized_end=203
-  _globals['_LIPSYNCRESULT']._serialized_start=205
-  _globals['_LIPSYNCRESULT']._serialized_end=269
-  _globals['_GENERATERESPONSE']._serialized_start=271
-  _globals['_GENERATERESPONSE']._serialized_end=346
-  _globals['_LIPSYNC']._serialized_start=348
-  _globals['_LIPSYNC']._serialized_end=454
+  _globals['_DESCRIBEREQUEST']._serialized_start=91
+  _globals['_DESCRIBEREQUEST']._serialized_end=108
+  _globals['_DESCRIBERESPONSE']._serialized_start=110
+  _globals['_DESCRIBERESPONSE']._serialized_end=189
+  _globals['_LIPSYNCITEM']._serialized_start=191
+  _globals['_LIPSYNCITEM']._serialized_end=231
+  _globals['_GENERATEREQUEST']._serialized_start=233
+  _globals['_GENERATEREQUEST']._serialized_end=303
+  _globals['_LIPSYNCRESULT']._serialized_start=305
+  _globals['_LIPSYNCRESULT']._serialized_end=369
+  _globals['_GENERATERESPONSE']._serialized_start=371
+  _globals['_GENERATERESPONSE']._serialized_end=446
+  _globals['_LIPSYNC']._serialized_start=449
+  _globals['_LIPSYNC']._serialized_end=652
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class LipSyncStub:
                 request_serializer=superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/superwav2lip.lipsync.v1.LipSync/Describe',
+                request_serializer=superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.DescribeResponse.FromString,
+                _registered_method=True)
 
 
 class LipSyncServicer:
@@ -52,6 +57,13 @@ class LipSyncServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """The loaded model: its name, the providers it runs on and whether its weights are generated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LipSyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_LipSyncServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.GenerateRequest.FromString,
                     response_serializer=superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.DescribeRequest.FromString,
+                    response_serializer=superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +105,33 @@ class LipSync:
             '/superwav2lip.lipsync.v1.LipSync/Generate',
             superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.GenerateRequest.SerializeToString,
             superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.lipsync.v1.LipSync/Describe',
+            superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.DescribeRequest.SerializeToString,
+            superwav2lip_dot_lipsync_dot_v1_dot_lipsync__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class LipSyncStub:
     """Generates one 96x96 face per item. The service builds Wav2Lip's 6-channel input itself
     (lower half masked copy + unmasked crop), so each face crosses the wire once.
     """
+    Describe: _grpc.UnaryUnaryMultiCallable[_lipsync_pb2.DescribeRequest, _lipsync_pb2.DescribeResponse]
+    """The loaded model: its name, the providers it runs on and whether its weights are generated."""
 
 @_typing.type_check_only
 class LipSyncAsyncStub(LipSyncStub):
@@ -43,6 +45,8 @@ class LipSyncAsyncStub(LipSyncStub):
     """Generates one 96x96 face per item. The service builds Wav2Lip's 6-channel input itself
     (lower half masked copy + unmasked crop), so each face crosses the wire once.
     """
+    Describe: _aio.UnaryUnaryMultiCallable[_lipsync_pb2.DescribeRequest, _lipsync_pb2.DescribeResponse]  # type: ignore[assignment]
+    """The loaded model: its name, the providers it runs on and whether its weights are generated."""
 
 class LipSyncServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -54,5 +58,13 @@ class LipSyncServicer(metaclass=_abc_1.ABCMeta):
         """Generates one 96x96 face per item. The service builds Wav2Lip's 6-channel input itself
         (lower half masked copy + unmasked crop), so each face crosses the wire once.
         """
+
+    @_abc_1.abstractmethod
+    def Describe(
+        self,
+        request: _lipsync_pb2.DescribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lipsync_pb2.DescribeResponse, _abc.Awaitable[_lipsync_pb2.DescribeResponse]]:
+        """The loaded model: its name, the providers it runs on and whether its weights are generated."""
 
 def add_LipSyncServicer_to_server(servicer: LipSyncServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

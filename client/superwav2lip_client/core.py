@@ -1,0 +1,147 @@
+"""What the sync and asyncio clients share: requests from options, media reading, retries, event decoding."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from superwav2lip.gateway.v1 import gateway_pb2
+
+from .types import (CropMode, EnhanceRegion, Event, LoopMode, Media, NoFacePolicy, Options, Progress, Result,
+                    SuperWav2LipError, TargetRule, VideoInfo)
+
+API_KEY_ENV = "SUPERWAV2LIP_API_KEY"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", -1)]
+ENUMS = {  # option -> (its Python enum, the proto enum's name prefix)
+    "crop_mode": (CropMode, "CROP_MODE_"),
+    "enhance_region": (EnhanceRegion, "ENHANCE_REGION_"),
+    "target_rule": (TargetRule, "TARGET_RULE_"),
+    "no_face_policy": (NoFacePolicy, "NO_FACE_POLICY_"),
+    "loop_mode": (LoopMode, "LOOP_MODE_"),
+}
+PADDINGS = ("padding", "mouth_padding")
+PLAIN = ("enhance", "similarity_threshold", "smoothing_window", "detect_every", "max_detection_size", "still_fps",
+         "crf", "preset")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of calls refused as UNAVAILABLE or RESOURCE_EXHAUSTED (never other codes), with full-jitter
+    exponential back-off: attempt n waits a random time up to min(max_backoff_s, initial_backoff_s * 2**n)."""
+
+    max_attempts: int = 3
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * 2 ** attempt))
+
+    def should_retry(self, error: SuperWav2LipError, attempt: int) -> bool:
+        return error.code in RETRYABLE and attempt + 1 < self.max_attempts
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def read_media(source: Media | None, what: str) -> bytes:
+    """Bytes from bytes, a path or an open binary file; a missing path is the caller's error, said plainly."""
+    if source is None:
+        return b""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as handle:
+                return handle.read()
+        except OSError as error:
+            raise ValueError(f"cannot read the {what} file {os.fspath(source)!r}: {error.strerror}") from None
+    if hasattr(source, "read"):
+        return source.read()
+    raise TypeError(f"{what} must be bytes, a path or a binary file, not {type(source).__name__}")
+
+
+def _enum_value(option: str, value: Any) -> int:
+    enum_class, prefix = ENUMS[option]
+    try:
+        member = value if isinstance(value, enum_class) else enum_class(str(value).lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_class)
+        raise ValueError(f"{option}={value!r} is not one of: {allowed}") from None
+    return gateway_pb2.DESCRIPTOR.enum_types_by_name[enum_class.__name__].values_by_name[
+        prefix + member.name].number
+
+
+def options_proto(options: Options, *, avatar: str | None = None, request_id: str = "") -> gateway_pb2.GenerateOptions:
+    """The protobuf the gateway takes, from keyword options; an unknown option is a TypeError, as in Python."""
+    unknown = set(options) - set(ENUMS) - set(PADDINGS) - set(PLAIN) - {"reference_face"}
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    message = gateway_pb2.GenerateOptions(request_id=request_id, avatar_id=avatar or "")
+    for name, value in options.items():
+        if name in ENUMS:
+            setattr(message, name, _enum_value(name, value))
+        elif name in PADDINGS:
+            top, bottom, left, right = value  # type: ignore[misc]
+            getattr(message, name).CopyFrom(gateway_pb2.Padding(top=top, bottom=bottom, left=left, right=right))
+        elif name == "reference_face":
+            message.reference_face = read_media(value, "reference photo")  # type: ignore[arg-type]
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def call_metadata(api_key: str | None, request_id: str, extra: Sequence[tuple[str, str]]) -> tuple:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+    return (("x-request-id", request_id), *((("x-api-key", key),) if key else ()), *extra)
+
+
+def sdk_error(error: grpc.RpcError, request_id: str) -> SuperWav2LipError:
+    return SuperWav2LipError(error.code(), error.details() or "", request_id)  # type: ignore[attr-defined]
+
+
+class EventDecoder:
+    """Turns the gateway's events into Progress items and, at the end, one Result."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._info: gateway_pb2.ResultInfo | None = None
+        self._parts: list[bytes] = []
+
+    def feed(self, event: gateway_pb2.GenerateEvent) -> Iterator[Event]:
+        kind = event.WhichOneof("event")
+        if kind == "progress":
+            p = event.progress
+            yield Progress(p.stage, p.done, p.total, p.message)
+        elif kind == "result":
+            self._info = event.result
+        elif kind == "video_chunk":
+            self._parts.append(event.video_chunk)
+        elif kind == "error":  # a failure after the stream started travels in-band
+            code = next((c for c in grpc.StatusCode if c.name == event.error.status), grpc.StatusCode.UNKNOWN)
+            raise SuperWav2LipError(code, event.error.message, self.request_id)
+
+    def result(self) -> Result:
+        if self._info is None:
+            raise SuperWav2LipError(grpc.StatusCode.UNAVAILABLE, "the gateway closed the stream without a result; "
+                                    "retry", self.request_id)
+        i = self._info
+        return Result(b"".join(self._parts), VideoInfo(i.width, i.height, i.fps, i.frames, i.audio_seconds,
+                                                       i.size_bytes), self.request_id)
+
+
+def generate_request(face: Media | None, audio: Media, avatar: str | None, options: Options,
+                     request_id: str) -> gateway_pb2.GenerateVideoRequest:
+    if face is None and not avatar:
+        raise ValueError("give face media, or avatar=<id> of an avatar made with create_avatar")
+    return gateway_pb2.GenerateVideoRequest(options=options_proto(options, avatar=avatar, request_id=request_id),
+                                            face=read_media(face, "face"), audio=read_media(audio, "speech"))
