@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,dev,edge,deploy
+EXTRAS ?= cpu,dev,edge,deploy,ui
 OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip

@@ -243,3 +243,11 @@ async def test_cli_exit_codes_json_output_and_models(dev_models_dir, tmp_path):
     assert models.returncode == 0
     assert described["lipsync"]["model"] == "wav2lip_gan" and described["lipsync"]["generated_weights"] is True
     assert described["detector"]["detection_model"] and "CPUExecutionProvider" in described["enhancer"]["providers"]
+
+
+def test_the_web_ui_is_a_client_of_the_sdk_only():
+    probe = ("import sys, webui.app; "
+             "assert not [m for m in sys.modules if m.split('.')[0] in ('gateway', 'services')], 'imports the server'")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")])))
+    assert run.returncode == 0, run.stderr

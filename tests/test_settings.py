@@ -9,8 +9,9 @@ from gateway.service import GatewaySettings
 from services.detector.service import DetectorSettings
 from services.enhancer.service import EnhancerSettings
 from services.lipsync.service import LipSyncSettings
+from webui.settings import WebUISettings
 
-ALL = [GatewaySettings, DetectorSettings, LipSyncSettings, EnhancerSettings]
+ALL = [GatewaySettings, DetectorSettings, LipSyncSettings, EnhancerSettings, WebUISettings]
 
 
 def test_values_are_parsed_by_type_with_the_service_prefix():

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 from .conftest import ROOT
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
@@ -43,11 +44,12 @@ def readme_http_examples() -> str:
 
 
 def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
-    base, metrics, http = free_port_block(4), free_port_block(4), free_port_block(2)
+    base, metrics, http = free_port_block(4), free_port_block(4), free_port_block(3)
     runner = subprocess.Popen(
         [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(base), "--metrics-base-port",
          str(metrics), "--models-dir", str(dev_models_dir), "--logs", str(tmp_path / "logs"),
-         "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1)],
+         "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1),
+         "--ui-port", str(http + 2)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     output = []
@@ -60,6 +62,9 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
                 break
         assert any(l.startswith("READY") for l in output), "".join(output)
         assert any("generated demo weights" in l for l in output)
+        ui = f"http://127.0.0.1:{http + 2}/"
+        assert any(l.startswith("READY") and l.rstrip().endswith(f" ui {ui}") for l in output)  # the UI address
+        assert b"Super Wav2Lip" in urllib.request.urlopen(ui, timeout=10).read()
         servers = [f"--{n}=127.0.0.1:{base + i}" for i, n in enumerate(("server", "detector", "lipsync", "enhancer"))]
         health = cli("health", *servers)
         assert health.returncode == 0 and health.stdout.count("SERVING") == 4, health.stdout

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +121,28 @@ def start_edge(args: argparse.Namespace, processes: dict[str, subprocess.Popen])
     return url
 
 
+def start_web_ui(args: argparse.Namespace, processes: dict[str, subprocess.Popen]) -> str:
+    """Starts the web UI (a client of the gateway); returns its URL once it answers."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]),
+               GRADIO_ANALYTICS_ENABLED="False")
+    env.setdefault("SWL_WEBUI_HOST", args.host)
+    env.setdefault("SWL_WEBUI_PORT", str(args.ui_port))
+    env.setdefault("SWL_WEBUI_GATEWAY_ADDRESS", address("gateway", args))
+    with (args.logs / "webui.log").open("w") as log:
+        processes["webui"] = subprocess.Popen([sys.executable, "-m", "webui"], cwd=ROOT, stdout=log, stderr=log,
+                                              env=env)
+    url = f"http://{args.host}:{args.ui_port}/"
+    deadline = time.monotonic() + args.ready_timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return url
+        except OSError:
+            if processes["webui"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("no answer") from None
+            time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -130,6 +153,7 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument("--http-port", type=int, default=8080, help="Envoy's HTTP/gRPC listener")
     parser.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy's admin interface (loopback)")
+    parser.add_argument("--ui-port", type=int, default=7860, help="the web UI (0: do not start it)")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) and --tls-key")
     parser.add_argument("--tls-key")
     shared = ROOT.parent / "shared" / "models"
@@ -164,7 +188,17 @@ def main() -> None:
         stop_all(processes)
         sys.exit(1)
     print(f"  {'envoy':<9} HTTP on {edge}", flush=True)
-    print(f"READY gateway {addresses['gateway']} http {edge}\n"
+    ui = ""
+    if args.ui_port:
+        try:
+            ui = start_web_ui(args, processes)
+        except RuntimeError as error:
+            print(f"the web UI did not start: {error}; see {args.logs / 'webui.log'}", file=sys.stderr, flush=True)
+            stop_all(processes)
+            sys.exit(1)
+        print(f"  {'webui':<9} on {ui}", flush=True)
+    print(f"READY gateway {addresses['gateway']} http {edge}" + (f" ui {ui}" if ui else "") + "\n"
+          + (f"open: {ui} in a browser\n" if ui else "") +
           f"try:  superwav2lip generate --face ../shared/media/face_astronaut.png "
           f"--audio ../shared/media/speech_en_4s.wav -o out.mp4 --server {addresses['gateway']}\n"
           f"or:   curl -s {edge}/healthz   (the README has the HTTP examples)\n"

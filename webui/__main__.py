@@ -1,0 +1,18 @@
+"""`python -m webui`: serves the web UI until interrupted."""
+
+from service_runtime.logs import configure_logging
+
+from .app import build
+from .settings import WebUISettings
+
+
+def main() -> None:
+    settings = WebUISettings.from_env()
+    configure_logging("INFO")
+    build(settings).queue(default_concurrency_limit=4).launch(
+        server_name=settings.host, server_port=settings.port, show_error=False, quiet=True,
+        max_file_size=f"{settings.max_upload_mb}mb", footer_links=[])
+
+
+if __name__ == "__main__":
+    main()
