@@ -13,6 +13,7 @@ COPY services ./services
 COPY gateway ./gateway
 COPY client ./client
 COPY deploy ./deploy
+COPY webui ./webui
 RUN /opt/venv/bin/pip install .
 
 FROM ${PYTHON_IMAGE}

@@ -18,6 +18,7 @@ COPY services ./services
 COPY gateway ./gateway
 COPY client ./client
 COPY deploy ./deploy
+COPY webui ./webui
 RUN /opt/venv/bin/pip install ".[cpu]"
 
 FROM ${PYTHON_IMAGE} AS cpu-runtime
@@ -58,6 +59,7 @@ COPY services ./services
 COPY gateway ./gateway
 COPY client ./client
 COPY deploy ./deploy
+COPY webui ./webui
 RUN /opt/venv/bin/pip install ".[gpu]" "onnxruntime-gpu==1.22.*" "tensorrt-cu12-libs==10.9.*"
 
 FROM ${CUDA_IMAGE} AS gpu-runtime
