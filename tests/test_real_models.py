@@ -102,3 +102,33 @@ async def test_mobilefacenet_embeddings_tell_people_apart(real_models_dir):
     assert a.shape == (128,) and abs(np.linalg.norm(a) - 1) < 1e-5
     assert a @ b > 0.6, "same person should match"
     assert a @ c < 0.4, "different people should not match"
+
+
+def video_frames(name, indices):
+    import av
+    wanted, frames = set(indices), []
+    with av.open(str(shared_file(SHARED_MEDIA, name))) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                frames.append(frame.to_ndarray(format="bgr24"))
+            if index >= max(indices):
+                break
+    return frames
+
+
+async def test_boxes_agree_between_the_square_and_the_aspect_kept_input_on_real_faces(real_models_dir):
+    """Detection at the frame's own aspect (the default, 56-60% of the square's pixels on 16:9) finds the same
+    faces as the seed's square letterbox, within a few pixels."""
+    frames = video_frames("face_astronaut_moving_720p25_5s.mp4", [0, 40, 80, 120])
+    frames += [image("face_people_0.png"), image("face_astronaut.png")]
+    boxes = {}
+    for square in (True, False):
+        service = detector_service(real_models_dir)
+        service.detector.square = square
+        async with started(service) as (_, channel):
+            boxes[square] = [[(f.x1, f.y1, f.x2, f.y2) for f in sorted(found.faces, key=lambda f: f.x1)]
+                             for found in await detect(channel, *frames)]
+    assert [len(b) for b in boxes[True]] == [len(b) for b in boxes[False]] and all(boxes[False])
+    worst = max(abs(a - b) for frame_s, frame_a in zip(boxes[True], boxes[False])
+                for box_s, box_a in zip(frame_s, frame_a) for a, b in zip(box_s, box_a))
+    assert worst <= 4.0, worst

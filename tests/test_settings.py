@@ -37,4 +37,4 @@ def test_default_warmup_covers_one_and_the_max_batch():
 def test_every_setting_is_in_the_readme(settings_cls):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [line for line in settings_cls.markdown_table().splitlines()[2:] if line not in readme]
-    assert not missing, f"README settings table is out of date (python tools/settings_tables.py): {missing}"
+    assert not missing, f"README settings table is out of date (python tools/settings_tables.py --write): {missing}"

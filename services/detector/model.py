@@ -17,9 +17,12 @@ from .decoders import DECODERS, Detections
 EMBED_SIZE = 112
 
 
+STRIDE = 32  # the coarsest feature stride of SCRFD, YuNet and RetinaFace: input sides must be multiples of it
+
+
 @dataclass(frozen=True)
 class Letterboxed:
-    """A frame resized into the square model input; `scale` maps model pixels back to frame pixels."""
+    """A frame resized into the model input; `scale` maps model pixels back to frame pixels."""
 
     tensor: np.ndarray
     scale: float
@@ -37,10 +40,23 @@ def letterbox(frame: np.ndarray, size: int) -> tuple[np.ndarray, float]:
     return canvas, 1.0 / ratio
 
 
-class FaceDetector:
-    """Letterboxes frames to the detector's input size and decodes its outputs per frame."""
+def fit_to_stride(frame: np.ndarray, longest: int, stride: int = STRIDE) -> tuple[np.ndarray, float]:
+    """Keeps the frame's aspect: scales it down (never up) until its longest side is at most `longest`, then pads
+    right and bottom to multiples of `stride`. A 640x360 frame costs 640x384, about 60% of 640x640."""
+    height, width = frame.shape[:2]
+    ratio = min(1.0, longest / max(height, width))
+    size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+    resized = frame if ratio == 1.0 else cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((-(-size[1] // stride) * stride, -(-size[0] // stride) * stride, 3), np.uint8)
+    canvas[: size[1], : size[0]] = resized
+    return canvas, 1.0 / ratio
 
-    def __init__(self, spec: ModelSpec, input_size: int) -> None:
+
+class FaceDetector:
+    """Fits frames to the detector's input (their own aspect by default, or the square letterbox) and decodes its
+    outputs per frame."""
+
+    def __init__(self, spec: ModelSpec, input_size: int, square: bool = False) -> None:
         if input_size % 32:
             raise ValueError(f"detection input size {input_size} must be a multiple of 32")
         decoder = spec.options.get("decoder")
@@ -48,6 +64,7 @@ class FaceDetector:
             raise ValueError(f"{spec.name}: unknown decoder {decoder!r}; known: {sorted(DECODERS)}")
         self.spec = spec
         self.size = input_size
+        self.square = square
         self.decode = DECODERS[decoder]
         self.default_threshold = float(spec.options.get("score_threshold", 0.5))
         self.iou = float(spec.options.get("nms_iou", 0.4))
@@ -55,22 +72,27 @@ class FaceDetector:
         self.model: OnnxModel | None = None
 
     def prepare(self, frame: np.ndarray, threshold: float = 0.0) -> Letterboxed:
-        canvas, scale = letterbox(frame, self.size)
+        canvas, scale = letterbox(frame, self.size) if self.square else fit_to_stride(frame, self.size)
         pre = self.spec.preprocess
         tensor = to_model_input(canvas, pre.channel_order, pre.mean, pre.std)
         return Letterboxed(tensor, scale, threshold or self.default_threshold)
 
     def run_batch(self, items: list[Letterboxed]) -> list[Detections]:
+        """One model call per input shape in the batch (frames of different aspects cannot share a tensor)."""
         assert self.model is not None, "model not loaded"
-        feeds = {self.spec.input().name: np.stack([item.tensor for item in items])}
-        per_item = self.model.run_per_item(feeds)
-        results = []
-        for item, outputs in zip(items, per_item):
-            squeezed = [out[0] if out.ndim == 3 else out for out in outputs]
-            found = self.decode(squeezed, self.size, self.size, threshold=item.threshold, iou=self.iou,
-                                **self.decoder_kwargs)
-            results.append(found.scaled(item.scale))
-        return results
+        results: list[Detections | None] = [None] * len(items)
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(items):
+            shapes.setdefault(item.tensor.shape, []).append(index)
+        for shape, indices in shapes.items():
+            feeds = {self.spec.input().name: np.stack([items[i].tensor for i in indices])}
+            height, width = shape[-2:]
+            for index, outputs in zip(indices, self.model.run_per_item(feeds)):
+                squeezed = [out[0] if out.ndim == 3 else out for out in outputs]
+                found = self.decode(squeezed, height, width, threshold=items[index].threshold, iou=self.iou,
+                                    **self.decoder_kwargs)
+                results[index] = found.scaled(items[index].scale)
+        return results  # type: ignore[return-value]
 
 
 class FaceEmbedder:

@@ -23,8 +23,10 @@ class DetectorSettings(ServiceSettings):
     metrics_port: int = metrics_port_setting(9102)
     detection_model: str = setting("scrfd_2.5g", "Manifest name of the face detector (scrfd_2.5g, yunet, retinaface_r50).")
     recognition_model: str = setting("arcface_seed", "Manifest name of the face-recognition model.")
-    detection_size: int = setting(640, "Square detector input in pixels (multiple of 32); frames are letterboxed to it.",
-                                 ge=64, le=4096)
+    detection_size: int = setting(640, "Longest side of the detector input in pixels (multiple of 32); larger frames "
+                                  "are scaled down to it, keeping their aspect.", ge=64, le=4096)
+    detection_square: bool = setting(False, "Letterbox every frame to a detection_size square instead (the seed's "
+                                     "way: the same cost whatever the frame).")
 
 
 class DetectorService(ModelService):
@@ -34,7 +36,8 @@ class DetectorService(ModelService):
     def __init__(self, settings: DetectorSettings, metrics: ServiceMetrics | None = None) -> None:
         super().__init__(settings, metrics or ServiceMetrics())
         manifest = load_manifest(settings.models_dir)
-        self.detector = FaceDetector(manifest.get(settings.detection_model), settings.detection_size)
+        self.detector = FaceDetector(manifest.get(settings.detection_model), settings.detection_size,
+                                     square=settings.detection_square)
         self.embedder = FaceEmbedder(manifest.get(settings.recognition_model))
         self.servicer = DetectorServicer(
             self.detector, self.embedder,

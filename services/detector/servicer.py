@@ -52,7 +52,8 @@ class DetectorServicer(detector_pb2_grpc.DetectorServicer):
         if detection is None or recognition is None:
             raise Unavailable("the detector is still loading its models; retry shortly")
         fingerprint = hashlib.sha256(f"{detection.weights_sha256}:{recognition.weights_sha256}:"
-                                     f"{self.detector.size}".encode()).hexdigest()
+                                     f"{self.detector.size}:{'square' if self.detector.square else 'aspect'}".encode()
+                                     ).hexdigest()
         return detector_pb2.DescribeResponse(
             detection_model=detection.spec.name, recognition_model=recognition.spec.name,
             detection_size=self.detector.size, fingerprint=fingerprint, providers=detection.providers)
