@@ -7,7 +7,7 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
-.PHONY: install protos models models-dev lint test run bench bench-avatar clean k8s-validate deploy rollback images
+.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ run: install  ## start the whole stack on CPU (real weights when present, genera
 
 bench: install  ## throughput (batched vs the seed's lock), gateway memory and wire bytes; prints tables
 	$(PY) -m bench.throughput
+
+bench-detection: install  ## detection cost and agreement by input size on the real clips; writes bench/RESULTS.md
+	$(PY) -m bench.detection
 
 bench-avatar: install  ## fresh vs plan-cache hit vs avatar request on the same clip; writes bench/RESULTS.md
 	$(PY) -m bench.avatar

@@ -239,7 +239,7 @@ def add_planning_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--pads", type=int, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
                          help="face box padding in pixels (default 0 10 0 0)")
     command.add_argument("--smooth", type=int, help="box smoothing window in frames (default 5, 0 = off)")
-    command.add_argument("--max-detection-size", type=int, help="longest side of frames sent to the detector (640)")
+    command.add_argument("--max-detection-size", type=int, help="longest side of frames sent to the detector (480)")
     command.add_argument("--fps", type=float, help="frame rate for a still image (default 25)")
     command.add_argument("--no-face", choices=("fail", "keep"), default="fail",
                          help="frames without a face: fail the job (default) or keep them untouched")

@@ -184,7 +184,7 @@ class GenerateOptions(_message.Message):
     smoothing_window: _builtins.int
     """Box smoothing window in frames; unset means 5, 0 turns smoothing off."""
     max_detection_size: _builtins.int
-    """Longest side of the frames sent to the detector; unset means 640."""
+    """Longest side of the frames sent to the detector; unset means 480 (chosen by bench/detection.py)."""
     still_fps: _builtins.float
     """Frames per second used for a still image; unset means 25."""
     crf: _builtins.int

@@ -1,0 +1,134 @@
+"""Detection cost and agreement by input size, on the real talking-head clips in ../shared/media, with the real
+SCRFD-2.5G: the seed's 640 square against the frame's own aspect at 640 and smaller longest sides.
+
+For each clip and size it reports milliseconds per frame and how the main face's box agrees with the 640-square
+reference (mean and worst IoU, frames where it was missed). The recommended default for the gateway's
+max_detection_size is the smallest size that, on every clip, misses no face and keeps a mean IoU of 0.93 and a
+worst of 0.85: two equally valid inputs (the 640 square and a 512 clip's own 512 pixels) already disagree at
+about IoU 0.95, so that is the noise floor, not an error.
+
+    python -m bench.detection [--frames 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "client")]
+
+from bench.results import write_section  # noqa: E402
+from service_runtime.manifest import load_manifest  # noqa: E402
+from service_runtime.onnx_session import load_model  # noqa: E402
+from services.detector.model import FaceDetector  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+CLIPS = ("face_astronaut_moving_720p25_5s.mp4", "talking_mpeg4_512_25fps_8s.mp4", "talking_sun_576x768_25fps_22s.mp4")
+SIZES = (("square 640", 640, True), ("aspect 640", 640, False), ("aspect 480", 480, False),
+         ("aspect 384", 384, False), ("aspect 320", 320, False), ("aspect 256", 256, False))
+GOOD_MEAN_IOU, GOOD_WORST_IOU = 0.93, 0.85
+
+
+def frames_of(path: Path, count: int) -> list[np.ndarray]:
+    """`count` frames spread over the clip."""
+    with av.open(str(path)) as container:
+        frames = [frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)]
+    step = max(1, len(frames) // count)
+    return frames[::step][:count]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def main_faces(detector: FaceDetector, frames: list[np.ndarray]) -> tuple[list[np.ndarray | None], float]:
+    """The largest face per frame (None when none) and milliseconds per frame, one frame per call as the
+    batching queue sees a single client."""
+    boxes, started = [], time.perf_counter()
+    for frame in frames:
+        found = detector.run_batch([detector.prepare(frame)])[0]
+        if len(found.boxes):
+            areas = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1])
+            boxes.append(found.boxes[int(np.argmax(areas))])
+        else:
+            boxes.append(None)
+    return boxes, (time.perf_counter() - started) * 1000 / len(frames)
+
+
+def measure(models_dir: Path, extra_dirs: tuple[str, ...], clips: list[Path], frames_per_clip: int,
+            allow_dev: bool = False) -> list[dict]:
+    """One row per clip and input size; `allow_dev` lets the smoke test run on generated weights."""
+    spec = load_manifest(models_dir).get("scrfd_2.5g")
+    model = load_model(spec, models_dir, extra_dirs=extra_dirs, allow_dev=allow_dev)
+    rows = []
+    for clip in clips:
+        frames = frames_of(clip, frames_per_clip)
+        reference = None
+        for label, size, square in SIZES:
+            detector = FaceDetector(spec, size, square=square)
+            detector.model = model
+            main_faces(detector, frames[:2])  # warm this input shape
+            boxes, ms = main_faces(detector, frames)
+            if reference is None:
+                reference = boxes
+            pairs = [(b, r) for b, r in zip(boxes, reference) if r is not None]
+            ious = [iou(b, r) if b is not None else 0.0 for b, r in pairs]
+            height, width = frames[0].shape[:2]
+            rows.append({"clip": clip.name, "frame": f"{width}x{height}", "input": label,
+                         "shape": "x".join(map(str, detector.prepare(frames[0]).tensor.shape[-1:-3:-1])),
+                         "ms": ms, "mean_iou": statistics.mean(ious), "worst_iou": min(ious),
+                         "missed": sum(b is None for b, _ in pairs), "frames": len(frames)})
+    return rows
+
+
+def recommend(rows: list[dict]) -> str:
+    """The smallest aspect size that is good on every clip."""
+    good = [label for label, _, square in SIZES if not square
+            and all(r["mean_iou"] >= GOOD_MEAN_IOU and r["worst_iou"] >= GOOD_WORST_IOU and not r["missed"]
+                    for r in rows if r["input"] == label)]
+    return good[-1] if good else "aspect 640"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| clip | frame | input | model input | ms/frame | vs square 640 | mean IoU | worst IoU | missed |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    square = {r["clip"]: r["ms"] for r in rows if r["input"] == "square 640"}
+    for r in rows:
+        lines.append(f"| {r['clip']} | {r['frame']} | {r['input']} | {r['shape']} | {r['ms']:.1f} | "
+                     f"{r['ms'] / square[r['clip']]:.2f} | {r['mean_iou']:.3f} | {r['worst_iou']:.3f} | "
+                     f"{r['missed']}/{r['frames']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=50, help="frames sampled per clip")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--media", type=Path, default=SHARED / "media")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args(argv)
+    clips = [args.media / name for name in CLIPS if (args.media / name).is_file()]
+    if not clips:
+        sys.exit(f"no talking-head clips in {args.media}: this benchmark measures real faces")
+    rows = measure(args.models_dir, (str(SHARED / "models"),), clips, args.frames)
+    text = (f"{table(rows)}\n\nRecommended max_detection_size: **{recommend(rows).split()[-1]}** (the smallest "
+            f"longest side that, on every clip, misses no face and keeps the main face's box at a mean IoU of "
+            f"{GOOD_MEAN_IOU} and a worst of {GOOD_WORST_IOU} against the 640 square).")
+    print(text)
+    if not args.no_write:
+        write_section("detection", "Detection input size on real clips (`make bench-detection`)", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The benchmarks' code paths on tiny generated models, so that they cannot silently rot: every row present and
+every ratio computed from the measured numbers."""
+
+import re
+
+from bench import detection
+
+from .media_factory import encode_video, marker_frames
+
+
+def test_detection_bench_measures_every_size_and_derives_its_ratios(dev_models_dir, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode_video(marker_frames(12, 640, 360)))
+    rows = detection.measure(dev_models_dir, (), [clip], frames_per_clip=6, allow_dev=True)
+    assert [r["input"] for r in rows] == [label for label, _, _ in detection.SIZES]
+    assert all(r["ms"] > 0 and r["frames"] == 6 and r["missed"] == 0 for r in rows)
+    assert rows[0]["mean_iou"] == rows[0]["worst_iou"] == 1.0  # the reference against itself
+    assert [r["shape"] for r in rows[:2]] == ["640x640", "640x384"]
+    lines = detection.table(rows).splitlines()[2:]
+    for row, line in zip(rows, lines):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert float(cells[5]) == round(row["ms"] / rows[0]["ms"], 2)  # the ratio comes from the two timings
+        assert cells[4] == f"{row['ms']:.1f}" and cells[8] == f"{row['missed']}/6"
+    assert re.fullmatch(r"aspect \d+", detection.recommend(rows))
