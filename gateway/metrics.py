@@ -38,5 +38,8 @@ class GatewayMetrics(ServiceMetrics):
                                   registry=r)
         self.webhook_attempts = Counter("swl_gateway_webhook_attempts_total", "Webhook deliveries tried, by outcome.",
                                         ["outcome"], registry=r)
+        self.redetected_frames = Counter("swl_gateway_redetected_frames_total",
+                                         "Frames detected between detect_every picks because the face moved too "
+                                         "much to interpolate.", registry=r)
         self.received_bytes = Counter("swl_gateway_received_bytes_total", "Media bytes uploaded by clients.",
                                       registry=r)

@@ -27,7 +27,7 @@ from .limits import MediaLimits
 from .media import FaceSource
 from .metrics import GatewayMetrics
 from .options import JobOptions, Progress
-from .tracking import Tracker, interpolate, rank_tracks, target_per_frame
+from .tracking import Tracker, drifted, interpolate, rank_tracks, target_per_frame
 
 PLAN_FORMAT = 1
 
@@ -179,10 +179,14 @@ class Planner:
     async def detect_stream(self, source: FaceSource, wanted: int, tracker: Tracker) -> tuple[int, list[int]]:
         """Decodes up to `wanted` frames chunk by chunk (the next chunk decodes while this one is detected).
 
+        With detect_every k, the frames between two detections are detected as well when the faces moved too much
+        between them to interpolate (`drifted`); the undetected frames since the last detection are kept for that.
         Returns how many frames the source has (up to `wanted`) and the detected indices."""
         every, step = self.options.detect_every, self.chunk_frames
         detected: list[int] = []
         count = 0
+        last: tuple[int, list[Face]] | None = None
+        between: dict[int, np.ndarray] = {}  # frames since the last detection, not detected
         pending = asyncio.ensure_future(asyncio.to_thread(source.read, 0, min(wanted, step)))
         while True:
             chunk = await pending
@@ -190,13 +194,25 @@ class Planner:
             if not last_chunk:
                 pending = asyncio.ensure_future(asyncio.to_thread(source.read, count + len(chunk),
                                                                   min(wanted, count + len(chunk) + step)))
-            picks = [j for j in range(len(chunk)) if (count + j) % every == 0 or (last_chunk and j == len(chunk) - 1)]
-            found = await self.detect([chunk[j] for j in picks])
+            frames = {count + j: frame for j, frame in enumerate(chunk)}
+            picks = [i for i in frames if i % every == 0 or (last_chunk and i == count + len(chunk) - 1)]
+            results = dict(zip(picks, await self.detect([frames[i] for i in picks])))
+            redo: list[int] = []
+            for index in picks:
+                gap = [i for i in (*between, *frames) if (last is None or i > last[0]) and i < index]
+                if last is not None and gap and drifted(last[1], results[index]):
+                    redo += gap
+                last = (index, results[index])
+            pool = {**between, **frames}
+            if redo:
+                results.update(zip(redo, await self.detect([pool[i] for i in redo])))
+                self.metrics.redetected_frames.inc(len(redo))
+            between = {i: f for i, f in pool.items() if last is None or i > last[0]}
 
-            def track(first=count):
-                for j, faces in zip(picks, found):
-                    tracker.update(first + j, faces, chunk[j])  # aligns a crop per face: not on the event loop
-                    detected.append(first + j)
+            def track(pool=pool, order=sorted(results)):
+                for index in order:
+                    tracker.update(index, results[index], pool.get(index))  # aligns crops: not on the event loop
+                    detected.append(index)
 
             await asyncio.to_thread(track)
             count += len(chunk)

@@ -79,6 +79,24 @@ class Tracker:
         self._alive = alive
 
 
+# Between two detections k frames apart, interpolation is trusted only while the faces barely moved: the main
+# face keeps most of its box and its landmarks move less than a fifth of its width, and nobody came or went.
+REDETECT_BELOW_IOU = 0.6
+REDETECT_LANDMARK_JUMP = 0.2
+
+
+def drifted(before: list[Face], after: list[Face]) -> bool:
+    """True when the frames between two detections must be detected too instead of interpolated."""
+    if len(before) != len(after):
+        return True
+    if not before:
+        return False
+    a, b = max(before, key=lambda f: f.area), max(after, key=lambda f: f.area)
+    width = max(1.0, float(a.box[2] - a.box[0]))
+    jump = float(np.max(np.linalg.norm(a.landmarks - b.landmarks, axis=1)))
+    return iou(a.box, b.box) < REDETECT_BELOW_IOU or jump > REDETECT_LANDMARK_JUMP * width
+
+
 def build_tracks(detections: dict[int, list[Face]]) -> list[Track]:
     tracker = Tracker()
     for index in sorted(detections):

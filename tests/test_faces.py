@@ -19,7 +19,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.tracking import build_tracks, detection_indices, interpolate, rank_tracks, target_per_frame
 
 from .conftest import SHARED_MEDIA, SHARED_MODELS, shared_file
-from .media_factory import decode_all, encode_png, encode_video, marker_frames, speech_wav
+from .media_factory import decode_all, encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
 from .stack import model_clients, running_stack
 
 RNG = np.random.default_rng(11)
@@ -107,8 +107,12 @@ async def test_reference_embedding_runs_once_per_track_and_detection_every_k(dev
     assert "swl_gateway_track_embeddings_total 1.0" in gateway_text
     detected = [l for l in detector_text.splitlines()
                 if l.startswith('swl_model_items_total{model="scrfd_2.5g",outcome="ok"')]
-    # 100 frames every 5th (20) plus the last one, plus the reference photo.
-    assert detected == ['swl_model_items_total{model="scrfd_2.5g",outcome="ok"} 22.0']
+    redetected = next(float(l.split()[-1]) for l in gateway_text.splitlines()
+                      if l.startswith("swl_gateway_redetected_frames_total"))
+    # 100 frames every 5th (20) plus the last one, plus the reference photo, plus the frames between detections
+    # where the generated detector's box jumped a 32-pixel anchor cell (the drift check).
+    assert redetected < 40
+    assert detected == [f'swl_model_items_total{{model="scrfd_2.5g",outcome="ok"}} {22.0 + redetected}']
 
 
 async def test_enhancer_warning_and_identity_enhancement_in_the_pipeline(identity_models_dir):
@@ -244,3 +248,40 @@ def test_degenerate_landmarks_are_a_failed_precondition_not_a_crash():
     frame = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(FailedPrecondition, match="degenerate"):
         align_face(frame, np.full((5, 2), 20.0, np.float32))
+
+
+def jumping_clip(count=20, jump_at=8, a=(40, 80), b=(220, 80)):
+    """A marker face that jumps from `a` to `b` at frame `jump_at` (a cut or a fast head turn)."""
+    return [with_marker(scene(320, 240, seed=i), *(a if i < jump_at else b)) for i in range(count)]
+
+
+async def plan_of(stack, clip, **options):
+    from gateway.media import FaceSource
+    from gateway.metrics import GatewayMetrics
+    from gateway.options import JobOptions
+    from gateway.planning import Planner
+
+    clients = model_clients(stack)
+    clients.open()
+    metrics = GatewayMetrics()
+    try:
+        planner = Planner(clients, JobOptions(**options), metrics, chunk_frames=6)  # the gap spans two chunks
+        plan = await planner.plan(FaceSource(encode_video(clip), still_fps=25))
+    finally:
+        await clients.close()
+    return plan, metrics.registry.get_sample_value("swl_gateway_redetected_frames_total")
+
+
+async def test_detect_every_k_re_detects_the_frames_between_when_the_face_jumps(dev_models_dir, monkeypatch):
+    clip = jumping_clip()
+    async with running_stack(dev_models_dir) as stack:
+        plan, redetected = await plan_of(stack, clip, detect_every=5, smoothing_window=0)
+        monkeypatch.setattr("gateway.planning.drifted", lambda before, after: False)
+        blind, _ = await plan_of(stack, clip, detect_every=5, smoothing_window=0)
+    centre_x = [float(t.box[0] + t.box[2]) / 2 for t in plan.targets]
+    blind_x = [float(t.box[0] + t.box[2]) / 2 for t in blind.targets]
+    marker_x = [40 + 36 if i < 8 else 220 + 36 for i in range(20)]
+    # Frames 6-9 lie between the detections at 5 (before the jump) and 10 (after it).
+    assert redetected == 4
+    assert all(abs(c - m) <= 36 for c, m in zip(centre_x, marker_x)), (centre_x, marker_x)
+    assert max(abs(blind_x[i] - marker_x[i]) for i in range(6, 10)) > 60  # interpolation alone misses the face
