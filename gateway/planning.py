@@ -195,15 +195,17 @@ class Planner:
                 pending = asyncio.ensure_future(asyncio.to_thread(source.read, count + len(chunk),
                                                                   min(wanted, count + len(chunk) + step)))
             frames = {count + j: frame for j, frame in enumerate(chunk)}
-            picks = [i for i in frames if i % every == 0 or (last_chunk and i == count + len(chunk) - 1)]
-            results = dict(zip(picks, await self.detect([frames[i] for i in picks])))
+            pool = {**between, **frames}
+            picks = [i for i in frames if i % every == 0]
+            if last_chunk and pool and max(pool) not in picks:  # the very last frame, so the tail is interpolated
+                picks.append(max(pool))
+            results = dict(zip(picks, await self.detect([pool[i] for i in picks])))
             redo: list[int] = []
             for index in picks:
-                gap = [i for i in (*between, *frames) if (last is None or i > last[0]) and i < index]
+                gap = [i for i in pool if (last is None or i > last[0]) and i < index]
                 if last is not None and gap and drifted(last[1], results[index]):
                     redo += gap
                 last = (index, results[index])
-            pool = {**between, **frames}
             if redo:
                 results.update(zip(redo, await self.detect([pool[i] for i in redo])))
                 self.metrics.redetected_frames.inc(len(redo))

@@ -22,3 +22,16 @@ def test_detection_bench_measures_every_size_and_derives_its_ratios(dev_models_d
         assert float(cells[5]) == round(row["ms"] / rows[0]["ms"], 2)  # the ratio comes from the two timings
         assert cells[4] == f"{row['ms']:.1f}" and cells[8] == f"{row['missed']}/6"
     assert re.fullmatch(r"aspect \d+", detection.recommend(rows))
+
+
+def test_detect_every_sweep_replays_the_gateway_drift_check_against_every_frame(dev_models_dir, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode_video(marker_frames(24, 320, 240)))
+    rows = detection.every_sweep(dev_models_dir, (), [clip], 320, 24, allow_dev=True)
+    assert [r["every"] for r in rows] == list(detection.EVERY)
+    assert rows[0]["detected"] == 1.0 and rows[0]["mean_iou"] == rows[0]["worst_iou"] == 1.0
+    for row in rows[1:]:  # fewer detections than every frame, never fewer than the picks themselves
+        assert 1 / row["every"] <= row["detected"] <= 1.0 and 0 < row["worst_iou"] <= row["mean_iou"] <= 1.0
+    assert detection.recommend_every(rows) in detection.EVERY
+    table = detection.every_table(rows).splitlines()[2:]
+    assert [line.split("|")[3].strip() for line in table] == [f"{r['detected']:.0%}" for r in rows]

@@ -285,3 +285,10 @@ async def test_detect_every_k_re_detects_the_frames_between_when_the_face_jumps(
     assert redetected == 4
     assert all(abs(c - m) <= 36 for c, m in zip(centre_x, marker_x)), (centre_x, marker_x)
     assert max(abs(blind_x[i] - marker_x[i]) for i in range(6, 10)) > 60  # interpolation alone misses the face
+
+
+async def test_the_last_frame_is_detected_when_the_clip_ends_on_a_chunk_boundary(dev_models_dir):
+    """24 frames in chunks of 6 with k=5: detections at 0, 5, ..., 20 and at 23, so the tail is interpolated."""
+    async with running_stack(dev_models_dir) as stack:
+        plan, _ = await plan_of(stack, marker_frames(24), detect_every=5)
+    assert len(plan.targets) == 24 and all(t is not None for t in plan.targets)

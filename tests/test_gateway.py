@@ -119,7 +119,9 @@ async def test_bad_inputs_get_their_status_codes(dev_models_dir):
         await expect_error(stack.generate(good_face, b"\x01\x02" * 300), grpc.StatusCode.INVALID_ARGUMENT, "audio")
         await expect_error(stack.generate(good_face, speech_wav(0.005)), grpc.StatusCode.INVALID_ARGUMENT,
                            "shorter than one Wav2Lip window")
-        await expect_error(stack.generate(no_face_video, audio), grpc.StatusCode.FAILED_PRECONDITION, "frame 3")
+        # Every frame detected: with detect_every k > 1 a face missing only between two detections is interpolated.
+        await expect_error(stack.generate(no_face_video, audio, detect_every=1), grpc.StatusCode.FAILED_PRECONDITION,
+                           "frame 3")
         refused = await stack.status_of([gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions(crf=99)),
                                          gateway_pb2.GenerateChunk(face_chunk=good_face),
                                          gateway_pb2.GenerateChunk(audio_chunk=audio)])

@@ -116,7 +116,8 @@ async def test_json_raw_upload_and_errors_through_envoy(identity_models_dir, tmp
                                                   {"content-type": "application/json"})
         assert status == 400 and "crf 77" in json.loads(body)["message"]
         no_face = encode_video(marker_frames(6, missing={2}))  # FAILED_PRECONDITION: Envoy answers 400
-        status, _, body = await asyncio.to_thread(post, f"{edge}/v1/generate", generate_json(no_face, audio),
+        status, _, body = await asyncio.to_thread(post, f"{edge}/v1/generate",
+                                                  generate_json(no_face, audio, detect_every=1),
                                                   {"content-type": "application/json"})
         assert status == 400 and json.loads(body)["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
 

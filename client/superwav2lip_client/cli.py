@@ -247,7 +247,7 @@ def add_planning_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--target", choices=("largest", "center"), default="largest",
                          help="who to animate without a reference photo")
     command.add_argument("--similarity", type=float, help="cosine threshold for the reference person (default 0.4)")
-    command.add_argument("--detect-every", type=int, help="detect faces every k-th frame, interpolate between (1)")
+    command.add_argument("--detect-every", type=int, help="detect faces every k-th frame, interpolate between (5; 1 = every frame)")
     command.set_defaults(enhance=False, loop="ping-pong", crop_mode="aligned", enhance_region="face", crf=None,
                          preset=None, mouth_pads=None)
 

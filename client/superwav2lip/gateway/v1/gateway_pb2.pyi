@@ -203,7 +203,9 @@ class GenerateOptions(_message.Message):
     similarity_threshold: _builtins.float
     """Cosine similarity at or above which a face is the reference person; unset means 0.4."""
     detect_every: _builtins.int
-    """Run detection on every k-th frame and interpolate between; unset means 1 (every frame)."""
+    """Run detection on every k-th frame and interpolate between (frames between two detections that disagree
+    are detected too); unset means 5 (chosen by bench/detection.py).
+    """
     crop_mode: Global___CropMode.ValueType
     enhance_region: Global___EnhanceRegion.ValueType
     avatar_id: _builtins.str
