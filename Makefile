@@ -7,7 +7,7 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
-.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection clean k8s-validate deploy rollback images
+.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection bench-stages clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,9 @@ bench: install  ## throughput (batched vs the seed's lock), gateway memory and w
 
 bench-detection: install  ## detection cost and agreement by input size on the real clips; writes bench/RESULTS.md
 	$(PY) -m bench.detection
+
+bench-stages: install  ## one job's time by stage, from the services' own metrics; writes bench/RESULTS.md
+	$(PY) -m bench.stages
 
 bench-avatar: install  ## fresh vs plan-cache hit vs avatar request on the same clip; writes bench/RESULTS.md
 	$(PY) -m bench.avatar

@@ -124,7 +124,8 @@ class Stack:
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(self.base),
              "--metrics-base-port", str(metrics), "--models-dir", str(models), "--logs", str(logs),
-             "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1)],
+             "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1),
+             "--ui-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}, cwd=ROOT)
         for line in self.process.stdout:
             if line.startswith("READY"):

@@ -11,8 +11,10 @@ class GatewayMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__(registry)
         r = self.registry
-        self.stage_seconds = Histogram("swl_gateway_stage_seconds", "Time spent per pipeline stage and job.",
-                                       ["stage"], registry=r, buckets=LATENCY_BUCKETS)
+        self.stage_seconds = Histogram(
+            "swl_gateway_stage_seconds", "Busy seconds per pipeline stage: per job for decode, detect, redecode and "
+            "encode; per chunk for crop, lipsync (the round trip), paste and enhance.", ["stage"], registry=r,
+            buckets=LATENCY_BUCKETS)
         self.frames = Counter("swl_gateway_frames_total", "Output frames produced.", registry=r)
         self.jobs = Counter("swl_gateway_jobs_total", "Generation jobs, by outcome code.", ["code"], registry=r)
         self.inflight = Gauge("swl_gateway_jobs_inflight", "Generation jobs running now.", registry=r)

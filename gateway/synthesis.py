@@ -110,13 +110,16 @@ class Synthesiser:
                            self.encoder_threads)
         try:
             # The chunk stages stop before the writer (and then the source) they use are closed.
+            encoding = 0.0
             async with contextlib.aclosing(self.chunks(plan)) as chunks:
                 async for outputs, _ in chunks:
+                    started = time.perf_counter()
                     await writer.write(outputs)
+                    encoding += time.perf_counter() - started
             started = time.perf_counter()
             await self.progress("encode", plan.frames, plan.frames)
             mp4 = await writer.finish()
-            self.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - started)
+            self.metrics.stage_seconds.labels("encode").observe(encoding + time.perf_counter() - started)
             return mp4
         except BaseException:
             await writer.abort()
@@ -153,13 +156,17 @@ class Synthesiser:
 
     async def _decode_stage(self, plan: Plan, out: asyncio.Queue) -> None:
         try:
+            decoding = 0.0
             for start in range(0, plan.frames, self.chunk_frames):
                 indices = list(range(start, min(plan.frames, start + self.chunk_frames)))
                 sources = [plan.source_of(i, self.options.ping_pong) for i in indices]
+                started = time.perf_counter()
                 frames = await asyncio.to_thread(read_in_order, plan.source, sources)
+                decoding += time.perf_counter() - started
                 if len(frames) != len(sources):
                     raise InvalidArgument("face: the video could not be decoded a second time")
                 await out.put((indices, frames, [plan.targets[s] for s in sources]))
+            self.metrics.stage_seconds.labels("redecode").observe(decoding)
             await out.put(None)
         except Exception as error:
             await out.put(_Failure(error))
@@ -179,7 +186,7 @@ class Synthesiser:
 
     async def _sync_chunk(self, plan: Plan, indices: list[int], frames: list[np.ndarray],
                           targets: list[Target | None], fps: float) -> list[np.ndarray]:
-        started = time.perf_counter()
+        """Crops, the lip-sync call, paste-back and enhancement of one chunk; each is a stage in the metrics."""
         todo = [k for k, target in enumerate(targets) if target is not None]
         aligned = self.options.crop_mode == "aligned"
 
@@ -188,20 +195,29 @@ class Synthesiser:
                 return [aligned_input(frames[k], targets[k], self._window) for k in todo]
             return [(None, crop_face(frames[k], targets[k].box)) for k in todo]
 
-        prepared = await asyncio.to_thread(prepare)
-        mels = [mel_window(plan.mel, indices[k], fps) for k in todo]
-        faces = await self.clients.lipsync([c for _, c in prepared], mels, self.deadline) if todo else []
+        with self._stage("crop"):
+            prepared = await asyncio.to_thread(prepare)
+            mels = [mel_window(plan.mel, indices[k], fps) for k in todo]
+        with self._stage("lipsync"):  # the round trip: transfer, queueing and the model
+            faces = await self.clients.lipsync([c for _, c in prepared], mels, self.deadline) if todo else []
 
         def paste():
             if aligned:
                 return [aligned_paste(frames[k], a, f, self._window) for k, (a, _), f in zip(todo, prepared, faces)]
             return [paste_face(frames[k], targets[k].box, f) for k, f in zip(todo, faces)]
 
-        outputs = replaced(frames, todo, await asyncio.to_thread(paste))
+        with self._stage("paste"):
+            outputs = replaced(frames, todo, await asyncio.to_thread(paste))
         if self.options.enhance and todo:
-            outputs = await self._enhance(outputs, targets, todo)
-        self.metrics.stage_seconds.labels("lipsync").observe(time.perf_counter() - started)
+            with self._stage("enhance"):
+                outputs = await self._enhance(outputs, targets, todo)
         return outputs
+
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        started = time.perf_counter()
+        yield
+        self.metrics.stage_seconds.labels(name).observe(time.perf_counter() - started)
 
     async def _enhance(self, frames: list[np.ndarray], targets: list[Target | None], todo: list[int]) -> list[np.ndarray]:
         """Aligns each synthesised face to FFHQ 512, restores it, and blends it back through a feathered mask."""

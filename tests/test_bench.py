@@ -35,3 +35,31 @@ def test_detect_every_sweep_replays_the_gateway_drift_check_against_every_frame(
     assert detection.recommend_every(rows) in detection.EVERY
     table = detection.every_table(rows).splitlines()[2:]
     assert [line.split("|")[3].strip() for line in table] == [f"{r['detected']:.0%}" for r in rows]
+
+
+def test_stage_breakdown_is_the_difference_of_two_metric_snapshots():
+    from prometheus_client import generate_latest
+
+    from bench import stages
+    from gateway.metrics import GatewayMetrics
+    from service_runtime.metrics import ServiceMetrics
+
+    gateway, lipsync = GatewayMetrics(), ServiceMetrics()
+    gateway.stage_seconds.labels("lipsync").observe(1.0)  # an earlier job, before the snapshot
+    lipsync.inference_seconds.labels("wav2lip_gan").observe(0.8)
+    empty = stages.sums(generate_latest(ServiceMetrics().registry).decode())
+    before = {"gateway": stages.sums(generate_latest(gateway.registry).decode()),
+              "lipsync": stages.sums(generate_latest(lipsync.registry).decode()), "detector": empty, "enhancer": empty}
+    for stage, seconds in (("detect", 0.5), ("lipsync", 2.0), ("lipsync", 1.5), ("encode", 0.7)):
+        gateway.stage_seconds.labels(stage).observe(seconds)
+    lipsync.inference_seconds.labels("wav2lip_gan").observe(3.0)
+    after = {**before, "gateway": stages.sums(generate_latest(gateway.registry).decode()),
+             "lipsync": stages.sums(generate_latest(lipsync.registry).decode())}
+    rows = {name: seconds for name, seconds, _ in stages.breakdown(before, after, wall=5.0)}
+    assert rows["gateway: lipsync"] == 3.5 and rows["gateway: detect"] == 0.5 and rows["gateway: encode"] == 0.7
+    assert rows["lipsync: wav2lip_gan inference"] == 3.0
+    assert rows["lip-sync transfer and queueing"] == 0.5  # the round trip minus the model, both measured
+    assert rows["gateway: paste"] == 0.0 and rows["end to end (wall)"] == 5.0
+    line = next(l for l in stages.table(stages.breakdown(before, after, 5.0), 5.0).splitlines()
+                if l.startswith("| gateway: lipsync"))
+    assert "| 3.50 | 70% |" in line

@@ -1,0 +1,101 @@
+"""Where one job's time goes, read from the services' own metrics: the gateway's per-stage busy seconds and the
+model services' inference seconds, before and after one fresh request on the running stack.
+
+    python -m bench.stages [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "client")]
+
+from bench.results import write_section  # noqa: E402
+from bench.throughput import Stack, clip, prepare_models, speech  # noqa: E402
+from superwav2lip_client import Client  # noqa: E402
+
+SERVICES = ("gateway", "detector", "lipsync", "enhancer")  # metrics ports follow run_stack.py's order
+GATEWAY_STAGES = ("decode", "detect", "redecode", "crop", "lipsync", "paste", "enhance", "encode")
+
+
+def sums(text: str) -> dict[tuple[str, str], float]:
+    """(metric, label) -> the `_sum` of each histogram child, from a /metrics page."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                label = sample.labels.get("stage") or sample.labels.get("model") or ""
+                found[(family.name, label)] = sample.value
+    return found
+
+
+def snapshot(metrics_base_port: int) -> dict[str, dict[tuple[str, str], float]]:
+    return {name: sums(urllib.request.urlopen(f"http://127.0.0.1:{metrics_base_port + i}/metrics", timeout=5)
+                       .read().decode()) for i, name in enumerate(SERVICES)}
+
+
+def breakdown(before: dict, after: dict, wall: float) -> list[tuple[str, float, str]]:
+    """Rows (stage, busy seconds, what it is) from the difference of two snapshots."""
+    def delta(service, metric, label):
+        return after[service].get((metric, label), 0.0) - before[service].get((metric, label), 0.0)
+
+    rows = [(f"gateway: {stage}", delta("gateway", "swl_gateway_stage_seconds", stage), "gateway stage")
+            for stage in GATEWAY_STAGES]
+    for service in ("detector", "lipsync", "enhancer"):
+        for (metric, model) in after[service]:
+            if metric == "swl_inference_seconds":
+                rows.append((f"{service}: {model} inference", delta(service, metric, model), "model alone"))
+    lipsync_model = sum(seconds for name, seconds, kind in rows if name.startswith("lipsync:"))
+    rows.append(("lip-sync transfer and queueing", max(0.0, dict((r[0], r[1]) for r in rows)["gateway: lipsync"]
+                                                       - lipsync_model), "round trip minus model"))
+    rows.append(("end to end (wall)", wall, "the client's wait"))
+    return rows
+
+
+def table(rows: list[tuple[str, float, str]], wall: float) -> str:
+    lines = ["| stage | busy seconds | share of wall | what |", "| --- | ---: | ---: | --- |"]
+    lines += [f"| {name} | {seconds:.2f} | {seconds / wall:.0%} | {kind} |" for name, seconds, kind in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="swl-bench-stages-"))
+    try:
+        detector = prepare_models(work)
+        face, audio = clip(args.seconds), speech(args.seconds)
+        stack = Stack(work, work / "logs", {})
+        try:
+            with Client(stack.address, timeout=1800) as client:
+                client.generate(clip(args.seconds, crf=30), audio)  # warm: numba kernels, sessions, caches
+                before = snapshot(stack.metrics_port)
+                started = time.perf_counter()
+                client.generate(face, audio)
+                wall = time.perf_counter() - started
+                after = snapshot(stack.metrics_port)
+        finally:
+            stack.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = (f"One fresh {args.seconds:g} s 1280x720 25 fps clip, no enhancer, full-size Wav2Lip, detector {detector}; "
+            "stages overlap (decode, synthesis and encode run as a pipeline), so busy seconds may add up to more "
+            f"than the wall time.\n\n{table(breakdown(before, after, wall), wall)}")
+    print(text)
+    if not args.no_write:
+        write_section("stages", "Where a job's time goes, from the services' metrics (`make bench-stages`)", text)
+
+
+if __name__ == "__main__":
+    main()
