@@ -200,26 +200,54 @@ def _audio_frames(source: bytes, rate: int, layout: str) -> Iterator[av.AudioFra
         yield from resampler.resample(None)
 
 
+FRAGMENT_SECONDS = 2  # a keyframe, hence a fragment a streaming client can use, every 2 s of video
+FRAGMENTED_MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof+negative_cts_offsets"
+
+
+class _Sink:
+    """A write-only, unseekable file for the fragmented muxer: FFmpeg must stream, never go back."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
 class Mp4Writer:
-    """Encodes BGR frames with libx264 (yuv420p) and the speech as AAC into memory, `moov` first.
+    """Encodes BGR frames with libx264 (yuv420p) and the speech as AAC into memory: `moov` first (faststart), or,
+    `fragmented`, as a fragmented MP4 whose bytes can be sent while later frames are still being made, with the
+    audio interleaved as the video advances.
 
     FFmpeg's encoder is not thread-safe and PyAV releases the GIL while it encodes, so the writer owns one
     worker thread: every write, the finish and the abort run there in order, and an abort after a
     cancellation waits for the chunk being encoded instead of closing the container under it."""
 
     def __init__(self, width: int, height: int, fps: Fraction, crf: int, preset: str, speech: Speech,
-                 threads: int = 0) -> None:
+                 threads: int = 0, fragmented: bool = False) -> None:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4-writer")
         self._speech = speech.source
-        self._buffer = io.BytesIO()
-        self._container = av.open(self._buffer, mode="w", format="mp4")
+        self._fragmented = fragmented
+        self._buffer: io.BytesIO | _Sink = _Sink() if fragmented else io.BytesIO()
+        self._container = av.open(self._buffer, mode="w", format="mp4",
+                                  options={"movflags": FRAGMENTED_MOVFLAGS} if fragmented else {})
+        self._fps = fps
         self._video = self._container.add_stream("libx264", rate=fps)
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
         # x264's own thread count (0) is faster but not bit-reproducible run to run; 1 is (measured).
-        self._video.options = {"crf": str(crf), "preset": preset, **({"threads": str(threads)} if threads else {})}
+        self._video.options = {"crf": str(crf), "preset": preset, **({"threads": str(threads)} if threads else {}),
+                               **({"g": str(round(fps * FRAGMENT_SECONDS))} if fragmented else {})}
         # Every stream must exist before the first packet is muxed (the header is written then).
         self._audio = self._container.add_stream("aac", rate=AAC_RATE, layout="mono" if speech.channels == 1 else "stereo")
+        self._audio_left: Iterator[av.AudioFrame] | None = None
+        self._audio_seconds = 0.0
+        self._audio_samples = 0
         self._frames = 0
 
     async def _run(self, work, *args):
@@ -228,8 +256,14 @@ class Mp4Writer:
     async def write(self, frames: list[np.ndarray]) -> None:
         await self._run(self._write, frames)
 
+    async def take(self) -> bytes:
+        """Fragmented: the bytes muxed since the last take (empty until a fragment is complete)."""
+        assert isinstance(self._buffer, _Sink), "take() is for fragmented output"
+        return await self._run(self._buffer.take)
+
     async def finish(self) -> bytes:
-        """Flushes the video, encodes the audio track and returns the mp4 bytes."""
+        """Flushes the video, encodes the rest of the audio and returns the mp4 bytes (fragmented: those not yet
+        taken)."""
         try:
             return await self._run(self._finish)
         finally:
@@ -247,14 +281,29 @@ class Mp4Writer:
             video_frame.pts = self._frames
             self._frames += 1
             self._container.mux(self._video.encode(video_frame))
+        if self._fragmented:  # keep the audio level with the video, so each fragment carries both
+            self._mux_audio(until=self._frames / self._fps)
+
+    def _mux_audio(self, until: float | None = None) -> None:
+        """Encodes speech up to `until` seconds (all of it when None)."""
+        if self._audio_left is None:
+            self._audio_left = _audio_frames(self._speech, self._audio.rate, self._audio.layout.name)
+        while until is None or self._audio_seconds < until:
+            frame = next(self._audio_left, None)
+            if frame is None:
+                break
+            self._audio_samples += frame.samples
+            self._audio_seconds = self._audio_samples / frame.sample_rate
+            frame.pts = None
+            self._container.mux(self._audio.encode(frame))
 
     def _finish(self) -> bytes:
         self._container.mux(self._video.encode(None))
-        for frame in _audio_frames(self._speech, self._audio.rate, self._audio.layout.name):
-            frame.pts = None
-            self._container.mux(self._audio.encode(frame))
+        self._mux_audio()
         self._container.mux(self._audio.encode(None))
         self._container.close()
+        if isinstance(self._buffer, _Sink):
+            return self._buffer.take()
         return faststart(self._buffer.getvalue())
 
     def _close(self) -> None:

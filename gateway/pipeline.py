@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
@@ -120,14 +120,16 @@ class LipSyncJob:
     def frames(self, plan: Plan) -> AsyncIterator[tuple[np.ndarray, Target | None]]:
         return self.synthesiser.frames(plan)
 
-    async def render(self, face: bytes, audio: bytes, face_plan: FacePlan | None = None) -> tuple[Plan, bytes]:
-        """Runs the whole job and returns the plan and the mp4 bytes."""
+    async def render(self, face: bytes, audio: bytes, face_plan: FacePlan | None = None,
+                     on_video: Callable[[bytes], Awaitable[None]] | None = None) -> tuple[Plan, bytes]:
+        """Runs the whole job and returns the plan and the mp4 bytes; with `on_video` the mp4 is streamed to it as
+        a fragmented MP4 while it is made, and the bytes returned are empty."""
         if self._avatar is not None:
             face, face_plan = self._avatar
             self.metrics.planning_seconds_saved.inc(face_plan.planning_seconds)
         plan = await self.plan(face, audio, face_plan)
         try:
-            mp4 = await self.synthesiser.encode(plan)
+            mp4 = await self.synthesiser.encode(plan, on_video)
         finally:
             plan.source.close()
         return plan, mp4

@@ -120,7 +120,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.metrics.received_bytes.inc(received)
         return await asyncio.to_thread(lambda: {kind: b"".join(chunks) for kind, chunks in parts.items()})
 
-    async def _run(self, job: LipSyncJob, face: bytes, audio: bytes):
+    async def _run(self, job: LipSyncJob, face: bytes, audio: bytes, on_video=None):
         self.metrics.inflight.inc()
         code = "OK"
         started = time.perf_counter()
@@ -130,7 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if job.has_avatar and face:
                 raise InvalidArgument("send either face media or an avatar_id, not both")
             async with job.deadline.enforced(), self._serial:
-                return await job.render(face, audio)
+                return await job.render(face, audio, on_video=on_video)
         except ServiceError as error:
             code = error.code.name
             raise
@@ -152,18 +152,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _events(self, job: LipSyncJob, face: bytes, audio: bytes,
                       events: asyncio.Queue) -> AsyncIterator[gateway_pb2.GenerateEvent]:
-        """Progress events while the job runs, then its result and the mp4 in chunks."""
-        task = asyncio.create_task(self._run(job, face, audio))
+        """Progress events while the job runs, interleaved with the mp4 (fragmented) as it is encoded, then the
+        result: the first video bytes leave before the last frame is made."""
+        task = asyncio.create_task(self._run(job, face, audio, on_video=events.put))
+        sent, step = 0, self.settings.chunk_bytes
         async for update in while_running(task, events):
-            yield gateway_pb2.GenerateEvent(progress=update)
-        plan, mp4 = task.result()
+            if isinstance(update, bytes):
+                for offset in range(0, len(update), step):
+                    yield gateway_pb2.GenerateEvent(video_chunk=update[offset : offset + step])
+                sent += len(update)
+            else:
+                yield gateway_pb2.GenerateEvent(progress=update)
+        plan, _ = task.result()
         width, height = plan.face.size
         yield gateway_pb2.GenerateEvent(result=gateway_pb2.ResultInfo(
             width=width, height=height, fps=float(plan.fps), frames=plan.frames,
-            audio_seconds=plan.speech.seconds, size_bytes=len(mp4)))
-        step = self.settings.chunk_bytes
-        for offset in range(0, len(mp4), step):
-            yield gateway_pb2.GenerateEvent(video_chunk=mp4[offset : offset + step])
+            audio_seconds=plan.speech.seconds, size_bytes=sent))
 
     async def _unary(self, options: gateway_pb2.GenerateOptions, face: bytes, audio: bytes,
                      context) -> httpbody_pb2.HttpBody:
@@ -330,8 +334,8 @@ def progress_queue() -> tuple[asyncio.Queue, Progress]:
     return events, progress
 
 
-async def while_running(task: asyncio.Task, events: asyncio.Queue) -> AsyncIterator[gateway_pb2.Progress]:
-    """The progress messages a task reports, until it ends (cancelled if the caller goes away)."""
+async def while_running(task: asyncio.Task, events: asyncio.Queue) -> AsyncIterator[gateway_pb2.Progress | bytes]:
+    """The progress messages (and video bytes) a task reports, until it ends (cancelled if the caller goes away)."""
     try:
         while not task.done() or not events.empty():
             getter = asyncio.ensure_future(events.get())

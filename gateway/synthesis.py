@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -103,11 +103,13 @@ class Synthesiser:
         if self._progress is not None:
             await self._progress(stage, done, total, message)
 
-    async def encode(self, plan: Plan) -> bytes:
-        """The mp4 of the whole job: frames are encoded as their chunks are made."""
+    async def encode(self, plan: Plan, on_video: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
+        """The mp4 of the whole job: frames are encoded as their chunks are made. With `on_video`, the output is a
+        fragmented MP4 handed over fragment by fragment as it is made (nothing is returned); without, one
+        faststart file."""
         width, height = plan.face.size
         writer = Mp4Writer(width, height, plan.fps, self.options.crf, self.options.preset, plan.speech,
-                           self.encoder_threads)
+                           self.encoder_threads, fragmented=on_video is not None)
         try:
             # The chunk stages stop before the writer (and then the source) they use are closed.
             encoding = 0.0
@@ -116,11 +118,16 @@ class Synthesiser:
                     started = time.perf_counter()
                     await writer.write(outputs)
                     encoding += time.perf_counter() - started
+                    if on_video is not None and (data := await writer.take()):
+                        await on_video(data)
             started = time.perf_counter()
             await self.progress("encode", plan.frames, plan.frames)
             mp4 = await writer.finish()
             self.metrics.stage_seconds.labels("encode").observe(encoding + time.perf_counter() - started)
-            return mp4
+            if on_video is None:
+                return mp4
+            await on_video(mp4)
+            return b""
         except BaseException:
             await writer.abort()
             raise

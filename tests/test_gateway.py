@@ -237,3 +237,38 @@ async def test_a_failing_part_cancels_its_sibling_model_calls():
     with pytest.raises(FailedPrecondition, match="refused"):
         await run_in_parts(list(range(8)), 4, run)
     assert cancelled.is_set()
+
+
+def top_level_boxes(data: bytes) -> list[tuple[str, int, int]]:
+    """(type, offset, size) of each top-level ISO-BMFF box."""
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        boxes.append((data[offset + 4 : offset + 8].decode("latin-1"), offset, size))
+        offset += size
+    return boxes
+
+
+async def test_streamed_output_is_a_fragmented_mp4_with_both_tracks_in_each_fragment(dev_models_dir):
+    face = encode_video(marker_frames(30))
+    async with running_stack(dev_models_dir) as stack:
+        chunks = [gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions()),
+                  gateway_pb2.GenerateChunk(face_chunk=face), gateway_pb2.GenerateChunk(audio_chunk=speech_wav(5.0))]
+        events = [e async for e in stack.stub.Generate(iter(chunks), timeout=120)]
+        unary = await stack.generate_video(face, speech_wav(5.0))
+    kinds = [e.WhichOneof("event") for e in events]
+    lipsync_done = [i for i, e in enumerate(events) if kinds[i] == "progress" and e.progress.stage == "lipsync"]
+    assert kinds.index("video_chunk") < lipsync_done[-1] and kinds[-1] == "result"
+    mp4 = b"".join(e.video_chunk for e, kind in zip(events, kinds) if kind == "video_chunk")
+    boxes = top_level_boxes(mp4)
+    assert [b[0] for b in boxes[:2]] == ["ftyp", "moov"] and sum(b[2] for b in boxes) == len(mp4)
+    fragments = [b for b in boxes if b[0] == "moof"]
+    assert len(fragments) >= 3  # a fragment every 2 s of video
+    for _, offset, size in fragments[:-1]:
+        assert mp4[offset : offset + size].count(b"traf") == 2  # video and audio, interleaved
+    frames, rate = decode_all(mp4)
+    assert len(frames) == events[-1].result.frames == 125 and events[-1].result.size_bytes == len(mp4)
+    durations = stream_durations(mp4)
+    assert abs(durations["video"] - 5.0) <= 0.04 and abs(durations["audio"] - 5.0) <= 0.04
+    faststart_boxes = [b[0] for b in top_level_boxes(unary.data)]
+    assert faststart_boxes.index("moov") < faststart_boxes.index("mdat") and "moof" not in faststart_boxes  # one file
