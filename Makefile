@@ -7,7 +7,7 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
-.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection bench-stages clean k8s-validate deploy rollback images
+.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection bench-stages bench-int8 clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,9 @@ bench-detection: install  ## detection cost and agreement by input size on the r
 
 bench-stages: install  ## one job's time by stage, from the services' own metrics; writes bench/RESULTS.md
 	$(PY) -m bench.stages
+
+bench-int8: install  ## int8 against fp32 Wav2Lip on real face crops: speed-up and output error; writes bench/RESULTS.md
+	$(PY) -m bench.int8
 
 bench-avatar: install  ## fresh vs plan-cache hit vs avatar request on the same clip; writes bench/RESULTS.md
 	$(PY) -m bench.avatar

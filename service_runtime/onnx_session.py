@@ -66,7 +66,9 @@ def resolve_model_path(models_dir: str | Path, spec: ModelSpec, allow_dev: bool,
     if allow_dev and dev.is_file():
         return dev, True
     hint = "run `make models` (downloads and verifies the real weights)"
-    if allow_dev:
+    if spec.file.endswith(".int8.onnx"):  # a derived file: made here, never downloaded
+        hint = f"make it with `superwav2lip-quantize {spec.name.removesuffix('.int8')}`"
+    elif allow_dev:
         hint += " or `make models-dev` (generated demo weights)"
     raise ModelLoadError(f"model file {real} for {spec.name!r} not found: {hint}")
 

@@ -9,6 +9,7 @@ from superwav2lip.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 from service_runtime.manifest import load_manifest
 from service_runtime.metrics import ServiceMetrics
 from service_runtime.onnx_session import OnnxModel
+from service_runtime.quantize import int8_spec
 from service_runtime.server import ModelService, run_service
 from service_runtime.settings import ServiceSettings, metrics_port_setting, port_setting, setting
 
@@ -23,6 +24,8 @@ class LipSyncSettings(ServiceSettings):
     metrics_port: int = metrics_port_setting(9103)
     model: str = setting("wav2lip_gan", "Manifest name of the Wav2Lip generator (wav2lip or wav2lip_gan).")
     max_batch_size: int = setting(32, "Most items one model call takes from the batching queue.", ge=1, le=1024)
+    int8: bool = setting(False, "Serve the int8 copy of the model (`<file>.int8.onnx`, made by "
+                         "`superwav2lip-quantize`): faster on CPU; off until validated with the real weights.")
 
 
 class LipSyncService(ModelService):
@@ -31,7 +34,8 @@ class LipSyncService(ModelService):
 
     def __init__(self, settings: LipSyncSettings, metrics: ServiceMetrics | None = None) -> None:
         super().__init__(settings, metrics or ServiceMetrics())
-        self.generator = LipSyncGenerator(load_manifest(settings.models_dir).get(settings.model))
+        spec = load_manifest(settings.models_dir).get(settings.model)
+        self.generator = LipSyncGenerator(int8_spec(spec) if settings.int8 else spec)
         self.servicer = LipSyncServicer(
             self.generator, self.new_queue(settings.model, self.generator.run_batch), self.metrics
         )
