@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import write_section  # noqa: E402
 from gateway.clients import Face  # noqa: E402
-from gateway.tracking import detection_indices, drifted, interpolate  # noqa: E402
+from gateway.tracking import detection_indices, drifted, interpolate, iou  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
 from service_runtime.onnx_session import load_model  # noqa: E402
 from services.detector.model import FaceDetector  # noqa: E402
@@ -46,26 +46,25 @@ def frames_of(path: Path, count: int) -> list[np.ndarray]:
     return frames[::step][:count]
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def main_faces(detector: FaceDetector, frames: list[np.ndarray]) -> tuple[list[np.ndarray | None], float]:
-    """The largest face per frame (None when none) and milliseconds per frame, one frame per call as the
-    batching queue sees a single client."""
-    boxes, started = [], time.perf_counter()
+def all_faces(detector: FaceDetector, frames: list[np.ndarray]) -> list[list[Face]]:
+    """Every face per frame, one frame per call as the batching queue sees a single client."""
+    faces = []
     for frame in frames:
         found = detector.run_batch([detector.prepare(frame)])[0]
-        if len(found.boxes):
-            areas = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1])
-            boxes.append(found.boxes[int(np.argmax(areas))])
-        else:
-            boxes.append(None)
-    return boxes, (time.perf_counter() - started) * 1000 / len(frames)
+        faces.append([Face(box, float(score), marks) for box, score, marks in
+                      zip(found.boxes, found.scores, found.landmarks)])
+    return faces
+
+
+def main_face(faces: list[Face]) -> Face | None:
+    return max(faces, key=lambda f: f.area) if faces else None
+
+
+def main_faces(detector: FaceDetector, frames: list[np.ndarray]) -> tuple[list[Face | None], float]:
+    """The largest face per frame (None when none) and milliseconds per frame."""
+    started = time.perf_counter()
+    faces = all_faces(detector, frames)
+    return [main_face(f) for f in faces], (time.perf_counter() - started) * 1000 / len(frames)
 
 
 def measure(models_dir: Path, extra_dirs: tuple[str, ...], clips: list[Path], frames_per_clip: int,
@@ -85,7 +84,7 @@ def measure(models_dir: Path, extra_dirs: tuple[str, ...], clips: list[Path], fr
             if reference is None:
                 reference = boxes
             pairs = [(b, r) for b, r in zip(boxes, reference) if r is not None]
-            ious = [iou(b, r) if b is not None else 0.0 for b, r in pairs]
+            ious = [iou(b.box, r.box) if b is not None else 0.0 for b, r in pairs]
             height, width = frames[0].shape[:2]
             rows.append({"clip": clip.name, "frame": f"{width}x{height}", "input": label,
                          "shape": "x".join(map(str, detector.prepare(frames[0]).tensor.shape[-1:-3:-1])),
@@ -95,19 +94,6 @@ def measure(models_dir: Path, extra_dirs: tuple[str, ...], clips: list[Path], fr
 
 
 EVERY = (1, 2, 3, 5, 8)
-
-
-def all_faces(detector: FaceDetector, frames: list[np.ndarray]) -> list[list[Face]]:
-    faces = []
-    for frame in frames:
-        found = detector.run_batch([detector.prepare(frame)])[0]
-        faces.append([Face(box, float(score), marks) for box, score, marks in
-                      zip(found.boxes, found.scores, found.landmarks)])
-    return faces
-
-
-def main_face(faces: list[Face]) -> Face | None:
-    return max(faces, key=lambda f: f.area) if faces else None
 
 
 def sweep_every(detector: FaceDetector, frames: list[np.ndarray]) -> list[dict]:
