@@ -246,8 +246,7 @@ class Mp4Writer:
         # Every stream must exist before the first packet is muxed (the header is written then).
         self._audio = self._container.add_stream("aac", rate=AAC_RATE, layout="mono" if speech.channels == 1 else "stereo")
         self._audio_left: Iterator[av.AudioFrame] | None = None
-        self._audio_seconds = 0.0
-        self._audio_samples = 0
+        self._audio_samples = 0  # at AAC_RATE, the resampler's output rate
         self._frames = 0
 
     async def _run(self, work, *args):
@@ -288,12 +287,11 @@ class Mp4Writer:
         """Encodes speech up to `until` seconds (all of it when None)."""
         if self._audio_left is None:
             self._audio_left = _audio_frames(self._speech, self._audio.rate, self._audio.layout.name)
-        while until is None or self._audio_seconds < until:
+        while until is None or self._audio_samples < until * AAC_RATE:
             frame = next(self._audio_left, None)
             if frame is None:
                 break
             self._audio_samples += frame.samples
-            self._audio_seconds = self._audio_samples / frame.sample_rate
             frame.pts = None
             self._container.mux(self._audio.encode(frame))
 
