@@ -23,6 +23,7 @@ PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+INT8_SUFFIX = ".int8.onnx"  # the int8 copy `superwav2lip-quantize` writes beside a model
 GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 DEV_SUBDIR = "dev"
 
@@ -66,7 +67,7 @@ def resolve_model_path(models_dir: str | Path, spec: ModelSpec, allow_dev: bool,
     if allow_dev and dev.is_file():
         return dev, True
     hint = "run `make models` (downloads and verifies the real weights)"
-    if spec.file.endswith(".int8.onnx"):  # a derived file: made here, never downloaded
+    if spec.file.endswith(INT8_SUFFIX):  # a derived file: made here, never downloaded
         hint = f"make it with `superwav2lip-quantize {spec.name.removesuffix('.int8')}`"
     elif allow_dev:
         hint += " or `make models-dev` (generated demo weights)"

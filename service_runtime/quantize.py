@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import BATCH_DIM, ModelSpec, load_manifest
-from .onnx_session import resolve_model_path
-
-INT8_SUFFIX = ".int8.onnx"
+from .onnx_session import INT8_SUFFIX, resolve_model_path
 
 
 def int8_spec(spec: ModelSpec) -> ModelSpec:
