@@ -6,6 +6,8 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -56,9 +58,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def project_env(**extra: str) -> dict[str, str]:
+    """The environment of a process started from this checkout: the project and its stubs importable."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]), **extra)
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The `superwav2lip` command, run as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "superwav2lip_client.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=project_env())
+
+
 def service_env(models_dir, prefix: str, **extra) -> dict[str, str]:
     """Environment for a model service started as its own process: loopback, dev models' folder, no metrics."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client'}")
+    env = project_env()
     env.update({f"{prefix}MODELS_DIR": str(models_dir), f"{prefix}PORT": "0", f"{prefix}METRICS_PORT": "-1",
                 f"{prefix}HOST": "127.0.0.1", f"{prefix}WARMUP_BATCH_SIZES": "1"})
     env.update({f"{prefix}{k}": str(v) for k, v in extra.items()})

@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.options import JobOptions
 from gateway.pipeline import LipSyncJob
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, free_port, project_env
 from .media_factory import assert_same_video, decode_all, encode_video, marker_frames, speech_wav, stream_durations
 from .stack import model_clients, running_stack
 
@@ -191,11 +190,11 @@ async def wait_serving(log_path, process) -> None:
 def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = None):
     """A second gateway as its own process, on the same model services, Redis and data directory."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client'}", SWL_GATEWAY_HOST="127.0.0.1",
-               SWL_GATEWAY_PORT=str(port), SWL_GATEWAY_METRICS_PORT="-1", SWL_GATEWAY_REDIS_URL=redis_url,
-               SWL_GATEWAY_DATA_DIR=str(data_dir), SWL_GATEWAY_DETECTOR_ADDRESS=stack.address("detector"),
-               SWL_GATEWAY_LIPSYNC_ADDRESS=stack.address("lipsync"),
-               SWL_GATEWAY_ENHANCER_ADDRESS=stack.address("enhancer"), **(extra or {}))
+    env = project_env(SWL_GATEWAY_HOST="127.0.0.1", SWL_GATEWAY_PORT=str(port), SWL_GATEWAY_METRICS_PORT="-1",
+                      SWL_GATEWAY_REDIS_URL=redis_url, SWL_GATEWAY_DATA_DIR=str(data_dir),
+                      SWL_GATEWAY_DETECTOR_ADDRESS=stack.address("detector"),
+                      SWL_GATEWAY_LIPSYNC_ADDRESS=stack.address("lipsync"),
+                      SWL_GATEWAY_ENHANCER_ADDRESS=stack.address("enhancer"), **(extra or {}))
     process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stderr=log, stdout=log)
     try:
         yield f"127.0.0.1:{port}", process

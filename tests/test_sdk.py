@@ -14,7 +14,7 @@ from superwav2lip_client import (NO_RETRY, AsyncClient, Client, CropMode, Progre
                                  SuperWav2LipError)
 from superwav2lip_client.core import options_proto
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, cli, free_port, project_env
 from .media_factory import decode_all, encode_png, scene, speech_wav, stream_durations, with_marker
 from .stack import running_stack
 
@@ -207,11 +207,6 @@ def test_the_client_installs_on_its_own_with_its_stubs_and_types(tmp_path):
     assert run.returncode == 0, run.stderr
 
 
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "superwav2lip_client.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT / "client"), **(env or {})))
-
-
 async def test_cli_exit_codes_json_output_and_models(dev_models_dir, tmp_path):
     import json
 
@@ -249,5 +244,5 @@ def test_the_web_ui_is_a_client_of_the_sdk_only():
     probe = ("import sys, webui.app; "
              "assert not [m for m in sys.modules if m.split('.')[0] in ('gateway', 'services')], 'imports the server'")
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")])))
+                         env=project_env())
     assert run.returncode == 0, run.stderr

@@ -1,6 +1,5 @@
 """`make run`'s stack runner and the `superwav2lip` CLI, as separate processes on real ports."""
 
-import os
 import random
 import signal
 import socket
@@ -9,7 +8,7 @@ import sys
 import time
 import urllib.request
 
-from .conftest import ROOT
+from .conftest import ROOT, cli
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
 
 
@@ -29,11 +28,6 @@ def free_port_block(count: int) -> int:
             for s in sockets:
                 s.close()
     raise RuntimeError("no free port block")
-
-
-def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "superwav2lip_client.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'client'}"))
 
 
 def readme_http_examples() -> str:

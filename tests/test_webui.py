@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import pytest
 
-from .conftest import ROOT, SHARED_MEDIA, SHARED_MODELS, free_port
+from .conftest import ROOT, SHARED_MEDIA, SHARED_MODELS, free_port, project_env
 from .media_factory import encode_png, scene, speech_wav, stream_durations, with_marker
 from .stack import running_stack
 
@@ -46,9 +46,8 @@ API_KEY = "ui-side-secret-4242"
 @contextlib.contextmanager
 def web_ui(gateway_address: str, log_path: Path):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]), SWL_WEBUI_HOST="127.0.0.1",
-               SWL_WEBUI_PORT=str(port), SWL_WEBUI_GATEWAY_ADDRESS=gateway_address, GRADIO_ANALYTICS_ENABLED="False",
-               SWL_WEBUI_API_KEY=API_KEY)
+    env = project_env(SWL_WEBUI_HOST="127.0.0.1", SWL_WEBUI_PORT=str(port), SWL_WEBUI_GATEWAY_ADDRESS=gateway_address,
+                      GRADIO_ANALYTICS_ENABLED="False", SWL_WEBUI_API_KEY=API_KEY)
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "webui"], cwd=ROOT, env=env, stdout=log, stderr=log)
         try:
