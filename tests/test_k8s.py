@@ -169,8 +169,8 @@ def test_policy_catches_a_misnamed_grpc_port_an_edited_envoy_config_and_a_gpu_on
                       lambda m: m["data"].update({"envoy.json": m["data"]["envoy.json"].replace("3600s", "60s")}))
     assert any("differs from the rendering" in p for p in policy.envoy_config_problems(objects))
     objects = mutated(rendered["cpu"], "Deployment", "gateway",
-                      lambda d: container(d)["env"].append({"name": "SWL_GATEWAY_MAX_UPLOAD_MB", "value": "64"})
-                      or container(d)["env"].reverse())
+                      lambda d: next(e for e in container(d)["env"] if e["name"] == "SWL_GATEWAY_MAX_UPLOAD_MB")
+                      .update({"value": "64"}))
     assert any("MAX_UPLOAD_MB" in p for p in policy.envoy_config_problems(objects))
     objects = mutated(rendered["cpu"], "Deployment", "detector",
                       lambda d: container(d)["resources"]["limits"].update({"nvidia.com/gpu": 1}))
