@@ -7,7 +7,7 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
-.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection bench-stages bench-int8 clean k8s-validate deploy rollback images
+.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,15 @@ lint: install  ## pyflakes-level checks (unused imports and names, syntax)
 test: install  ## the whole suite
 	$(PY) -m pytest -q -p no:cacheprovider
 
+FUZZ_SECONDS ?= 60
+
+fuzz: install  ## coverage-guided fuzzing (atheris) of every target, FUZZ_SECONDS in all; prints a table, fails on a crash
+	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
+
+soak: install  ## 200 generations from 8 clients against the running stack (memory, fds, threads, temp files), then a 60 s fuzz run
+	$(PY) -m pytest -q -p no:cacheprovider tests/soak
+	$(MAKE) fuzz FUZZ_SECONDS=60
+
 clean:
 	rm -rf models/dev .pytest_cache
 
@@ -49,6 +58,9 @@ bench-stages: install  ## one job's time by stage, from the services' own metric
 
 bench-int8: install  ## int8 against fp32 Wav2Lip on real face crops: speed-up and output error; writes bench/RESULTS.md
 	$(PY) -m bench.int8
+
+bench-seed: install  ## the seed's comparison: a process per request vs resident services, with and without GFPGAN; writes bench/RESULTS.md
+	$(PY) -m bench.seed
 
 bench-avatar: install  ## fresh vs plan-cache hit vs avatar request on the same clip; writes bench/RESULTS.md
 	$(PY) -m bench.avatar

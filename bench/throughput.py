@@ -27,28 +27,30 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
-from bench.full_size_models import write_wav2lip  # noqa: E402
+from bench.full_size_models import write_full_size  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 from service_runtime.dev_models import write_dev_model  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
+FULL_SIZE_CACHE = ROOT / "bench" / "models"  # git-ignored; the stand-ins take seconds to write
 SEED_ENV = {"SWL_GATEWAY_SERIAL_JOBS": "1", "SWL_DETECTOR_BATCH_ACROSS_CALLS": "0",
             "SWL_LIPSYNC_BATCH_ACROSS_CALLS": "0", "SWL_ENHANCER_BATCH_ACROSS_CALLS": "0"}
 
 
-def prepare_models(folder: Path) -> str:
-    """Manifest, full-size Wav2Lip, real SCRFD if available, generated small models for the rest."""
+def prepare_models(folder: Path, full_size: tuple[str, ...] = ("wav2lip_gan",)) -> str:
+    """Manifest, the `full_size` stand-ins (written once into bench/models, then linked), the real SCRFD if
+    available, and generated small models for the rest; returns what the detector is."""
     shutil.copy(ROOT / "models" / "manifest.json", folder / "manifest.json")
     manifest = load_manifest(folder)
     for spec in manifest.models.values():
         write_dev_model(spec, folder / "dev")
-    cached = ROOT / "bench" / "models" / "wav2lip_gan.onnx"
-    if cached.is_file():
-        shutil.copy(cached, folder / cached.name)
-    else:
-        write_wav2lip(folder, folder)
+    for name in full_size:
+        cached = FULL_SIZE_CACHE / manifest.get(name).file
+        if not cached.is_file():
+            write_full_size(folder, FULL_SIZE_CACHE, name)
+        os.symlink(cached, folder / cached.name)
     scrfd = SHARED / "models" / "scrfd_2.5g_bnkps.onnx"
     if scrfd.is_file():
         os.symlink(scrfd, folder / scrfd.name)

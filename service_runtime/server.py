@@ -96,14 +96,15 @@ class ModelService(GrpcService):
     def load_models(self) -> dict[str, OnnxModel]:
         """Loads every model (called once, in a worker thread); keys match the queue names."""
 
-    async def warm_up(self) -> None:
-        """Loads models, runs each once per warm-up batch size, then opens the queues."""
+    async def warm_up(self, run_models: bool = True) -> None:
+        """Loads models, runs each once per warm-up batch size, then opens the queues. `run_models=False` only
+        loads, as a process that serves one request and exits would (the seed comparison's old way)."""
         self.models = await asyncio.to_thread(self.load_models)
-        sizes = self.settings.effective_warmup_batch_sizes()
+        sizes = self.settings.effective_warmup_batch_sizes() if run_models else ()
         for key, model in self.models.items():
             self.metrics.model_loads.labels(key).inc()
             self.metrics.model_load_seconds.labels(key).set(model.load_seconds)
-            seconds = await asyncio.to_thread(model.warm_up, sizes)
+            seconds = await asyncio.to_thread(model.warm_up, sizes) if sizes else 0.0
             self.metrics.warmup_seconds.labels(key).set(seconds)
             log.info("model warmed up", extra={"model": key, "batch_sizes": sizes, "seconds": round(seconds, 3)})
         for queue in self.queues.values():
@@ -158,9 +159,9 @@ class ServiceServer:
                                      "metrics_port": self.metrics_port, "health": "NOT_SERVING"})
         return self.port
 
-    async def warm_up(self) -> None:
+    async def warm_up(self, run_models: bool = True) -> None:
         """Runs the service's warm-up, then reports SERVING."""
-        await self.service.warm_up()
+        await (self.service.warm_up(run_models) if isinstance(self.service, ModelService) else self.service.warm_up())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"service": self.service.name, "port": self.port})
 

@@ -2,6 +2,10 @@
 every ratio computed from the measured numbers."""
 
 import re
+import statistics
+from pathlib import Path
+
+import numpy as np
 
 from bench import detection
 
@@ -63,3 +67,65 @@ def test_stage_breakdown_is_the_difference_of_two_metric_snapshots():
     line = next(l for l in stages.table(stages.breakdown(before, after, 5.0), 5.0).splitlines()
                 if l.startswith("| gateway: lipsync"))
     assert "| 3.50 | 70% |" in line
+
+
+def test_stand_ins_cost_what_the_real_models_cost(tmp_path):
+    """The benchmark models' parameters and multiply-accumulates, counted from the graphs themselves."""
+    import onnx
+
+    from bench import full_size_models
+    from service_runtime.manifest import load_manifest
+
+    manifest = load_manifest("models")
+    targets = {"wav2lip_gan": (36e6, 4e9), "gfpgan_v1.4": (84e6, 198e9), "arcface_seed": (43.6e6, 6.3e9)}
+    for name, (params_target, macs_target) in targets.items():
+        path, params = full_size_models.write_full_size(Path("models"), tmp_path, name)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        stored = sum(int(np.prod(w.dims)) for w in model.graph.initializer)
+        macs = full_size_models.count_macs(model)
+        assert abs(params / params_target - 1) < 0.05, (name, params)
+        assert abs(macs / macs_target - 1) < 0.05, (name, macs)
+        assert abs(stored / params - 1) < 0.05  # the count is of weights really in the file
+        assert [i.name for i in model.graph.input] == [t.name for t in manifest.get(name).inputs]
+        path.unlink()
+
+
+def test_count_macs_matches_hand_counts_for_conv_transpose_and_gemm():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bench.full_size_models import count_macs
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["y", "wt"], ["z"], strides=[2, 2]),
+             helper.make_node("Flatten", ["z"], ["f"]), helper.make_node("Gemm", ["f", "g"], ["out"])]
+    weights = [numpy_helper.from_array(np.zeros(shape, np.float32), name) for name, shape in
+               (("w", (8, 3, 3, 3)), ("wt", (8, 4, 2, 2)), ("g", (4 * 32 * 32, 10)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 32, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    conv = 16 * 16 * 8 * 3 * 3 * 3  # output pixels x output channels x (input channels x kernel)
+    transpose = 8 * 16 * 16 * 4 * 2 * 2  # input elements x output channels x kernel
+    gemm = 4096 * 10
+    assert count_macs(model) == conv + transpose + gemm
+    assert count_macs(model, {"B": 3}) == 3 * (conv + transpose + gemm)
+
+
+def test_seed_comparison_runs_both_ways_and_derives_its_ratio(tmp_path):
+    """A fresh process per request and the resident stack on generated models, one short clip each way."""
+    from bench import seed
+    from bench.throughput import prepare_models
+
+    prepare_models(tmp_path, full_size=())
+    row = seed.measure(tmp_path, seconds=0.6, enhance=True, repeats=2, process_repeats=1, work=tmp_path)
+    (process,) = row.process
+    assert 0 < process["startup"] < process["total"] and 0 < process["request"] < process["total"]
+    assert process["startup"] + process["request"] <= process["total"]  # the rest is the process's exit
+    assert len(row.resident_steady) == 2 and row.resident_first > 0 and row.resident_startup > 0
+    assert row.ratio == process["total"] / statistics.median(row.resident_steady)
+    line = seed.table([row], 2, 1).splitlines()[2]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[:2] == ["GFPGAN v1.4", "0.6 s"]
+    assert cells[2] == f"{process['total']:.2f}" and cells[7] == f"{row.ratio:.2f}"
+    assert cells[6] == f"{0.6 / row.steady_median:.2f}"
