@@ -48,6 +48,9 @@ def decode_speech(data: bytes, limits: MediaLimits = MediaLimits()) -> Speech:
         if not container.streams.audio:
             raise InvalidArgument("audio: the file has no audio stream")
         stream = container.streams.audio[0]
+        if stream.codec_context is None:  # FFmpeg has no decoder for the stream's codec
+            raise InvalidArgument("audio: the audio codec cannot be decoded; send WAV (PCM), MP3, AAC, FLAC, "
+                                  "Vorbis or Opus")
         if container.duration:
             limits.check_audio_seconds(container.duration / av.time_base, claimed=True)
         rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
@@ -88,13 +91,16 @@ def check_wav_claim(data: bytes, limits: MediaLimits) -> None:
 
 def _decode_mono(container, stream, rate: int, limits: MediaLimits) -> np.ndarray:
     """The channels' mean at the source rate, in float32 as libsndfile reads PCM (int / 2^(bits-1))."""
-    to_float = av.AudioResampler(format="fltp")  # same rate and layout: an exact sample-format conversion
+    # Same rate and layout: an exact sample-format conversion. Packed, not planar: PyAV reads planar frames of 8
+    # or more channels past FFmpeg's data pointers and crashes the process (found by `make fuzz`).
+    to_float = av.AudioResampler(format="flt")
     budget = int(limits.max_audio_seconds * rate)
     parts, total = [], 0
     try:
         for frame in container.decode(stream):
-            for planar in to_float.resample(frame):
-                parts.append(planar.to_ndarray().mean(axis=0, dtype=np.float32))
+            for packed in to_float.resample(frame):
+                channels = packed.to_ndarray().reshape(-1, len(packed.layout.channels)).T  # as planar: one row each
+                parts.append(channels.mean(axis=0, dtype=np.float32))
                 total += len(parts[-1])
             if total > budget:
                 limits.check_audio_seconds(total / rate)

@@ -92,7 +92,6 @@ def test_stand_ins_cost_what_the_real_models_cost(tmp_path):
 
 
 def test_count_macs_matches_hand_counts_for_conv_transpose_and_gemm():
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from bench.full_size_models import count_macs

@@ -47,7 +47,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 
 def _finish(boxes, scores, landmarks, threshold: float, iou: float) -> Detections:
-    mask = scores >= threshold
+    # A model can emit infinities, NaN (an overflowing exp, a broken export) or inverted boxes; such a face is
+    # dropped, never passed on to crop and paste arithmetic.
+    mask = (scores >= threshold) & np.isfinite(boxes).all(axis=1) & np.isfinite(landmarks).all(axis=1)
+    mask &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     found = Detections(boxes[mask].astype(np.float32), scores[mask].astype(np.float32),
                        landmarks[mask].reshape(-1, 5, 2).astype(np.float32))
     return found.select(nms(found.boxes, found.scores, iou)) if len(found.scores) else Detections.empty()
@@ -60,6 +63,7 @@ def anchor_centers(height: int, width: int, stride: int, per_cell: int, offset: 
     return np.repeat(centers, per_cell, axis=0)
 
 
+@np.errstate(over="ignore", invalid="ignore")  # non-finite faces are dropped in _finish
 def decode_scrfd(outputs: list[np.ndarray], height: int, width: int, *, per_cell: int = 2,
                  threshold: float = 0.3, iou: float = 0.4) -> Detections:
     """SCRFD: scores, box distances (l, t, r, b) and keypoint offsets per stride, in units of the stride."""
@@ -74,6 +78,7 @@ def decode_scrfd(outputs: list[np.ndarray], height: int, width: int, *, per_cell
     return _finish(np.concatenate(boxes), np.concatenate(scores), np.concatenate(kps), threshold, iou)
 
 
+@np.errstate(over="ignore", invalid="ignore")  # non-finite faces are dropped in _finish
 def decode_yunet(outputs: list[np.ndarray], height: int, width: int, *, threshold: float = 0.6,
                  iou: float = 0.3) -> Detections:
     """YuNet (OpenCV zoo): cls, obj, bbox (dx, dy, log w, log h), kps per stride; one anchor per cell."""
@@ -105,6 +110,7 @@ def retinaface_priors(height: int, width: int) -> np.ndarray:
     return np.asarray(priors, np.float32)
 
 
+@np.errstate(over="ignore", invalid="ignore")  # non-finite faces are dropped in _finish
 def decode_retinaface(outputs: list[np.ndarray], height: int, width: int, *, threshold: float = 0.5,
                       iou: float = 0.4, variances: tuple[float, float] = (0.1, 0.2)) -> Detections:
     """RetinaFace: loc offsets against priors with variances, softmax conf (face = column 1), landmarks."""
