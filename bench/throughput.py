@@ -108,7 +108,7 @@ def free_base_port() -> int:
     for _ in range(100):
         base = random.randint(21000, 39000)
         try:
-            for offset in range(4):
+            for offset in range(5):  # gateway, detector, lipsync, enhancer, redis
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", base + offset))
             return base

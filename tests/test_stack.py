@@ -8,6 +8,8 @@ import sys
 import time
 import urllib.request
 
+import redis
+
 from .conftest import ROOT, cli
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
 
@@ -38,7 +40,7 @@ def readme_http_examples() -> str:
 
 
 def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
-    base, metrics, http = free_port_block(4), free_port_block(4), free_port_block(3)
+    base, metrics, http = free_port_block(5), free_port_block(4), free_port_block(3)
     runner = subprocess.Popen(
         [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(base), "--metrics-base-port",
          str(metrics), "--models-dir", str(dev_models_dir), "--logs", str(tmp_path / "logs"),
@@ -117,6 +119,11 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
         assert cli("jobs", "download", job_id, "-o", str(tmp_path / "job.mp4"), server).returncode == 0
         assert abs(stream_durations((tmp_path / "job.mp4").read_bytes())["video"] - 1.2) <= 0.04
         assert job_id in cli("jobs", "list", server).stdout
+        # make run's Redis holds the shared state: the job's record is there, not in the gateway process.
+        assert any(l.strip() == f"redis     on redis://127.0.0.1:{base + 4}/0" for l in output)
+        store = redis.Redis(port=base + 4)
+        assert any(job_id.encode() in key for key in store.keys("*")), store.keys("*")
+        store.close()
         assert cli("jobs", "cancel", job_id, server).returncode == 0  # a finished job: removed
         status = cli("jobs", "status", job_id, server)
         assert status.returncode == 3 and "NOT_FOUND" in status.stderr

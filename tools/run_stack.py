@@ -1,5 +1,5 @@
-"""`make run`: starts detector, lipsync, enhancer, gateway and the Envoy HTTP edge locally, waits until all are
-ready, stops them on Ctrl-C."""
+"""`make run`: starts Redis, detector, lipsync, enhancer, gateway, the Envoy HTTP edge and the web UI locally,
+waits until all are ready, stops them on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from superwav2lip_client.services import health  # noqa: E402
 from deploy.envoy import local as local_envoy  # noqa: E402
+from deploy.redis import local as local_redis  # noqa: E402
 from deploy.envoy.render import EdgeConfig  # noqa: E402
 from gateway.service import GatewaySettings  # noqa: E402
 from service_runtime.dev_models import write_dev_model  # noqa: E402
@@ -57,15 +58,20 @@ def address(name: str, args: argparse.Namespace) -> str:
     return f"{args.host}:{args.base_port + SERVICES.index(name)}"
 
 
-def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]) -> dict[str, str]:
+def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...],
+                base: dict[str, str] | None = None) -> dict[str, str]:
+    """The process's environment: `base` (default: this one's) plus the stack's addresses, ports and folders,
+    which settings already in `base` override."""
     prefix = f"SWL_{name.upper()}_"
     index = SERVICES.index(name)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))
+    env = dict(os.environ if base is None else base, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))
     env.setdefault(f"{prefix}HOST", args.host)
     env.setdefault(f"{prefix}PORT", str(args.base_port + index))
     env.setdefault(f"{prefix}METRICS_PORT", str(args.metrics_base_port + index))
     if name == "gateway":
         env.setdefault(f"{prefix}DATA_DIR", str(args.logs.parent / "data"))
+        if getattr(args, "redis_url", ""):
+            env.setdefault(f"{prefix}REDIS_URL", args.redis_url)
         for other in ("detector", "lipsync", "enhancer"):
             env.setdefault(f"{prefix}{other.upper()}_ADDRESS", address(other, args))
     else:
@@ -73,6 +79,31 @@ def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]
         env.setdefault(f"{prefix}ALLOW_DEV_MODELS", "1")
         env.setdefault(f"{prefix}EXTRA_MODEL_DIRS", ",".join(extra_dirs))
     return env
+
+
+def start_service(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...],
+                  base_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """One service as its own process, logging to <logs>/<name>.log (appended, so a restart keeps the history)."""
+    with (args.logs / f"{name}.log").open("a") as log_file:
+        return subprocess.Popen([sys.executable, "-m", MODULES[name]], cwd=ROOT, stderr=log_file, stdout=log_file,
+                                env=service_env(name, args, extra_dirs, base_env))
+
+
+def start_redis(args: argparse.Namespace) -> subprocess.Popen | None:
+    """redis-server for the plan cache, avatars and jobs (None, with a note, when it is off or not installed)."""
+    args.redis_url = ""
+    if not args.redis_port:
+        return None
+    if local_redis.redis_binary() is None:
+        print("NOTE: redis-server is not installed (apt-get install redis-server): the plan cache and jobs stay "
+              "inside the gateway process.", flush=True)
+        return None
+    with (args.logs / "redis.log").open("w") as log:
+        process = local_redis.start(args.redis_port, args.logs.parent / "redis", log)
+    local_redis.wait_ready(args.redis_port, process)
+    args.redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
+    print(f"  {'redis':<9} on {args.redis_url}", flush=True)
+    return process
 
 
 def wait_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, str], timeout: float) -> str | None:
@@ -90,7 +121,8 @@ def wait_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, st
     return min(waiting) if waiting else None
 
 
-def stop_all(processes: dict[str, subprocess.Popen], grace: float = 15.0) -> None:
+def stop_all(processes: dict[str, subprocess.Popen], redis: subprocess.Popen | None = None, grace: float = 15.0) -> None:
+    """SIGTERM to every process (each drains within its grace), then Redis, which draining gateways still use."""
     for process in processes.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -100,6 +132,8 @@ def stop_all(processes: dict[str, subprocess.Popen], grace: float = 15.0) -> Non
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
+    if redis is not None:
+        stop_all({"redis": redis})
 
 
 def start_edge(args: argparse.Namespace, processes: dict[str, subprocess.Popen]) -> str:
@@ -154,6 +188,8 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=8080, help="Envoy's HTTP/gRPC listener")
     parser.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy's admin interface (loopback)")
     parser.add_argument("--ui-port", type=int, default=7860, help="the web UI (0: do not start it)")
+    parser.add_argument("--redis-port", type=int, help="redis-server's port (default: the one after the enhancer's; "
+                        "0: no Redis, state stays in the gateway process)")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) and --tls-key")
     parser.add_argument("--tls-key")
     shared = ROOT.parent / "shared" / "models"
@@ -166,12 +202,17 @@ def main() -> None:
         print(f"NOTE: running on generated demo weights for {', '.join(generated)}: the output will be noise "
               "where those models act (run `make models` for the real weights).", flush=True)
     args.logs.mkdir(parents=True, exist_ok=True)
-    addresses = {name: address(name, args) for name in SERVICES}
-    processes = {}
+    if args.redis_port is None:
+        args.redis_port = args.base_port + len(SERVICES)
     for name in SERVICES:
-        log_file = (args.logs / f"{name}.log").open("w")
-        processes[name] = subprocess.Popen([sys.executable, "-m", MODULES[name]], cwd=ROOT, stderr=log_file,
-                                           stdout=log_file, env=service_env(name, args, extra_dirs))
+        (args.logs / f"{name}.log").write_text("")
+    try:
+        redis = start_redis(args)
+    except (RuntimeError, TimeoutError) as error:
+        print(f"redis-server did not start: {error}; see {args.logs / 'redis.log'}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    addresses = {name: address(name, args) for name in SERVICES}
+    processes = {name: start_service(name, args, extra_dirs) for name in SERVICES}
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
@@ -179,13 +220,13 @@ def main() -> None:
     failed = wait_serving(processes, addresses, args.ready_timeout)
     if failed:
         print(f"{failed} did not become ready; see {args.logs / (failed + '.log')}", file=sys.stderr, flush=True)
-        stop_all(processes)
+        stop_all(processes, redis)
         sys.exit(1)
     try:
         edge = start_edge(args, processes)
     except (RuntimeError, TimeoutError) as error:
         print(f"the HTTP edge did not start: {error}; see {args.logs / 'envoy.log'}", file=sys.stderr, flush=True)
-        stop_all(processes)
+        stop_all(processes, redis)
         sys.exit(1)
     print(f"  {'envoy':<9} HTTP on {edge}", flush=True)
     ui = ""
@@ -194,7 +235,7 @@ def main() -> None:
             ui = start_web_ui(args, processes)
         except RuntimeError as error:
             print(f"the web UI did not start: {error}; see {args.logs / 'webui.log'}", file=sys.stderr, flush=True)
-            stop_all(processes)
+            stop_all(processes, redis)
             sys.exit(1)
         print(f"  {'webui':<9} on {ui}", flush=True)
     print(f"READY gateway {addresses['gateway']} http {edge}" + (f" ui {ui}" if ui else "") + "\n"
@@ -210,7 +251,7 @@ def main() -> None:
             break
         time.sleep(0.5)
     print("stopping", flush=True)
-    stop_all(processes)
+    stop_all(processes, redis)
     print("stopped", flush=True)
     sys.exit(0 if stop["now"] else 1)
 
