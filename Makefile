@@ -7,7 +7,7 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
-.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak clean k8s-validate deploy rollback images
+.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ lint: install  ## pyflakes-level checks (unused imports and names, syntax)
 
 test: install  ## the whole suite
 	$(PY) -m pytest -q -p no:cacheprovider
+
+gpu-check: install  ## on a CUDA machine (pip install -e .[gpu]): each model on CUDA and TensorRT vs CPU, latency at batch 1/8/32
+	$(PY) tools/gpu_check.py
 
 FUZZ_SECONDS ?= 60
 

@@ -36,6 +36,8 @@ class ServiceMetrics:
             "swl_grpc_request_seconds", "RPC duration.", ["method"], registry=r, buckets=LATENCY_BUCKETS
         )
         self.model_loads = Counter("swl_model_loads_total", "Model sessions created.", ["model"], registry=r)
+        self.model_providers = Gauge("swl_model_provider_info", "1 for each provider a model's session really runs on "
+                                     "(rank 0 is the one used first).", ["model", "provider", "rank"], registry=r)
         self.model_load_seconds = Gauge(
             "swl_model_load_seconds", "Seconds the last model load took.", ["model"], registry=r
         )

@@ -15,16 +15,12 @@ import numpy as np
 
 from .errors import ModelLoadError
 from .manifest import BATCH_DIM, ModelSpec, TensorSpec
+from .providers import GPU_PROVIDERS, PROVIDER_NAMES, ProviderConfig, padded_batch_size, profile_batch_sizes, \
+    resolve_providers
 
 log = logging.getLogger(__name__)
 
-PROVIDER_NAMES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
 INT8_SUFFIX = ".int8.onnx"  # the int8 copy `superwav2lip-quantize` writes beside a model
-GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 DEV_SUBDIR = "dev"
 
 
@@ -42,16 +38,7 @@ def check_onnxruntime_install(distributions: set[str] | None = None) -> None:
 
 def choose_providers(preference: str, available: list[str]) -> list[str]:
     """Maps `auto` or a list like `cuda,cpu` to the available onnxruntime providers, in order."""
-    wanted = ["tensorrt", "cuda", "cpu"] if preference.strip().lower() == "auto" else [
-        p.strip().lower() for p in preference.split(",") if p.strip()
-    ]
-    unknown = [p for p in wanted if p not in PROVIDER_NAMES]
-    if unknown:
-        raise ModelLoadError(f"unknown provider(s) {unknown}: use auto or a list of tensorrt, cuda, cpu")
-    chosen = [PROVIDER_NAMES[p] for p in wanted if PROVIDER_NAMES[p] in available]
-    if not chosen:
-        raise ModelLoadError(f"none of the providers {wanted} is available (onnxruntime offers {available})")
-    return chosen
+    return [name for name, _ in resolve_providers(ProviderConfig(order=preference), available, _NO_SPEC)]
 
 
 def resolve_model_path(models_dir: str | Path, spec: ModelSpec, allow_dev: bool,
@@ -94,6 +81,14 @@ def _check_tensors(kind: str, expected: tuple[TensorSpec, ...], actual: list, pa
             )
 
 
+_NO_SPEC = ModelSpec(name="-", file="", role="", inputs=(), outputs=())  # provider choice without a model
+
+
+def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+    """The batch grown to `size` by repeating its last item (valid input, so the padding cannot fail)."""
+    return np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)])
+
+
 @dataclass
 class OnnxModel:
     """One resident session plus its spec. `run` takes stacked batches, looping when the batch is fixed at 1."""
@@ -105,6 +100,7 @@ class OnnxModel:
     fixed_batch: bool
     providers: list[str]
     load_seconds: float
+    pad_to: tuple[int, ...] = ()  # batch sizes batches are padded to (TensorRT profiles); empty: as they come
 
     @functools.cached_property
     def weights_sha256(self) -> str:
@@ -117,6 +113,9 @@ class OnnxModel:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         batch = len(next(iter(feeds.values())))
+        if self.pad_to and (padded := padded_batch_size(batch, self.pad_to)) != batch:
+            feeds = {k: pad_batch(v, padded) for k, v in feeds.items()}
+            return [out[:batch] for out in self.session.run(None, feeds)]  # type: ignore[attr-defined]
         if not self.fixed_batch or batch == 1:
             return self.session.run(None, feeds)  # type: ignore[attr-defined]
         singles = [self.session.run(None, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
@@ -162,13 +161,15 @@ def load_model(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     spin_wait: bool = False,
+    provider_config: ProviderConfig | None = None,
 ) -> OnnxModel:
     """Creates the session, checks its tensors against the manifest and logs what it runs on."""
     import onnxruntime as ort
 
     check_onnxruntime_install()
     path, is_dev = resolve_model_path(models_dir, spec, allow_dev, extra_dirs)
-    chosen = choose_providers(providers, ort.get_available_providers())
+    config = provider_config or ProviderConfig(order=providers)
+    chosen = resolve_providers(config, ort.get_available_providers(), spec)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads
@@ -177,7 +178,8 @@ def load_model(
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin_wait else "0")
     started = time.perf_counter()
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[n for n, _ in chosen],
+                                       provider_options=[o for _, o in chosen])
     except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
         raise ModelLoadError(f"{path}: onnxruntime cannot load it: {exc}") from exc
     load_seconds = time.perf_counter() - started
@@ -201,4 +203,7 @@ def load_model(
                  extra={"model": spec.name, "batch_dim": batch_dim})
     if is_dev:
         log.warning("running on generated demo weights: outputs are noise", extra={"model": spec.name})
-    return OnnxModel(spec, session, path, is_dev, fixed_batch, actual, load_seconds)
+    # TensorRT builds per input shape: batches are padded to a few profile sizes so that none triggers a rebuild.
+    pad_to = profile_batch_sizes(config.max_batch_size) if actual[0] == PROVIDER_NAMES["tensorrt"] and not fixed_batch \
+        else ()
+    return OnnxModel(spec, session, path, is_dev, fixed_batch, actual, load_seconds, pad_to)

@@ -20,6 +20,7 @@ from .logs import configure_logging
 from .metrics import ServiceMetrics
 from .manifest import ModelSpec
 from .onnx_session import OnnxModel, load_model
+from .providers import ProviderConfig
 from .settings import ServerSettings, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class ModelService(GrpcService):
     def load(self, spec: ModelSpec, warmup_dims: dict[str, int] | None = None) -> OnnxModel:
         """Loads one model with this service's provider and thread settings."""
         s = self.settings
-        model = load_model(spec, s.models_dir, providers=s.providers, require_gpu=s.require_gpu,
+        model = load_model(spec, s.models_dir, provider_config=ProviderConfig.from_settings(s), require_gpu=s.require_gpu,
                            allow_dev=s.allow_dev_models, extra_dirs=s.extra_model_dirs, intra_op_threads=s.intra_op_threads,
                            inter_op_threads=s.inter_op_threads, spin_wait=s.spin_wait)
         if warmup_dims:
@@ -104,6 +105,8 @@ class ModelService(GrpcService):
         for key, model in self.models.items():
             self.metrics.model_loads.labels(key).inc()
             self.metrics.model_load_seconds.labels(key).set(model.load_seconds)
+            for rank, provider in enumerate(model.providers):
+                self.metrics.model_providers.labels(key, provider, str(rank)).set(1)
             seconds = await asyncio.to_thread(model.warm_up, sizes) if sizes else 0.0
             self.metrics.warmup_seconds.labels(key).set(seconds)
             log.info("model warmed up", extra={"model": key, "batch_sizes": sizes, "seconds": round(seconds, 3)})

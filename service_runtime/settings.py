@@ -125,6 +125,17 @@ class ServiceSettings(ServerSettings):
         "auto", "onnxruntime providers in order of preference: `auto` or a list of `tensorrt`, `cuda`, `cpu`."
     )
     require_gpu: bool = setting(False, "Refuse to start unless a session really runs on CUDA or TensorRT.")
+    strict_providers: bool = setting(
+        False, "A requested provider this onnxruntime lacks is an error (default: logged once, the next one serves).")
+    device_id: int = setting(0, "The GPU this process uses (one GPU per service process).", ge=0, le=63)
+    trt_fp16: bool = setting(True, "TensorRT builds fp16 engines (inputs and outputs stay fp32).")
+    trt_engine_cache_dir: str = setting(
+        "", "Folder where TensorRT keeps built engines and timing caches (empty: rebuilt at every start).")
+    trt_workspace_mb: int = setting(4096, "TensorRT's builder workspace, in MiB.", ge=64, le=262144)
+    cudnn_conv_algo_search: str = setting(
+        "HEURISTIC", "cuDNN convolution algorithm search: EXHAUSTIVE (slow start, fastest), HEURISTIC or DEFAULT.")
+    gpu_mem_limit_mb: int = setting(0, "CUDA memory arena limit per model, in MiB (0 = no limit).", ge=0,
+                                    le=1 << 20)
     intra_op_threads: int = setting(0, "onnxruntime threads inside one operator (0 = onnxruntime's choice).", ge=0,
                                    le=1024)
     inter_op_threads: int = setting(0, "onnxruntime threads across operators (0 = onnxruntime's choice).", ge=0,
