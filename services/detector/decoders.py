@@ -49,7 +49,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 def _finish(boxes, scores, landmarks, threshold: float, iou: float) -> Detections:
     # A model can emit infinities, NaN (an overflowing exp, a broken export) or inverted boxes; such a face is
     # dropped, never passed on to crop and paste arithmetic.
-    mask = (scores >= threshold) & np.isfinite(boxes).all(axis=1) & np.isfinite(landmarks).all(axis=1)
+    mask = (scores >= threshold) & np.isfinite(scores) & np.isfinite(boxes).all(axis=1) & \
+        np.isfinite(landmarks).all(axis=1)
     mask &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     found = Detections(boxes[mask].astype(np.float32), scores[mask].astype(np.float32),
                        landmarks[mask].reshape(-1, 5, 2).astype(np.float32))
