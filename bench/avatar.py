@@ -19,15 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import write_section  # noqa: E402
-from bench.throughput import Stack, clip, prepare_models, speech  # noqa: E402
+from bench.throughput import Stack, clip, prepare_models, speech, timed  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 from superwav2lip.gateway.v1 import gateway_pb2  # noqa: E402
-
-
-def timed(call) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import write_section  # noqa: E402
-from bench.throughput import Stack, clip, prepare_models, speech  # noqa: E402
+from bench.throughput import Stack, clip, prepare_models, speech, timed  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 
 FULL_SIZE = ("wav2lip_gan", "gfpgan_v1.4", "arcface_seed")
@@ -113,12 +113,6 @@ def one_process(models: Path, face: bytes, audio: bytes, enhance: bool, work: Pa
         raise RuntimeError(f"the one-request process failed ({result.returncode}):\n{result.stderr[-3000:]}")
     marks = json.loads(result.stdout.strip().splitlines()[-1])
     return {"total": ended - spawned, "startup": marks["ready"] - spawned, "request": marks["done"] - marks["ready"]}
-
-
-def timed(call) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
 
 
 def measure(models: Path, seconds: float, enhance: bool, repeats: int, process_repeats: int, work: Path) -> Row:

@@ -158,6 +158,13 @@ class Stack:
         self.process.wait(timeout=60)
 
 
+def timed(call) -> float:
+    """Wall seconds of one call."""
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
 def run_clients(address: str, face: bytes, audio: bytes, clients: int) -> float:
     """Wall seconds for `clients` simultaneous generations of the same clip."""
     errors: list[BaseException] = []

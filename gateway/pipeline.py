@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
+from service_runtime.providers import GPU_PROVIDERS
+
 from .avatars import preview_jpeg
 from .audio import decode_speech, frame_count, melspectrogram
 from .clients import ModelClients
@@ -24,8 +26,6 @@ from .planning import FacePlan, Planner
 from .synthesis import Plan, Synthesiser
 
 log = logging.getLogger(__name__)
-
-GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 
 __all__ = ["LipSyncJob", "Plan"]
 

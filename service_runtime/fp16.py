@@ -44,8 +44,16 @@ def largest_relative_error(spec: ModelSpec, fp32: Path, fp16: Path, batches: int
         for r, h in zip(reference, halved):
             if h.dtype != r.dtype:
                 raise AssertionError(f"output type changed from {r.dtype} to {h.dtype}")
-            scale = float(np.abs(r).max()) or 1.0
-            worst = max(worst, float(np.abs(h.astype(np.float64) - r).max()) / scale)
+        worst = max(worst, relative_error(reference, halved))
+    return worst
+
+
+def relative_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
+    """The largest max |other - reference| / max |reference| over paired outputs."""
+    worst = 0.0
+    for r, o in zip(reference, other):
+        scale = float(np.abs(r).max()) or 1.0
+        worst = max(worst, float(np.abs(o.astype(np.float64) - r).max()) / scale)
     return worst
 
 

@@ -36,11 +36,6 @@ def check_onnxruntime_install(distributions: set[str] | None = None) -> None:
         )
 
 
-def choose_providers(preference: str, available: list[str]) -> list[str]:
-    """Maps `auto` or a list like `cuda,cpu` to the available onnxruntime providers, in order."""
-    return [name for name, _ in resolve_providers(ProviderConfig(order=preference), available, _NO_SPEC)]
-
-
 def resolve_model_path(models_dir: str | Path, spec: ModelSpec, allow_dev: bool,
                        extra_dirs: tuple[str, ...] = ()) -> tuple[Path, bool]:
     """The real file when present (models_dir first, then extra_dirs), else the generated dev file if allowed.
@@ -81,7 +76,6 @@ def _check_tensors(kind: str, expected: tuple[TensorSpec, ...], actual: list, pa
             )
 
 
-_NO_SPEC = ModelSpec(name="-", file="", role="", inputs=(), outputs=())  # provider choice without a model
 
 
 def pad_batch(array: np.ndarray, size: int) -> np.ndarray:

@@ -13,31 +13,13 @@ from pathlib import Path
 
 from superwav2lip_client.services import health
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, free_port_block
 
 _spec = importlib.util.spec_from_file_location("run_stack", ROOT / "tools" / "run_stack.py")
 run_stack = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run_stack)
 
 MODEL_SERVICES = ("detector", "lipsync", "enhancer")
-
-
-def free_port_block(count: int) -> int:
-    while True:
-        base = free_port()
-        if base + count < 65000 and all(_free(base + i) for i in range(1, count)):
-            return base
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -105,12 +87,8 @@ class ProcessStack:
 
     def start_redis(self) -> None:
         """Redis with an append-only file (as the Kubernetes component runs it), so a restart keeps the state."""
-        from deploy.redis import local as local_redis
-
-        with (self.args.logs / "redis.log").open("a") as log:
-            self.redis = local_redis.start(self.args.redis_port, self.args.logs.parent / "redis", log, persist=True)
-        local_redis.wait_ready(self.args.redis_port, self.redis)
-        self.args.redis_url = f"redis://127.0.0.1:{self.args.redis_port}/0"
+        self.redis = run_stack.start_redis(self.args, persist=True)
+        assert self.redis is not None, "redis-server is not installed (apt-get install redis-server; .ci/run does)"
 
     def stop_redis(self) -> None:
         self.redis.kill()

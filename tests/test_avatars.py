@@ -2,18 +2,18 @@
 
 import asyncio
 import contextlib
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import redis
 from superwav2lip.gateway.v1 import gateway_pb2
 
+from deploy.redis import local as local_redis
 from gateway.metrics import GatewayMetrics
 from gateway.options import JobOptions
 from gateway.pipeline import LipSyncJob
@@ -25,27 +25,15 @@ from .stack import model_clients, running_stack
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, with nothing persisted."""
+    """A real redis-server on a free loopback port, with nothing persisted (`deploy/redis/local.py`)."""
 
     def __init__(self, folder) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+        if local_redis.redis_binary() is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no", "--dir", str(folder)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
+        self.process = local_redis.start(self.port, Path(folder))
+        local_redis.wait_ready(self.port, self.process)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -15,7 +15,8 @@ from superwav2lip.gateway.v1 import gateway_pb2
 from superwav2lip_client import Client, RetryPolicy, SuperWav2LipError
 
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
-from .process_stack import ProcessStack, free_port, run_stack
+from .conftest import free_port
+from .process_stack import ProcessStack, run_stack
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 

@@ -8,7 +8,10 @@ import pytest
 from service_runtime.dev_models import write_dev_model
 from service_runtime.errors import ModelLoadError
 from service_runtime.manifest import TensorSpec, load_manifest
-from service_runtime.onnx_session import check_onnxruntime_install, choose_providers, load_model
+from service_runtime.onnx_session import check_onnxruntime_install, load_model
+from service_runtime.providers import ProviderConfig, resolve_providers
+
+from .conftest import ROOT
 
 
 def test_wrong_shape_is_refused_naming_the_tensor(dev_models_dir, tmp_path):
@@ -43,6 +46,11 @@ def test_mixed_cpu_and_gpu_install_is_refused():
     with pytest.raises(ModelLoadError, match="both onnxruntime and onnxruntime-gpu"):
         check_onnxruntime_install({"onnxruntime", "onnxruntime-gpu", "numpy"})
     check_onnxruntime_install({"onnxruntime", "numpy"})
+
+
+def choose_providers(order: str, available: list[str]) -> list[str]:
+    spec = load_manifest(ROOT / "models").get("wav2lip_gan")
+    return [name for name, _ in resolve_providers(ProviderConfig(order), available, spec)]
 
 
 def test_provider_chain_keeps_only_available_ones_in_order():

@@ -3,6 +3,7 @@ TensorRT and CUDA options, batch padding to engine profile sizes, and the fp16 c
 exists on these machines; what only a GPU can show (the sessions really running there, speed) is `make
 gpu-check`'s job."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -39,6 +40,7 @@ def test_the_order_is_a_setting_and_every_available_provider_is_kept_in_it(wav2l
 
 
 def test_a_missing_provider_is_logged_once_and_the_next_one_serves(wav2lip, caplog):
+    wav2lip = dataclasses.replace(wav2lip, name="wav2lip_logged_once")  # no other test has logged this model yet
     config = ProviderConfig("tensorrt,cuda,cpu")
     with caplog.at_level(logging.WARNING, logger="service_runtime.providers"):
         first = resolve_providers(config, ["CUDAExecutionProvider", "CPUExecutionProvider"], wav2lip)

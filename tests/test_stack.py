@@ -1,8 +1,6 @@
 """`make run`'s stack runner and the `superwav2lip` CLI, as separate processes on real ports."""
 
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,26 +8,8 @@ import urllib.request
 
 import redis
 
-from .conftest import ROOT, cli
+from .conftest import ROOT, cli, free_port_block
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
-
-
-def free_port_block(count: int) -> int:
-    for _ in range(50):
-        base = random.randint(20000, 40000)
-        sockets = []
-        try:
-            for offset in range(count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + offset))
-                sockets.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 def readme_http_examples() -> str:

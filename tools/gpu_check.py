@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
+from service_runtime.fp16 import relative_error  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
 from service_runtime.onnx_session import load_model  # noqa: E402
 from service_runtime.providers import PROVIDER_NAMES, ProviderConfig  # noqa: E402
@@ -34,14 +34,6 @@ def service_models() -> list[str]:
     detector = DetectorSettings.from_env()
     return [detector.detection_model, detector.recognition_model, LipSyncSettings.from_env().model,
             EnhancerSettings.from_env().model]
-
-
-def relative_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
-    worst = 0.0
-    for r, o in zip(reference, other):
-        scale = float(np.abs(r).max()) or 1.0
-        worst = max(worst, float(np.abs(o.astype(np.float64) - r).max()) / scale)
-    return worst
 
 
 def timed(model, feeds: dict, repeats: int = 5) -> float:

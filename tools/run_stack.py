@@ -101,8 +101,9 @@ def start_service(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ..
                                 env=service_env(name, args, extra_dirs, base_env))
 
 
-def start_redis(args: argparse.Namespace) -> subprocess.Popen | None:
-    """redis-server for the plan cache, avatars and jobs (None, with a note, when it is off or not installed)."""
+def start_redis(args: argparse.Namespace, persist: bool = False) -> subprocess.Popen | None:
+    """redis-server for the plan cache, avatars and jobs (None, with a note, when it is off or not installed);
+    `persist` keeps an append-only file, so a restart on the same logs folder finds the state again."""
     args.redis_url = ""
     if not args.redis_port:
         return None
@@ -110,8 +111,8 @@ def start_redis(args: argparse.Namespace) -> subprocess.Popen | None:
         print("NOTE: redis-server is not installed (apt-get install redis-server): the plan cache and jobs stay "
               "inside the gateway process.", flush=True)
         return None
-    with (args.logs / "redis.log").open("w") as log:
-        process = local_redis.start(args.redis_port, args.logs.parent / "redis", log)
+    with (args.logs / "redis.log").open("a") as log:
+        process = local_redis.start(args.redis_port, args.logs.parent / "redis", log, persist=persist)
     local_redis.wait_ready(args.redis_port, process)
     args.redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
     print(f"  {'redis':<9} on {args.redis_url}", flush=True)
@@ -216,7 +217,7 @@ def main() -> None:
     args.logs.mkdir(parents=True, exist_ok=True)
     if args.redis_port is None:
         args.redis_port = args.base_port + len(SERVICES)
-    for name in SERVICES:
+    for name in (*SERVICES, "redis"):
         (args.logs / f"{name}.log").write_text("")
     try:
         redis = start_redis(args)

@@ -23,8 +23,7 @@ def start(port: int, folder: Path, log: IO[str] | int = subprocess.DEVNULL, pers
     folder.mkdir(parents=True, exist_ok=True)
     durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
     return subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
-                             "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT if log != subprocess.DEVNULL
-                            else subprocess.DEVNULL)
+                             "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_ready(port: int, process: subprocess.Popen, seconds: float = 20) -> None:
