@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .device_io import BoundRunner, binding_device, pinned_memory_info
 from .errors import ModelLoadError
 from .manifest import BATCH_DIM, ModelSpec, TensorSpec
 from .providers import GPU_PROVIDERS, PROVIDER_NAMES, ProviderConfig, padded_batch_size, profile_batch_sizes, \
@@ -95,6 +96,7 @@ class OnnxModel:
     providers: list[str]
     load_seconds: float
     pad_to: tuple[int, ...] = ()  # batch sizes batches are padded to (TensorRT profiles); empty: as they come
+    runner: BoundRunner | None = None  # I/O binding (on GPUs by default); None: onnxruntime copies per run
 
     @functools.cached_property
     def weights_sha256(self) -> str:
@@ -105,23 +107,26 @@ class OnnxModel:
                 digest.update(block)
         return digest.hexdigest()
 
+    def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.runner.run(feeds) if self.runner else self.session.run(None, feeds)
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         batch = len(next(iter(feeds.values())))
         if self.pad_to and (padded := padded_batch_size(batch, self.pad_to)) != batch:
             feeds = {k: pad_batch(v, padded) for k, v in feeds.items()}
-            return [out[:batch] for out in self.session.run(None, feeds)]  # type: ignore[attr-defined]
+            return [out[:batch] for out in self._infer(feeds)]
         if not self.fixed_batch or batch == 1:
-            return self.session.run(None, feeds)  # type: ignore[attr-defined]
-        singles = [self.session.run(None, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
+            return self._infer(feeds)
+        singles = [self._infer({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(batch)]
         return [np.concatenate(parts) for parts in zip(*singles)]
 
     def run_per_item(self, feeds: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
         """Outputs per item, for models whose outputs have no batch axis (SCRFD) or a fixed one of 1."""
         batch = len(next(iter(feeds.values())))
         if self.fixed_batch:
-            return [self.session.run(None, {k: v[i : i + 1] for k, v in feeds.items()})  # type: ignore[attr-defined]
+            return [self._infer({k: v[i : i + 1] for k, v in feeds.items()})
                     for i in range(batch)]
-        outputs = self.session.run(None, feeds)  # type: ignore[attr-defined]
+        outputs = self._infer(feeds)
         return [[out[i : i + 1] for out in outputs] for i in range(batch)]
 
     def random_feeds(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -200,4 +205,15 @@ def load_model(
     # TensorRT builds per input shape: batches are padded to a few profile sizes so that none triggers a rebuild.
     pad_to = profile_batch_sizes(config.max_batch_size) if actual[0] == PROVIDER_NAMES["tensorrt"] and not fixed_batch \
         else ()
-    return OnnxModel(spec, session, path, is_dev, fixed_batch, actual, load_seconds, pad_to)
+    return OnnxModel(spec, session, path, is_dev, fixed_batch, actual, load_seconds, pad_to,
+                     bound_runner(session, config, actual, spec.name))
+
+
+def bound_runner(session, config: ProviderConfig, actual: list[str], model: str) -> BoundRunner | None:
+    device = binding_device(config.io_binding, actual)
+    if device is None:
+        return None
+    pinned = pinned_memory_info(config.device_id) if device == "cuda" and config.pinned_host else None
+    log.info("inputs and outputs bound to the device",
+             extra={"model": model, "device": device, "device_id": config.device_id, "pinned_host": pinned is not None})
+    return BoundRunner(session, device, config.device_id, pinned)

@@ -34,6 +34,8 @@ class ProviderConfig:
     cudnn_conv_algo_search: str = "HEURISTIC"
     gpu_mem_limit_mb: int = 0  # 0: no limit
     max_batch_size: int = 8
+    io_binding: str = "auto"  # auto: bound buffers on CUDA/TensorRT; on: also on CPU; off: onnxruntime copies
+    pinned_host: bool = True  # stage inputs in pinned host memory when onnxruntime offers it
 
     @classmethod
     def from_settings(cls, settings) -> "ProviderConfig":
@@ -41,7 +43,8 @@ class ProviderConfig:
                    trt_fp16=settings.trt_fp16, trt_engine_cache_dir=settings.trt_engine_cache_dir,
                    trt_workspace_mb=settings.trt_workspace_mb,
                    cudnn_conv_algo_search=settings.cudnn_conv_algo_search.upper(),
-                   gpu_mem_limit_mb=settings.gpu_mem_limit_mb, max_batch_size=settings.max_batch_size)
+                   gpu_mem_limit_mb=settings.gpu_mem_limit_mb, max_batch_size=settings.max_batch_size,
+                   io_binding=settings.io_binding, pinned_host=settings.pinned_host)
 
     def wanted(self) -> list[str]:
         names = ["tensorrt", "cuda", "cpu"] if self.order.strip().lower() == "auto" else [

@@ -136,6 +136,10 @@ class ServiceSettings(ServerSettings):
         "HEURISTIC", "cuDNN convolution algorithm search: EXHAUSTIVE (slow start, fastest), HEURISTIC or DEFAULT.")
     gpu_mem_limit_mb: int = setting(0, "CUDA memory arena limit per model, in MiB (0 = no limit).", ge=0,
                                     le=1 << 20)
+    io_binding: str = setting(
+        "auto", "I/O binding: `auto` keeps each batch shape's buffers on the GPU when a session runs on CUDA or "
+        "TensorRT, `on` binds on CPU too, `off` lets onnxruntime copy inputs and outputs on every run.")
+    pinned_host: bool = setting(True, "Stage GPU inputs in pinned host memory where onnxruntime offers it.")
     intra_op_threads: int = setting(0, "onnxruntime threads inside one operator (0 = onnxruntime's choice).", ge=0,
                                    le=1024)
     inter_op_threads: int = setting(0, "onnxruntime threads across operators (0 = onnxruntime's choice).", ge=0,

@@ -166,5 +166,6 @@ def test_gpu_check_refuses_without_a_gpu_and_its_comparison_runs_on_cpu(dev_mode
     assert code == 0 and len(table) == 4 * 2  # every service's model at both batch sizes
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[1] == "CPUExecutionProvider" and float(cells[5]) == 0.0 and cells[6] == "yes"
+        assert cells[1] == "CPUExecutionProvider" and float(cells[7]) == 0.0 and cells[8] == "yes"
+        assert cells[5] == "no" and float(cells[6]) > 0  # binding is a GPU default; the unbound time is measured
         assert float(cells[4]) == pytest.approx(int(cells[2]) / (float(cells[3]) / 1000), rel=0.05)  # ms is rounded

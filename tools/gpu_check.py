@@ -1,6 +1,6 @@
 """`make gpu-check`: on a machine with CUDA, loads each service's models on CUDA and on TensorRT (where this
 onnxruntime has it), runs warm-up, compares outputs with the CPU provider within tolerance and prints latency
-and throughput for batch 1, 8 and 32.
+and throughput for batch 1, 8 and 32, with I/O binding (the services' default on a GPU) and without it.
 
     python tools/gpu_check.py [--models-dir models] [--providers cuda,tensorrt] [--batches 1,8,32]
 Exit codes: 0 every check passed, 1 an output differed beyond tolerance, 2 no GPU provider to check."""
@@ -53,12 +53,17 @@ def check(name: str, models_dir: Path, provider: str, batches: list[int], allow_
                                                                          max_batch_size=max(batches)),
                        allow_dev=allow_dev)
     model.warm_up((1, max(batches)))
+    unbound = load_model(spec, models_dir, provider_config=ProviderConfig(provider, strict=True, io_binding="off",
+                                                                           max_batch_size=max(batches)),
+                         allow_dev=allow_dev)
+    unbound.warm_up((1, max(batches)))
     rows = []
     for batch in batches:
         feeds = next(calibration_feeds(spec, 1, batch_size=batch))
         error = relative_error(reference.run(feeds), model.run(feeds))
         seconds = timed(model, feeds)
         rows.append({"model": name, "provider": model.providers[0], "batch": batch, "ms": seconds * 1000,
+                     "bound": model.runner is not None, "unbound_ms": timed(unbound, feeds) * 1000,
                      "items_per_s": batch / seconds, "error": error, "ok": error <= TOLERANCE[provider]})
     return rows
 
@@ -86,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.models.split(",") if n] or service_models()
     rows = [row for provider in present for name in names
             for row in check(name, args.models_dir, provider, batches, args.allow_dev_models)]
-    print("| model | provider | batch | ms per batch | items/s | largest relative error vs CPU | ok |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print("| model | provider | batch | ms per batch | items/s | I/O bound | ms without binding | "
+          "largest relative error vs CPU | ok |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['model']} | {r['provider']} | {r['batch']} | {r['ms']:.2f} | {r['items_per_s']:.1f} | "
+              f"{'yes' if r['bound'] else 'no'} | {r['unbound_ms']:.2f} | "
               f"{r['error']:.2e} | {'yes' if r['ok'] else 'NO'} |")
     return 0 if all(r["ok"] for r in rows) else 1
 
