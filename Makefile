@@ -7,7 +7,7 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
-.PHONY: install protos models models-dev lint test run bench bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check clean k8s-validate deploy rollback images
+.PHONY: install protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,9 @@ run: install  ## start the whole stack on CPU (real weights when present, genera
 
 bench: install  ## throughput (batched vs the seed's lock), gateway memory and wire bytes; prints tables
 	$(PY) -m bench.throughput
+
+bench-all: install  ## every benchmark in turn (about 15 minutes on 2 cores); their durations go into bench/RESULTS.md
+	$(PY) -m bench.all
 
 bench-detection: install  ## detection cost and agreement by input size on the real clips; writes bench/RESULTS.md
 	$(PY) -m bench.detection

@@ -11,6 +11,7 @@ checked before SWL_LIPSYNC_INT8 is turned on by default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -68,6 +69,47 @@ def outputs(generator: LipSyncGenerator, items: list[tuple[bytes, bytes]]) -> tu
     return np.stack(faces).astype(np.int16), (time.perf_counter() - started) * 1000 / len(prepared)
 
 
+@dataclasses.dataclass
+class Int8Result:
+    items: int
+    quantize_seconds: float
+    fp32_ms: float  # per item
+    int8_ms: float
+    mean_error: float  # levels, 0-255
+    max_error: int
+    psnr: float  # dB of the int8 output against the fp32 output
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_ms / self.int8_ms
+
+
+def measure(work: Path, items: list[tuple[bytes, bytes]]) -> Int8Result:
+    """Quantizes the Wav2Lip file in `work` (beside its manifest) and runs both on `items`."""
+    spec = load_manifest(work).get("wav2lip_gan")
+    started = time.perf_counter()
+    quantize(spec, work / spec.file, work / int8_spec(spec).file)
+    quantize_seconds = time.perf_counter() - started
+    results = {}
+    for label, model_spec in (("fp32", spec), ("int8", int8_spec(spec))):
+        generator = LipSyncGenerator(model_spec)
+        generator.model = load_model(model_spec, work)
+        results[label] = outputs(generator, items)
+    (fp32, fp32_ms), (int8, int8_ms) = results["fp32"], results["int8"]
+    error = np.abs(fp32 - int8)
+    mse = float(np.mean((fp32 - int8).astype(np.float64) ** 2))
+    psnr = 10 * np.log10(255 ** 2 / mse) if mse else float("inf")
+    return Int8Result(len(items), quantize_seconds, fp32_ms, int8_ms, float(error.mean()), int(error.max()), psnr)
+
+
+def table(result: Int8Result) -> str:
+    return ("| model | ms per item | speed-up | mean abs error (levels) | max error | PSNR vs fp32 |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: |\n"
+            f"| fp32 | {result.fp32_ms:.1f} | 1.00 | - | - | - |\n"
+            f"| int8 (QDQ, per-channel) | {result.int8_ms:.1f} | {result.speedup:.2f} | {result.mean_error:.2f} | "
+            f"{result.max_error} | {result.psnr:.1f} dB |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=64)
@@ -80,29 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         shutil.copy(ROOT / "models" / "manifest.json", work / "manifest.json")
         write_wav2lip(work, work)
-        spec = load_manifest(work).get("wav2lip_gan")
-        started = time.perf_counter()
-        quantize(spec, work / spec.file, work / int8_spec(spec).file)
-        quantize_seconds = time.perf_counter() - started
-        results = {}
-        for label, model_spec in (("fp32", spec), ("int8", int8_spec(spec))):
-            generator = LipSyncGenerator(model_spec)
-            generator.model = load_model(model_spec, work)
-            results[label] = outputs(generator, items)
+        result = measure(work, items)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    (fp32, fp32_ms), (int8, int8_ms) = results["fp32"], results["int8"]
-    error = np.abs(fp32 - int8)
-    mse = float(np.mean((fp32 - int8).astype(np.float64) ** 2))
-    psnr = 10 * np.log10(255 ** 2 / mse) if mse else float("inf")
-    text = (f"Full-size Wav2Lip stand-in (random weights), {len(items)} real face crops from {CLIP.name} with mel "
-            f"windows of {SPEECH.name}, batches of 32, one CPU session each; quantizing took {quantize_seconds:.1f} s."
-            "\n\n| model | ms per item | speed-up | mean abs error (levels) | max error | PSNR vs fp32 |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: |\n"
-            f"| fp32 | {fp32_ms:.1f} | 1.00 | - | - | - |\n"
-            f"| int8 (QDQ, per-channel) | {int8_ms:.1f} | {fp32_ms / int8_ms:.2f} | {error.mean():.2f} | "
-            f"{int(error.max())} | {psnr:.1f} dB |\n\nThe error is measured on random weights: SWL_LIPSYNC_INT8 stays "
-            "off by default until it is measured with the real Wav2Lip weights.")
+    text = (f"Full-size Wav2Lip stand-in (random weights), {result.items} real face crops from {CLIP.name} with mel "
+            f"windows of {SPEECH.name}, batches of 32, one CPU session each; quantizing took "
+            f"{result.quantize_seconds:.1f} s.\n\n{table(result)}\n\nThe error is measured on random weights: "
+            "SWL_LIPSYNC_INT8 stays off by default until it is measured with the real Wav2Lip weights.")
     print(text)
     if not args.no_write:
         write_section("int8", "int8 Wav2Lip on CPU (`make bench-int8`)", text)

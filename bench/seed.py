@@ -6,7 +6,7 @@ GFPGAN), serves that one request through the same pipeline and exits; the time r
 Every request sends a new encoding of the clip, so no plan cache flatters the resident services. The models are
 stand-ins that cost what the real ones cost (bench/full_size_models.py) and the real SCRFD-2.5G when present.
 
-    python -m bench.seed [--seconds 5] [--enhance-seconds 1] [--repeats 5] [--process-repeats 3]
+    python -m bench.seed [--seconds 5] [--enhance-seconds 0.4] [--repeats 5] [--process-repeats 3]
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def table(rows: list[Row], repeats: int, process_repeats: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="clip length without the enhancer")
-    parser.add_argument("--enhance-seconds", type=float, default=1.0,
+    parser.add_argument("--enhance-seconds", type=float, default=0.4,
                         help="clip length with the enhancer (GFPGAN costs about a second per frame on 2 cores)")
     parser.add_argument("--repeats", type=int, default=5, help="steady-state requests (the median is reported)")
     parser.add_argument("--process-repeats", type=int, default=3, help="fresh processes per mode")

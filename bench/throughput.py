@@ -6,6 +6,7 @@ weights), the real SCRFD detector from ../shared/models when present, and prints
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import platform
@@ -191,68 +192,88 @@ def metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+@dataclasses.dataclass
+class Throughput:
+    """Everything `make bench` measures, in seconds, bytes and MiB."""
+
+    seconds: float  # of each clip
+    wall: dict[str, dict[int, float]]  # mode -> clients -> wall seconds for that many simultaneous requests
+    wire: dict[str, float]  # bytes sent per output frame, by service
+    peak_rss_mb: dict[float, float]  # clip seconds -> gateway peak RSS after one request on a fresh stack
+
+    def ratio(self, clients: int) -> float:
+        """Batched against the seed's lock: how much sooner the same requests finish."""
+        return self.wall["seed lock"][clients] / self.wall["batched"][clients]
+
+
+def measure(models: Path, seconds: float, counts: list[int], long_seconds: float, work: Path) -> Throughput:
+    face, audio = clip(seconds), speech(seconds)
+    wall: dict[str, dict[int, float]] = {}
+    wire: dict[str, float] = {}
+    for mode, env in (("batched", {}), ("seed lock", SEED_ENV)):
+        stack = Stack(models, work / f"logs-{mode.replace(' ', '-')}", env)
+        try:
+            run_clients(stack.address, face, audio, 1)  # first request: nothing left to warm
+            wall[mode] = {n: run_clients(stack.address, face, audio, n) for n in counts}
+            if mode == "batched":
+                text = stack.gateway_metrics()
+                frames = metric(text, "swl_gateway_frames_total")
+                wire = {s: metric(text, f'swl_gateway_sent_bytes_total{{service="{s}"}}') / frames
+                        for s in ("detector", "lipsync", "enhancer")}
+        finally:
+            stack.stop()
+    peaks = {}
+    for length in (seconds, long_seconds):
+        stack = Stack(models, work / "logs-rss", {})
+        try:
+            run_clients(stack.address, clip(length), speech(length), 1)
+            peaks[length] = stack.gateway_peak_rss_mb()
+        finally:
+            stack.stop()
+    return Throughput(seconds, wall, wire, peaks)
+
+
+def tables(result: Throughput) -> str:
+    seconds = result.seconds
+    lines = ["| clients | batched req/s | batched x real time | seed-lock req/s | seed-lock x real time | batched / seed |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for n in result.wall["batched"]:
+        fast, slow = result.wall["batched"][n], result.wall["seed lock"][n]
+        lines.append(f"| {n} | {n / fast:.3f} | {n * seconds / fast:.2f} | {n / slow:.3f} | {n * seconds / slow:.2f} | "
+                     f"{result.ratio(n):.2f} |")
+    raw = 1280 * 720 * 3
+    wire = result.wire
+    total = sum(wire.values())
+    lines += ["", "| bytes sent per output frame | detector | lipsync | enhancer | all | raw 720p frame | ratio |",
+              "| --- | --- | --- | --- | --- | --- | --- |",
+              f"| gateway -> services | {wire['detector']:.0f} | {wire['lipsync']:.0f} | {wire['enhancer']:.0f} | "
+              f"{total:.0f} | {raw} | {total / raw:.3f} |"]
+    (short, short_mb), (long, long_mb) = result.peak_rss_mb.items()
+    lines += ["", f"| gateway peak RSS | {short:g} s clip | {long:g} s clip | ratio |", "| --- | --- | --- | --- |",
+              f"| MiB | {short_mb:.0f} | {long_mb:.0f} | {long_mb / short_mb:.2f} |"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--long-seconds", type=float, default=60.0)
-    args = parser.parse_args()
+    parser.add_argument("--long-seconds", type=float, default=30.0, help="clip for the gateway memory bound")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
-    lines: list[str] = []
-
-    def out(text: str = "") -> None:
-        print(text)
-        lines.append(text)
-
     work = Path(tempfile.mkdtemp(prefix="swl-bench-"))
     try:
         detector = prepare_models(work)
-        face, audio = clip(args.seconds), speech(args.seconds)
-        out(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
-              f"Wav2Lip full size (36.9 M params, random weights); detector: {detector}; "
-              f"clip {args.seconds:g} s 1280x720 25 fps\n")
-        rows: dict[str, dict[int, float]] = {}
-        wire = {}
-        for mode, env in (("batched", {}), ("seed lock", SEED_ENV)):
-            stack = Stack(work, work / f"logs-{mode.replace(' ', '-')}", env)
-            try:
-                run_clients(stack.address, face, audio, 1)  # first request: nothing left to warm
-                rows[mode] = {n: run_clients(stack.address, face, audio, n) for n in counts}
-                if mode == "batched":
-                    text = stack.gateway_metrics()
-                    frames = metric(text, "swl_gateway_frames_total")
-                    wire = {s: metric(text, f'swl_gateway_sent_bytes_total{{service="{s}"}}') / frames
-                            for s in ("detector", "lipsync", "enhancer")}
-            finally:
-                stack.stop()
-        out("| clients | batched req/s | batched x real time | seed-lock req/s | seed-lock x real time | batched / seed |")
-        out("| --- | --- | --- | --- | --- | --- |")
-        for n in counts:
-            fast, slow = rows["batched"][n], rows["seed lock"][n]
-            out(f"| {n} | {n / fast:.3f} | {n * args.seconds / fast:.2f} | {n / slow:.3f} | "
-                  f"{n * args.seconds / slow:.2f} | {slow / fast:.2f} |")
-        raw = 1280 * 720 * 3
-        total = sum(wire.values())
-        out("\n| bytes sent per output frame | detector | lipsync | enhancer | all | raw 720p frame | ratio |")
-        out("| --- | --- | --- | --- | --- | --- | --- |")
-        out(f"| gateway -> services | {wire['detector']:.0f} | {wire['lipsync']:.0f} | {wire['enhancer']:.0f} | "
-              f"{total:.0f} | {raw} | {total / raw:.3f} |")
-        long_face, long_audio = clip(args.long_seconds), speech(args.long_seconds)
-        peaks = {}
-        for label, f, a in ((f"{args.seconds:g} s", face, audio), (f"{args.long_seconds:g} s", long_face, long_audio)):
-            stack = Stack(work, work / "logs-rss", {})
-            try:
-                run_clients(stack.address, f, a, 1)
-                peaks[label] = stack.gateway_peak_rss_mb()
-            finally:
-                stack.stop()
-        (short, short_mb), (long, long_mb) = peaks.items()
-        out(f"\n| gateway peak RSS | {short} clip | {long} clip | ratio |")
-        out("| --- | --- | --- | --- |")
-        out(f"| MiB | {short_mb:.0f} | {long_mb:.0f} | {long_mb / short_mb:.2f} |")
+        result = measure(work, args.seconds, counts, args.long_seconds, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_section("throughput", "Throughput, wire bytes and gateway memory (`make bench`)", "\n".join(lines))
+    text = (f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; Wav2Lip full size "
+            f"(36.9 M params, random weights); detector: {detector}; clip {args.seconds:g} s 1280x720 25 fps\n\n"
+            + tables(result))
+    print(text)
+    if not args.no_write:
+        write_section("throughput", "Throughput, wire bytes and gateway memory (`make bench`)", text)
 
 
 if __name__ == "__main__":

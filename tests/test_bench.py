@@ -128,3 +128,65 @@ def test_seed_comparison_runs_both_ways_and_derives_its_ratio(tmp_path):
     assert cells[:2] == ["GFPGAN v1.4", "0.6 s"]
     assert cells[2] == f"{process['total']:.2f}" and cells[7] == f"{row.ratio:.2f}"
     assert cells[6] == f"{0.6 / row.steady_median:.2f}"
+
+
+def cells_of(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_throughput_bench_measures_both_modes_at_every_client_count(tmp_path):
+    """Four real stacks on generated models (batched, the seed's lock, and one fresh stack per clip length)."""
+    from bench import throughput
+
+    throughput.prepare_models(tmp_path, full_size=())
+    result = throughput.measure(tmp_path, seconds=0.6, counts=[1, 2], long_seconds=1.2, work=tmp_path)
+    assert set(result.wall) == {"batched", "seed lock"}
+    assert all(set(walls) == {1, 2} and min(walls.values()) > 0 for walls in result.wall.values())
+    assert result.wire["detector"] > 0 and result.wire["lipsync"] > 0 and result.wire["enhancer"] == 0
+    assert set(result.peak_rss_mb) == {0.6, 1.2} and min(result.peak_rss_mb.values()) > 50
+    text = throughput.tables(result)
+    rows = [cells_of(line) for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row[0] for row in rows] == ["1", "2"]
+    for row in rows:
+        clients = int(row[0])
+        fast, slow = result.wall["batched"][clients], result.wall["seed lock"][clients]
+        assert row[1] == f"{clients / fast:.3f}" and row[3] == f"{clients / slow:.3f}"
+        assert row[5] == f"{slow / fast:.2f}" == f"{result.ratio(clients):.2f}"
+    memory = cells_of(next(line for line in text.splitlines() if line.startswith("| MiB")))
+    assert memory[3] == f"{result.peak_rss_mb[1.2] / result.peak_rss_mb[0.6]:.2f}"
+    wire = cells_of(next(line for line in text.splitlines() if line.startswith("| gateway ->")))
+    assert wire[4] == f"{sum(result.wire.values()):.0f}"
+
+
+def test_avatar_bench_times_every_kind_of_request_and_derives_its_ratios(tmp_path):
+    from bench import avatar
+    from bench.throughput import prepare_models
+
+    prepare_models(tmp_path, full_size=())
+    times = avatar.measure(tmp_path, seconds=0.6, repeats=2, work=tmp_path)
+    assert all(len(kind) == 2 and min(kind) > 0 for kind in (times.fresh, times.cached, times.from_avatar))
+    assert times.create > 0
+    rows = [cells_of(line) for line in avatar.table(times, 0.6).splitlines()[2:5]]
+    fresh = statistics.median(times.fresh)
+    for row, kind in zip(rows, (times.fresh, times.cached, times.from_avatar)):
+        spent = statistics.median(kind)
+        assert row[1:] == [f"{spent:.2f}", f"{0.6 / spent:.2f}", f"{fresh / spent:.2f}"]
+
+
+def test_int8_bench_quantizes_runs_both_and_measures_the_difference(dev_models_dir, tmp_path):
+    import shutil
+
+    from bench import int8
+
+    shutil.copy(dev_models_dir / "manifest.json", tmp_path / "manifest.json")
+    spec_file = "wav2lip_gan.onnx"
+    shutil.copy(dev_models_dir / "dev" / spec_file, tmp_path / spec_file)
+    rng = np.random.default_rng(0)
+    items = [(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8).tobytes(),
+              rng.standard_normal((80, 16)).astype("<f4").tobytes()) for _ in range(40)]
+    result = int8.measure(tmp_path, items)
+    assert result.items == 40 and result.fp32_ms > 0 and result.int8_ms > 0 and result.quantize_seconds > 0
+    assert 0 < result.mean_error <= result.max_error <= 255 and result.psnr > 0  # int8 moves the numbers
+    row = cells_of(int8.table(result).splitlines()[3])
+    assert row[1:5] == [f"{result.int8_ms:.1f}", f"{result.fp32_ms / result.int8_ms:.2f}",
+                        f"{result.mean_error:.2f}", str(result.max_error)]
