@@ -32,12 +32,15 @@ def binding_device(mode: str, session_providers: list[str]) -> str | None:
 
 
 def pinned_memory_info(device_id: int):
-    """onnxruntime's host-accessible (pinned) memory for the CUDA device, or None where it offers none (CPU-only
-    builds, or builds that do not list the CUDA provider among their EP devices)."""
+    """onnxruntime's host-accessible (pinned) memory for the CUDA device, or None where it offers none: CPU-only
+    builds, builds that do not list the CUDA provider among their EP devices, and releases before the EP-device
+    memory API (1.23), such as the 1.22 the GPU image pins."""
     import onnxruntime as ort
 
+    if not hasattr(ort, "get_ep_devices") or not hasattr(ort, "OrtDeviceMemoryType"):
+        return None
     cuda = [d for d in ort.get_ep_devices() if d.ep_name == "CUDAExecutionProvider"]
-    if device_id >= len(cuda):
+    if device_id >= len(cuda) or not hasattr(cuda[device_id], "memory_info"):
         return None
     return cuda[device_id].memory_info(ort.OrtDeviceMemoryType.HOST_ACCESSIBLE)
 
@@ -111,8 +114,13 @@ class BoundRunner:
             return None
         import onnxruntime as ort
 
-        value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, memory_info=self.pinned)
-        view = value.numpy()
+        try:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, memory_info=self.pinned)
+            view = value.numpy()
+        except (RuntimeError, TypeError) as error:  # no allocator registered for it, or an older signature
+            log.warning("pinned host memory unavailable; inputs go straight to the device", extra={"error": str(error)})
+            self.pinned = None
+            return None
         if view.ctypes.data != value.data_ptr():  # a copy, not a view: writing it would not reach the buffer
             log.warning("pinned host memory is not writable through numpy here; inputs go straight to the device")
             self.pinned = None

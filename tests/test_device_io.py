@@ -96,3 +96,28 @@ def test_staged_inputs_are_written_into_the_bound_buffer_every_run(dev_models_di
     assert all(np.array_equal(a, b) for a, b in zip(model.run(second), runner.run(second)))  # refilled, not stale
     buffers = next(iter(runner._buffers.values()))
     assert set(buffers.staging_views) == {t.name for t in spec.inputs} and runner.allocations == 1
+
+
+def test_pinned_memory_that_cannot_be_allocated_falls_back_to_device_buffers(dev_models_dir, caplog):
+    """A CUDA memory info with no allocator behind it (as on a build without pinned CUDA memory): the run still
+    gives plain-run outputs, from device-side buffers, and the fallback is logged once."""
+    import onnxruntime as ort
+    from onnxruntime.capi import _pybind_state as C
+
+    spec = load_manifest(dev_models_dir).get("wav2lip_gan")
+    model = load_model(spec, dev_models_dir, allow_dev=True, provider_config=ProviderConfig("cpu"))
+    unregistered = ort.OrtMemoryInfo("Cuda", C.OrtAllocatorType.ORT_DEVICE_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    runner = BoundRunner(model.session, "cpu", pinned=unregistered)
+    rng = np.random.default_rng(9)
+    for batch in (1, 2):
+        feeds = model.random_feeds(batch, rng)
+        assert all(np.array_equal(a, b) for a, b in zip(model.run(feeds), runner.run(feeds)))
+    assert runner.pinned is None and all(not b.staging_views for b in runner._buffers.values())
+    assert [r.message for r in caplog.records].count("pinned host memory unavailable; inputs go straight to the "
+                                                     "device") == 1
+
+
+def test_no_pinned_memory_without_a_cuda_provider():
+    from service_runtime.device_io import pinned_memory_info
+
+    assert pinned_memory_info(0) is None  # this onnxruntime lists only the CPU provider's device
