@@ -144,6 +144,7 @@ def test_throughput_bench_measures_both_modes_at_every_client_count(tmp_path):
     assert all(set(walls) == {1, 2} and min(walls.values()) > 0 for walls in result.wall.values())
     assert result.wire["detector"] > 0 and result.wire["lipsync"] > 0 and result.wire["enhancer"] == 0
     assert set(result.peak_rss_mb) == {0.6, 1.2} and min(result.peak_rss_mb.values()) > 50
+    assert result.plan_cache_hits == 0  # every request is new content, so each one detects and plans
     text = throughput.tables(result)
     rows = [cells_of(line) for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [row[0] for row in rows] == ["1", "2"]
