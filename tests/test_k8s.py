@@ -66,6 +66,7 @@ def test_gpu_overlay_one_whole_gpu_per_model_replica_with_node_placement_and_eng
         env = {e["name"]: e.get("value") for e in container["env"]}
         prefix = f"SWL_{deployment['metadata']['name'].upper()}_"
         assert env[prefix + "PROVIDERS"] == "tensorrt,cuda,cpu" and env[prefix + "REQUIRE_GPU"] == "true"
+        assert env[prefix + "TRT_ENGINE_CACHE_DIR"] == "/var/cache/tensorrt" and env[prefix + "TRT_FP16"] == "true"
         assert "replicas" not in deployment["spec"]  # the queue-depth HPA owns the count
         hpa = find(objects, "HorizontalPodAutoscaler", deployment["metadata"]["name"])
         assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "swl_queue_depth"
@@ -149,6 +150,8 @@ VIOLATIONS = {
     "untagged image": (lambda d: container(d).update({"image": "ghcr.io/superwav2lip/lipsync"}), "not latest"),
     "may drop a replica": (lambda d: d["spec"]["strategy"]["rollingUpdate"].update({"maxUnavailable": 1}),
                            "maxUnavailable: 0"),
+    "misspelt setting": (lambda d: container(d)["env"].append({"name": "SWL_LIPSYNC_TRT_FP61", "value": "1"}),
+                         "SWL_LIPSYNC_TRT_FP61 is not a setting"),
     "grace shorter than the service's": (lambda d: policy.pod_spec(d).update({"terminationGracePeriodSeconds": 20}),
                                          "must exceed preStop + grace period"),
 }
