@@ -5,13 +5,12 @@ from pathlib import Path
 import pytest
 
 from service_runtime.settings import SettingsError
-from gateway.service import GatewaySettings
 from services.detector.service import DetectorSettings
 from services.enhancer.service import EnhancerSettings
 from services.lipsync.service import LipSyncSettings
-from webui.settings import WebUISettings
+from deploy.settings_catalog import SETTINGS
 
-ALL = [GatewaySettings, DetectorSettings, LipSyncSettings, EnhancerSettings, WebUISettings]
+ALL = [cls for _, cls in SETTINGS]
 
 
 def test_values_are_parsed_by_type_with_the_service_prefix():

@@ -4,15 +4,9 @@
 import sys
 from pathlib import Path
 
-from gateway.service import GatewaySettings
-from services.detector.service import DetectorSettings
-from services.enhancer.service import EnhancerSettings
-from services.lipsync.service import LipSyncSettings
-from webui.settings import WebUISettings
+from deploy.settings_catalog import SETTINGS as TABLES
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-TABLES = (("gateway", GatewaySettings), ("detector", DetectorSettings), ("lipsync", LipSyncSettings),
-          ("enhancer", EnhancerSettings), ("web UI", WebUISettings))
 
 
 def rewrite(text: str) -> str:

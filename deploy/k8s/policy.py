@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Iterator
 
 from deploy.k8s import edge
+from deploy.settings_catalog import variable_names
 
 WORKLOADS = {"Deployment", "StatefulSet"}
 GRPC_COMPONENTS = {"model-service", "gateway"}  # app.kubernetes.io/component of pods that serve gRPC
@@ -171,23 +172,9 @@ def envoy_config_problems(objects: Objects) -> list[str]:
     return problems
 
 
-def known_settings() -> set[str]:
-    """Every SWL_ variable a process of this project reads (its settings classes)."""
-    import dataclasses
-
-    from gateway.service import GatewaySettings
-    from services.detector.service import DetectorSettings
-    from services.enhancer.service import EnhancerSettings
-    from services.lipsync.service import LipSyncSettings
-    from webui.settings import WebUISettings
-
-    return {cls.env_name(f.name) for cls in (GatewaySettings, DetectorSettings, LipSyncSettings, EnhancerSettings,
-                                             WebUISettings) for f in dataclasses.fields(cls)}
-
-
 def settings_problems(objects: Objects) -> list[str]:
     """An SWL_ variable no settings class declares is a typo or a leftover, and would be silently ignored."""
-    known = known_settings()
+    known = variable_names()
     return [f"{name_of(obj)}: {env['name']} is not a setting of this project (see the README's settings tables)"
             for obj in workloads(objects) for c in pod_spec(obj)["containers"] for env in c.get("env", [])
             if env["name"].startswith("SWL_") and env["name"] not in known]
