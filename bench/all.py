@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from bench.results import write_section  # noqa: E402
+from bench.results import publish  # noqa: E402
 
 BENCHMARKS = ("detection", "stages", "int8", "avatar", "throughput", "seed")
 BUDGET_S = 15 * 60
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run_all(tuple(n for n in args.only.split(",") if n))
     text = table(results)
-    print(text)
-    write_section("durations", "How long the benchmarks take (`make bench-all`)", text)
+    publish("durations", "How long the benchmarks take (`make bench-all`)", text)
     return max(code for _, _, code in results)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
-from bench.results import write_section  # noqa: E402
+from bench.results import publish  # noqa: E402
 from bench.throughput import Stack, clip, prepare_models, speech, timed  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 from superwav2lip.gateway.v1 import gateway_pb2  # noqa: E402
@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> None:
             f"Wav2Lip full size (random weights); detector: {detector}; clip {args.seconds:g} s 1280x720 25 fps, "
             f"no enhancer; median of {args.repeats}; one stack, one run ({time.strftime('%Y-%m-%d')})\n\n"
             + table(times, args.seconds))
-    print(text)
-    if not args.no_write:
-        write_section("avatars", "Planning saved: fresh, cached and avatar requests (`make bench-avatar`)", text)
+    publish("avatars", "Planning saved: fresh, cached and avatar requests (`make bench-avatar`)", text,
+            write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
-from bench.results import write_section  # noqa: E402
+from bench.results import publish  # noqa: E402
 from gateway.clients import Face  # noqa: E402
 from gateway.tracking import detection_indices, drifted, interpolate, iou  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
@@ -187,9 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             f"disagree):\n\n{every_table(every_rows)}\n\nRecommended detect_every: **{recommend_every(every_rows)}** "
             f"(the largest k whose main-face box keeps a mean IoU of {EVERY_MEAN_IOU} and a worst of {EVERY_WORST_IOU} "
             f"against detection on every frame, on every clip).")
-    print(text)
-    if not args.no_write:
-        write_section("detection", "Detection input size on real clips (`make bench-detection`)", text)
+    publish("detection", "Detection input size on real clips (`make bench-detection`)", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.full_size_models import write_wav2lip  # noqa: E402
-from bench.results import write_section  # noqa: E402
+from bench.results import publish  # noqa: E402
 from gateway.audio import decode_speech, mel_window, melspectrogram  # noqa: E402
 from gateway.compositing import crop_face  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             f"windows of {SPEECH.name}, batches of 32, one CPU session each; quantizing took "
             f"{result.quantize_seconds:.1f} s.\n\n{table(result)}\n\nThe error is measured on random weights: "
             "SWL_LIPSYNC_INT8 stays off by default until it is measured with the real Wav2Lip weights.")
-    print(text)
-    if not args.no_write:
-        write_section("int8", "int8 Wav2Lip on CPU (`make bench-int8`)", text)
+    publish("int8", "int8 Wav2Lip on CPU (`make bench-int8`)", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

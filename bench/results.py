@@ -54,3 +54,10 @@ def write_section(key: str, title: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)
+
+
+def publish(key: str, title: str, body: str, write: bool = True) -> None:
+    """Prints a benchmark's text and, unless told not to (`--no-write`), writes it as section `key`."""
+    print(body)
+    if write:
+        write_section(key, title, body)

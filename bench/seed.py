@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
-from bench.results import write_section  # noqa: E402
+from bench.results import publish  # noqa: E402
 from bench.throughput import Stack, clip, prepare_models, speech, timed  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 
@@ -178,10 +178,8 @@ def main(argv: list[str] | None = None) -> None:
               "ArcFace R50 43.6 M / 6.31 GMACs (stand-ins with the real layer structure, random weights)")
     text = (f"1280x720 25 fps clip; {models}; detector {detector}. Times in seconds.\n\n"
             f"{table(rows, args.repeats, args.process_repeats)}")
-    print(text)
-    if not args.no_write:
-        write_section("seed", "The seed's comparison: a process per request against resident services "
-                      "(`make bench-seed`)", text)
+    publish("seed", "The seed's comparison: a process per request against resident services (`make bench-seed`)",
+            text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
-from bench.results import write_section  # noqa: E402
+from bench.results import publish  # noqa: E402
 from bench.throughput import Stack, clip, prepare_models, speech  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
@@ -115,9 +115,8 @@ def main(argv: list[str] | None = None) -> None:
             f"than the wall time.\n\n{table(breakdown(before, after, wall), wall)}\n\n"
             "Streaming (`GenerateEvents`, fragmented MP4, a fragment every 2 s of video), another fresh face:\n\n"
             f"| moment | seconds after the request |\n| --- | ---: |\n{marks}")
-    print(text)
-    if not args.no_write:
-        write_section("stages", "Where a job's time goes, from the services' metrics (`make bench-stages`)", text)
+    publish("stages", "Where a job's time goes, from the services' metrics (`make bench-stages`)", text,
+            write=not args.no_write)
 
 
 if __name__ == "__main__":

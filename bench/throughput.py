@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.full_size_models import write_full_size  # noqa: E402
-from bench.results import write_section  # noqa: E402
+from bench.results import publish  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 from service_runtime.dev_models import write_dev_model  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
@@ -285,9 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     text = (f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; Wav2Lip full size "
             f"(36.9 M params, random weights); detector: {detector}; clip {args.seconds:g} s 1280x720 25 fps\n\n"
             + tables(result))
-    print(text)
-    if not args.no_write:
-        write_section("throughput", "Throughput, wire bytes and gateway memory (`make bench`)", text)
+    publish("throughput", "Throughput, wire bytes and gateway memory (`make bench`)", text, write=not args.no_write)
 
 
 if __name__ == "__main__":
