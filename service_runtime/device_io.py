@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ModelLoadError
-from .providers import GPU_PROVIDERS
+from .providers import GPU_PROVIDERS, ProviderConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,23 @@ class BoundRunner:
         try:
             value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, memory_info=self.pinned)
             view = value.numpy()
+            # a copy, not a view, would take the writes without them ever reaching the buffer
+            problem = "" if view.ctypes.data == value.data_ptr() else "numpy gets a copy of it, not a view"
         except (RuntimeError, TypeError) as error:  # no allocator registered for it, or an older signature
-            log.warning("pinned host memory unavailable; inputs go straight to the device", extra={"error": str(error)})
-            self.pinned = None
-            return None
-        if view.ctypes.data != value.data_ptr():  # a copy, not a view: writing it would not reach the buffer
-            log.warning("pinned host memory is not writable through numpy here; inputs go straight to the device")
+            problem = str(error)
+        if problem:
+            log.warning("pinned host memory unavailable; inputs go straight to the device", extra={"error": problem})
             self.pinned = None
             return None
         return value, view
+
+
+def bound_runner(session, config: ProviderConfig, actual: list[str], model: str) -> BoundRunner | None:
+    """The session's runner as `config` asks, for the providers it really runs on; None when binding is off."""
+    device = binding_device(config.io_binding, actual)
+    if device is None:
+        return None
+    pinned = pinned_memory_info(config.device_id) if device == "cuda" and config.pinned_host else None
+    log.info("inputs and outputs bound to the device",
+             extra={"model": model, "device": device, "device_id": config.device_id, "pinned_host": pinned is not None})
+    return BoundRunner(session, device, config.device_id, pinned)

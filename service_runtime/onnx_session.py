@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .device_io import BoundRunner, binding_device, pinned_memory_info
+from .device_io import BoundRunner, bound_runner
 from .errors import ModelLoadError
 from .manifest import BATCH_DIM, ModelSpec, TensorSpec
 from .providers import GPU_PROVIDERS, PROVIDER_NAMES, ProviderConfig, padded_batch_size, profile_batch_sizes, \
@@ -208,12 +208,3 @@ def load_model(
     return OnnxModel(spec, session, path, is_dev, fixed_batch, actual, load_seconds, pad_to,
                      bound_runner(session, config, actual, spec.name))
 
-
-def bound_runner(session, config: ProviderConfig, actual: list[str], model: str) -> BoundRunner | None:
-    device = binding_device(config.io_binding, actual)
-    if device is None:
-        return None
-    pinned = pinned_memory_info(config.device_id) if device == "cuda" and config.pinned_host else None
-    log.info("inputs and outputs bound to the device",
-             extra={"model": model, "device": device, "device_id": config.device_id, "pinned_host": pinned is not None})
-    return BoundRunner(session, device, config.device_id, pinned)
