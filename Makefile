@@ -7,7 +7,7 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
-.PHONY: install protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check clean k8s-validate deploy rollback images
+.PHONY: install deps protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
+
+deps:  ## the system programs the tests start for real (redis-server, chromium, ffprobe, curl, openssl): apt-get installs the missing ones
+	$(PYTHON) tools/system_deps.py
 
 protos: install  ## regenerate stubs, .pyi and the Envoy descriptor set from protos/ (and the Kubernetes Envoy config that embeds it)
 	$(PY) tools/gen_protos.py
@@ -29,7 +32,7 @@ models-dev: install  ## generate small random-weight models into models/dev
 lint: install  ## pyflakes-level checks (unused imports and names, syntax)
 	$(PY) -m ruff check .
 
-test: install  ## the whole suite
+test: install deps  ## the whole suite (first installs the missing system programs: make deps)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 gpu-check: install  ## on a CUDA machine (pip install -e .[gpu]): each model on CUDA and TensorRT vs CPU, latency at batch 1/8/32
@@ -40,7 +43,7 @@ FUZZ_SECONDS ?= 60
 fuzz: install  ## coverage-guided fuzzing (atheris) of every target, FUZZ_SECONDS in all; prints a table, fails on a crash
 	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
-soak: install  ## 200 generations from 8 clients against the running stack (memory, fds, threads, temp files), then a 60 s fuzz run
+soak: install deps  ## 200 generations from 8 clients against the running stack (memory, fds, threads, temp files), then a 60 s fuzz run
 	$(PY) -m pytest -q -s -p no:cacheprovider -m soak tests/soak
 	$(MAKE) fuzz FUZZ_SECONDS=60
 

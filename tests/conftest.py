@@ -17,6 +17,7 @@ import pytest
 from service_runtime.manifest import load_manifest
 from service_runtime.dev_models import write_dev_model
 from service_runtime.server import ServiceServer
+from tools import system_deps
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -50,6 +51,15 @@ def identity_models_dir(tmp_path_factory) -> Path:
     for spec in load_manifest(folder).models.values():
         write_dev_model(spec, folder / "dev", identity=spec.role in {"lipsync", "enhancer"})
     return folder
+
+
+def system_binary(name: str) -> str:
+    """The path of a system program a test starts for real; `tools/system_deps.py` lists them all and `make deps`
+    (a step of `make test`) installs them, so a missing one fails the test with the fix."""
+    try:
+        return system_deps.require(name)
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 def free_port() -> int:

@@ -88,7 +88,7 @@ class ProcessStack:
     def start_redis(self) -> None:
         """Redis with an append-only file (as the Kubernetes component runs it), so a restart keeps the state."""
         self.redis = run_stack.start_redis(self.args, persist=True)
-        assert self.redis is not None, "redis-server is not installed (apt-get install redis-server; .ci/run does)"
+        assert self.redis is not None, "redis-server is not installed: make deps (or apt-get install redis-server)"
 
     def stop_redis(self) -> None:
         self.redis.kill()

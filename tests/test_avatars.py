@@ -18,7 +18,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.options import JobOptions
 from gateway.pipeline import LipSyncJob
 
-from .conftest import ROOT, free_port, project_env
+from .conftest import ROOT, free_port, project_env, system_binary
 from .media_factory import assert_same_video, decode_all, encode_video, marker_frames, speech_wav, stream_durations
 from .stack import model_clients, running_stack
 
@@ -28,8 +28,7 @@ class RedisServer:
     """A real redis-server on a free loopback port, with nothing persisted (`deploy/redis/local.py`)."""
 
     def __init__(self, folder) -> None:
-        if local_redis.redis_binary() is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+        system_binary("redis-server")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = local_redis.start(self.port, Path(folder))

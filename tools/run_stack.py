@@ -108,7 +108,7 @@ def start_redis(args: argparse.Namespace, persist: bool = False) -> subprocess.P
     if not args.redis_port:
         return None
     if local_redis.redis_binary() is None:
-        print("NOTE: redis-server is not installed (apt-get install redis-server): the plan cache and jobs stay "
+        print("NOTE: redis-server is not installed (make deps installs it): the plan cache and jobs stay "
               "inside the gateway process.", flush=True)
         return None
     with (args.logs / "redis.log").open("a") as log:

@@ -19,7 +19,7 @@ def start(port: int, folder: Path, log: IO[str] | int = subprocess.DEVNULL, pers
     Kubernetes component does, so a restart finds the state again."""
     binary = redis_binary()
     if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+        raise RuntimeError("redis-server is not installed: make deps (or apt-get install redis-server)")
     folder.mkdir(parents=True, exist_ok=True)
     durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
     return subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
