@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
@@ -17,10 +17,11 @@ from service_runtime.errors import InvalidArgument
 
 from .audio import Speech
 from .containers import decode_picture, open_audio, open_video, picture_size
-from .faststart import faststart
+from .mp4_boxes import faststart, has_complete_moov, with_gapless_info
 from .limits import MediaLimits
 
-# AAC adds 1024 priming samples to the track: 21 ms at 48 kHz stays within one video frame (46 ms at 22 kHz would not).
+# AAC adds 1024 priming samples to the track, which the edit list skips; the rate stays 48 kHz, the one players
+# expect (and 21 ms of priming is less than a frame for a player that ignores edit lists).
 AAC_RATE = 48000
 
 
@@ -203,14 +204,22 @@ def _audio_frames(source: bytes, rate: int, layout: str) -> Iterator[av.AudioFra
 
 
 FRAGMENT_SECONDS = 2  # a keyframe, hence a fragment a streaming client can use, every 2 s of video
-FRAGMENTED_MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof+negative_cts_offsets"
+# delay_moov holds the `moov` back until the first fragment is cut, when the muxer knows each track's first
+# timestamps, so it carries the edit lists that present the first frame and the first speech sample at t = 0:
+# the video's list takes back x264's B-frame delay, the audio's skips AAC's 1024 priming samples. It costs no bytes
+# and no latency (nothing is playable before the first fragment anyway). Without it the streamed video was shown
+# two frames late. Negative composition offsets cannot signal AAC priming, and output without B-frames measured
+# 12-17% larger at the same quality (x264 veryfast, crf 23, on two of the shared talking-head clips).
+FRAGMENTED_MOVFLAGS = "frag_keyframe+empty_moov+delay_moov+default_base_moof"
 
 
 class _Sink:
-    """A write-only, unseekable file for the fragmented muxer: FFmpeg must stream, never go back."""
+    """A write-only, unseekable file for the fragmented muxer: FFmpeg must stream, never go back. Its head (`ftyp`
+    and `moov`) is held until complete and passes once through `edit_head` before anything is handed on."""
 
-    def __init__(self) -> None:
+    def __init__(self, edit_head: Callable[[bytes], bytes]) -> None:
         self._parts: list[bytes] = []
+        self._edit_head: Callable[[bytes], bytes] | None = edit_head
 
     def write(self, data) -> int:
         self._parts.append(bytes(data))
@@ -218,6 +227,11 @@ class _Sink:
 
     def take(self) -> bytes:
         data, self._parts = b"".join(self._parts), []
+        if self._edit_head is not None:
+            if not has_complete_moov(data):
+                self._parts = [data] if data else []
+                return b""
+            data, self._edit_head = self._edit_head(data), None
         return data
 
 
@@ -235,7 +249,7 @@ class Mp4Writer:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4-writer")
         self._speech = speech.source
         self._fragmented = fragmented
-        self._buffer: io.BytesIO | _Sink = _Sink() if fragmented else io.BytesIO()
+        self._buffer: io.BytesIO | _Sink = _Sink(self._with_gapless_info) if fragmented else io.BytesIO()
         self._container = av.open(self._buffer, mode="w", format="mp4",
                                   options={"movflags": FRAGMENTED_MOVFLAGS} if fragmented else {})
         self._fps = fps
@@ -249,6 +263,7 @@ class Mp4Writer:
         self._audio = self._container.add_stream("aac", rate=AAC_RATE, layout="mono" if speech.channels == 1 else "stereo")
         self._audio_left: Iterator[av.AudioFrame] | None = None
         self._audio_samples = 0  # at AAC_RATE, the resampler's output rate
+        self._priming: int | None = None  # the encoder's leading samples, from its first packet's timestamp
         self._frames = 0
 
     async def _run(self, work, *args):
@@ -293,9 +308,24 @@ class Mp4Writer:
             frame = next(self._audio_left, None)
             if frame is None:
                 break
+            # Timestamps counted in samples from 0: the encoder then dates its priming before 0, and the muxer's
+            # edit list skips it. (With none, FFmpeg counted the priming as speech: heard 21 ms late.)
+            frame.pts, frame.time_base = self._audio_samples, Fraction(1, AAC_RATE)
             self._audio_samples += frame.samples
-            frame.pts = None
-            self._container.mux(self._audio.encode(frame))
+            packets = self._audio.encode(frame)
+            if packets and self._priming is None:
+                self._priming = -round(packets[0].pts * packets[0].time_base * AAC_RATE)
+            self._container.mux(packets)
+
+    def _with_gapless_info(self, head: bytes) -> bytes:
+        """The fragmented head with iTunSMPB: AAC's priming, end padding and real length, counted exactly (the
+        speech is decoded once more just to count its samples: the head goes out before the audio is through)."""
+        samples = sum(frame.samples for frame in _audio_frames(self._speech, self._audio.rate,
+                                                               self._audio.layout.name))
+        priming = self._priming or 0
+        frame_size = self._audio.codec_context.frame_size or 1024
+        padding = -(priming + samples) % frame_size
+        return with_gapless_info(head, priming, padding, samples)
 
     def _finish(self) -> bytes:
         self._container.mux(self._video.encode(None))

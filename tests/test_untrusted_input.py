@@ -26,7 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from superwav2lip.gateway.v1 import gateway_pb2
 
-from gateway.faststart import faststart
+from gateway.mp4_boxes import faststart
 
 from .conftest import ROOT, service_env, free_port
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker

@@ -3,24 +3,24 @@ own browser download cannot work here), against the UI process and an in-process
 
 import asyncio
 import contextlib
+import functools
+import http.server
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import av
-import pytest
 
-from .conftest import ROOT, SHARED_MEDIA, SHARED_MODELS, free_port, project_env
+from .conftest import ROOT, SHARED_MEDIA, SHARED_MODELS, free_port, project_env, system_binary
 from .media_factory import encode_png, scene, speech_wav, stream_durations, with_marker
 from .stack import running_stack
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("SWL_TEST_ARTIFACTS", ROOT / ".run" / "test-artifacts"))
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
 def media_and_models(dev_models_dir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -83,7 +83,8 @@ async def test_the_page_generates_shows_progress_plays_downloads_and_reports_err
     async with running_stack(models, api_keys=(API_KEY,)) as stack:  # only the UI's server knows the key
         with web_ui(stack.address("gateway"), tmp_path / "webui.log") as url:
             async with async_playwright() as playwright:
-                browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+                browser = await playwright.chromium.launch(executable_path=system_binary("chromium"),
+                                                           args=["--no-sandbox"])
                 page = await browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
                 await page.goto(url)
                 await expect(page.get_by_text("Super Wav2Lip").first).to_be_visible(timeout=30_000)
@@ -144,3 +145,51 @@ async def test_the_page_generates_shows_progress_plays_downloads_and_reports_err
     assert "INVALID_ARGUMENT" in message and "face" in message and "request id" in message, message
     assert "Traceback" not in message and "File \"" not in message
     assert "Traceback" not in (tmp_path / "webui.log").read_text()
+
+
+@contextlib.contextmanager
+def served(folder: Path):
+    """A plain HTTP server for the files in `folder` on a loopback port; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+FIRST_FRAME_MEDIA_TIME = """async (src) => {
+    const video = document.createElement("video");
+    video.muted = true;
+    video.src = src;
+    document.body.appendChild(video);
+    const first = new Promise(resolve => video.requestVideoFrameCallback((now, frame) => resolve(frame.mediaTime)));
+    await video.play();
+    return await first;
+}"""
+
+
+async def test_the_browser_presents_the_first_frame_at_zero_in_both_formats(dev_models_dir, tmp_path):
+    """Chromium plays the streamed (fragmented) and the faststart output; requestVideoFrameCallback reports the first
+    frame's presentation time, which must be 0 (the streamed file used to start two frames late)."""
+    from playwright.async_api import async_playwright
+
+    from .test_av_sync import encode_speech, flash_clip
+
+    face, speech = flash_clip(), encode_speech("wav")
+    async with running_stack(dev_models_dir, data_dir=str(tmp_path / "data")) as stack:
+        (tmp_path / "streamed.mp4").write_bytes((await stack.generate(face, speech))[0])
+        (tmp_path / "faststart.mp4").write_bytes((await stack.generate_video(face, speech)).data)
+    with served(tmp_path) as base:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=system_binary("chromium"),
+                                                       args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+            page = await browser.new_page()
+            await page.goto(base)
+            media_times = {name: await page.evaluate(FIRST_FRAME_MEDIA_TIME, base + name)
+                           for name in ("streamed.mp4", "faststart.mp4")}
+            await browser.close()
+    assert all(abs(t) <= 0.001 for t in media_times.values()), media_times
