@@ -34,7 +34,7 @@ def binding_device(mode: str, session_providers: list[str]) -> str | None:
 def pinned_memory_info(device_id: int):
     """onnxruntime's host-accessible (pinned) memory for the CUDA device, or None where it offers none: CPU-only
     builds, builds that do not list the CUDA provider among their EP devices, and releases before the EP-device
-    memory API (1.23), such as the 1.22 the GPU image pins."""
+    memory API (1.23). Both GPU images have it: onnxruntime-gpu 1.31 (CUDA 13) and 1.26 (CUDA 12)."""
     import onnxruntime as ort
 
     if not hasattr(ort, "get_ep_devices") or not hasattr(ort, "OrtDeviceMemoryType"):

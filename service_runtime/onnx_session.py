@@ -25,16 +25,25 @@ INT8_SUFFIX = ".int8.onnx"  # the int8 copy `superwav2lip-quantize` writes besid
 DEV_SUBDIR = "dev"
 
 
-def check_onnxruntime_install(distributions: set[str] | None = None) -> None:
-    """Refuses a mixed onnxruntime + onnxruntime-gpu install: they overwrite each other's files."""
-    if distributions is None:
-        distributions = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
-    if {"onnxruntime", "onnxruntime-gpu"} <= distributions:
-        raise ModelLoadError(
-            "both onnxruntime and onnxruntime-gpu are installed and overwrite each other's files: "
-            "pip uninstall -y onnxruntime onnxruntime-gpu, then install exactly one "
-            "(pip install -e .[cpu] or pip install -e .[gpu])"
-        )
+def installed_distributions() -> list[tuple[str, str]]:
+    """(lower-case name, the folder it is installed in) of every distribution on sys.path."""
+    return [(d.metadata["Name"].lower(), str(d.locate_file(""))) for d in importlib.metadata.distributions()]
+
+
+def check_onnxruntime_install(distributions: list[tuple[str, str]] | None = None) -> None:
+    """Refuses onnxruntime and onnxruntime-gpu installed in one folder: they overwrite each other's files there.
+    In two folders (a private `pip install --target` put first on the path, over an image's CPU build) nothing is
+    overwritten and the first on sys.path is the one imported, so that is allowed."""
+    names_by_folder: dict[str, set[str]] = {}
+    for name, folder in installed_distributions() if distributions is None else distributions:
+        names_by_folder.setdefault(folder, set()).add(name)
+    for folder, names in names_by_folder.items():
+        if {"onnxruntime", "onnxruntime-gpu"} <= names:
+            raise ModelLoadError(
+                f"both onnxruntime and onnxruntime-gpu are installed in {folder} and overwrite each other's files "
+                "there: pip uninstall -y onnxruntime onnxruntime-gpu, then install exactly one "
+                "(pip install -e .[cpu] or pip install -e .[gpu])"
+            )
 
 
 def resolve_model_path(models_dir: str | Path, spec: ModelSpec, allow_dev: bool,

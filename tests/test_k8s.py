@@ -226,3 +226,23 @@ def test_the_grafana_dashboard_is_current_and_every_series_it_plots_exists():
     titles = " ".join(p["title"].lower() for p in panels)
     for subject in ("stage latency", "batch size", "queue depth", "cache hit rate", "outcomes"):
         assert subject in titles
+
+
+def test_the_cuda12_images_set_only_arguments_the_dockerfile_declares_and_extras_that_exist():
+    """The CUDA 12 flavour is the GPU targets built with other arguments: a misspelt argument would be ignored by
+    docker and silently build the CUDA 13 image, and an unknown extra would fail the image's pip install."""
+    import tomllib
+
+    from deploy.docker import images
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    cuda12 = [image for image in images.images() if image.tag.endswith("-cuda12-gpu")]
+    assert {image.name for image in cuda12} == {"detector", "lipsync", "enhancer"}
+    for image in cuda12:
+        dockerfile = (ROOT / image.dockerfile).read_text()
+        declared = {line.split()[1].split("=")[0] for line in dockerfile.splitlines() if line.startswith("ARG ")}
+        arguments = dict(image.build_args)
+        assert set(arguments) <= declared, set(arguments) - declared
+        assert "12." in arguments["CUDA_IMAGE"] and "cu12" in arguments["TENSORRT_LIBS"]
+        assert arguments["GPU_EXTRA"] in extras and "1.26" in extras[arguments["GPU_EXTRA"]][0]
+        assert image.build_command(images.REGISTRY).count("--build-arg") == len(arguments)

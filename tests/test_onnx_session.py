@@ -42,10 +42,14 @@ def test_corrupt_file_is_refused(dev_models_dir, tmp_path):
         load_model(spec, tmp_path)
 
 
-def test_mixed_cpu_and_gpu_install_is_refused():
-    with pytest.raises(ModelLoadError, match="both onnxruntime and onnxruntime-gpu"):
-        check_onnxruntime_install({"onnxruntime", "onnxruntime-gpu", "numpy"})
-    check_onnxruntime_install({"onnxruntime", "numpy"})
+def test_mixed_cpu_and_gpu_install_is_refused_in_one_folder_and_allowed_when_one_shadows_the_other():
+    site = "/usr/lib/python3/site-packages"
+    with pytest.raises(ModelLoadError, match="both onnxruntime and onnxruntime-gpu are installed in " + site):
+        check_onnxruntime_install([("onnxruntime", site), ("onnxruntime-gpu", site), ("numpy", site)])
+    check_onnxruntime_install([("onnxruntime", site), ("numpy", site)])
+    # The device runner's way: onnxruntime-gpu in a private --target put first on the path, the image's CPU
+    # build left where it is; no file of one overwrites the other, and the first on sys.path is imported.
+    check_onnxruntime_install([("onnxruntime", site), ("onnxruntime-gpu", "/tmp/swl-site")])
 
 
 def choose_providers(order: str, available: list[str]) -> list[str]:

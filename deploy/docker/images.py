@@ -25,19 +25,30 @@ class Image:
     tag: str
     dockerfile: str
     target: str | None = None
+    build_args: tuple[tuple[str, str], ...] = ()
 
     def reference(self, registry: str) -> str:
         return f"{registry}/{self.name}:{self.tag}"
 
     def build_command(self, registry: str) -> list[str]:
+        arguments = [item for name, value in self.build_args for item in ("--build-arg", f"{name}={value}")]
         return ["docker", "build", "-f", self.dockerfile, *(["--target", self.target] if self.target else []),
-                "-t", self.reference(registry), "."]
+                *arguments, "-t", self.reference(registry), "."]
+
+
+# The GPU targets' defaults are the CUDA 13 line (driver 580 or newer); these arguments build the CUDA 12 line
+# for older drivers, tagged "<version>-cuda12-gpu" (the GPU overlays' policy wants tags ending in "-gpu").
+CUDA12_BUILD_ARGS = (("CUDA_IMAGE", "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04"),
+                     ("GPU_EXTRA", "gpu-cuda12"), ("TENSORRT_LIBS", "tensorrt-cu12-libs==10.15.*"))
 
 
 def images(version: str = VERSION) -> list[Image]:
-    model_images = [Image(service, f"{version}-{flavour}", "deploy/docker/model-services.Dockerfile",
-                          f"{service}-{flavour}")
-                    for service in ("detector", "lipsync", "enhancer") for flavour in ("cpu", "gpu")]
+    dockerfile = "deploy/docker/model-services.Dockerfile"
+    model_images = []
+    for service in ("detector", "lipsync", "enhancer"):
+        model_images += [Image(service, f"{version}-cpu", dockerfile, f"{service}-cpu"),
+                         Image(service, f"{version}-gpu", dockerfile, f"{service}-gpu"),
+                         Image(service, f"{version}-cuda12-gpu", dockerfile, f"{service}-gpu", CUDA12_BUILD_ARGS)]
     return [Image("gateway", version, "deploy/docker/gateway.Dockerfile"), *model_images]
 
 

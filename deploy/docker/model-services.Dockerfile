@@ -2,10 +2,18 @@
 # file builds all six images, CPU and GPU, by target:
 #   docker build -f deploy/docker/model-services.Dockerfile --target lipsync-cpu -t ghcr.io/superwav2lip/lipsync:0.1.0-cpu .
 #   docker build -f deploy/docker/model-services.Dockerfile --target lipsync-gpu -t ghcr.io/superwav2lip/lipsync:0.1.0-gpu .
-# The GPU stack goes together as onnxruntime's TensorRT provider table requires: onnxruntime-gpu 1.22 with
-# CUDA 12.8, cuDNN 9 and TensorRT 10.9. Base images are pinned by exact version; pin by digest in your mirror.
+# The GPU stack goes together: by default onnxruntime-gpu 1.31 (PyPI's builds are for CUDA 13 from 1.27 on) with
+# CUDA 13.0, cuDNN 9 for CUDA 13 and TensorRT 10.15 (the version onnxruntime's CUDA 13 packages are built with);
+# CUDA 13 needs NVIDIA driver 580 or newer. For nodes on older drivers (525 to 575), the same targets build the
+# CUDA 12 line with the arguments `make images` passes for the "cuda12-gpu" tags:
+#   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#   --build-arg GPU_EXTRA=gpu-cuda12 --build-arg TENSORRT_LIBS=tensorrt-cu12-libs==10.15.*
+# (the gpu-cuda12 extra pins onnxruntime-gpu 1.26, the last on PyPI built for CUDA 12). Base images are pinned by exact version; pin by
+# digest in your mirror.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG GPU_EXTRA=gpu
+ARG TENSORRT_LIBS=tensorrt-cu13-libs==10.15.*
 
 # ---- CPU: onnxruntime on the slim Python image
 FROM ${PYTHON_IMAGE} AS cpu-build
@@ -46,6 +54,8 @@ ENTRYPOINT ["python", "-m", "services.enhancer"]
 
 # ---- GPU: onnxruntime-gpu and TensorRT on NVIDIA's CUDA + cuDNN runtime image
 FROM ${CUDA_IMAGE} AS gpu-build
+ARG GPU_EXTRA
+ARG TENSORRT_LIBS
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 # Package versions follow the pinned base image's Ubuntu release; the Python packages are pinned below.
@@ -62,7 +72,7 @@ COPY gateway ./gateway
 COPY client ./client
 COPY deploy ./deploy
 COPY webui ./webui
-RUN /opt/venv/bin/pip install ".[gpu]" "onnxruntime-gpu==1.22.*" "tensorrt-cu12-libs==10.9.*"
+RUN /opt/venv/bin/pip install ".[${GPU_EXTRA}]" "${TENSORRT_LIBS}"
 
 FROM ${CUDA_IMAGE} AS gpu-runtime
 ENV DEBIAN_FRONTEND=noninteractive
@@ -73,7 +83,7 @@ RUN apt-get update \
     && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin superwav2lip
 COPY --from=gpu-build /opt/venv /opt/venv
 COPY models/manifest.json /app/models/manifest.json
-# TensorRT's libraries come from the tensorrt-cu12-libs wheel inside the virtual environment.
+# TensorRT's libraries come from the tensorrt-cu13-libs (or -cu12-libs) wheel inside the virtual environment.
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
     MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576 \
     LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/tensorrt_libs
