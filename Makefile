@@ -7,7 +7,7 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
-.PHONY: install deps protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check clean k8s-validate deploy rollback images
+.PHONY: install deps protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check device-bundle clean k8s-validate deploy rollback images
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ test: install deps  ## the whole suite (first installs the missing system progra
 
 gpu-check: install  ## on a CUDA machine (pip install -e .[gpu]): each model on CUDA and TensorRT vs CPU, latency at batch 1/8/32
 	$(PY) tools/gpu_check.py
+
+device-bundle: install  ## wheels the GPU machine lacks (CPython 3.12, CUDA 13 onnxruntime-gpu) as parts of <= 60 MiB in .run/device-bundle/ (docs/gpu.md)
+	$(PY) -m tools.device.bundle
 
 FUZZ_SECONDS ?= 60
 

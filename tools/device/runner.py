@@ -1,0 +1,164 @@
+"""On the device: keep each carried bundle part, and once all are there join, check, install to a private target and run the measurement.
+
+    python3 -m tools.device.runner --manifest .run/device-bundle/manifest.json --part PART... --out $OUT
+Each `run` call carries the next part; the parts wait in --store (/tmp survives while the machine stays warm).
+A call that completes the set installs the wheels with pip --no-index --no-deps --target, removes the image's CPU
+onnxruntime when the bundle brings onnxruntime-gpu (both installed trip the mixed-install refusal), puts the
+image's nvidia/*/lib folders on LD_LIBRARY_PATH and starts tools/device/measure.py. Exit codes: 0 done or waiting
+for parts, 3 a part missing or altered, 4 the measurement refused its environment, 5 pip failed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]
+
+from tools.device import parts  # noqa: E402
+
+
+def store_parts(manifest: dict, carried: list[Path], store: Path) -> list[str]:
+    """Checks each carried part against the manifest before keeping it; returns the names still missing."""
+    store.mkdir(parents=True, exist_ok=True)
+    for path in carried:
+        if not path.is_file():
+            raise parts.BundleError(f"carried part {path} is not here: name it in the call's carry")
+        parts.verify_part(manifest, path)
+        shutil.copyfile(path, store / path.name)
+    return parts.missing_parts(manifest, store)
+
+
+def install(manifest: dict, store: Path, target: Path) -> Path:
+    """Joins and checks the archive, unpacks it and installs its wheels into `target` once per bundle."""
+    unpacked = store / "unpacked"
+    marker = target / f".swl-bundle-{manifest['sha256'][:16]}"
+    if marker.is_file():
+        return unpacked
+    archive = parts.join(manifest, store, store / manifest["archive"])
+    shutil.rmtree(unpacked, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    archive.unlink()  # the parts stay; the joined copy would double the disk use
+    wheels = sorted(str(w) for w in (unpacked / "wheels").glob("*.whl"))
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                          "--no-cache-dir", "--upgrade", "--target", str(target), *wheels],
+                         capture_output=True, text=True)
+    if pip.returncode:
+        raise InstallError(f"pip install --target {target} failed:\n{pip.stdout[-2000:]}{pip.stderr[-4000:]}")
+    marker.write_text(manifest["sha256"] + "\n")
+    return unpacked
+
+
+class InstallError(RuntimeError):
+    """pip refused the wheels (another Python, a broken wheel): its output says which."""
+
+
+def installed(target: Path) -> list[str]:
+    return sorted(d.metadata["Name"].lower() for d in importlib.metadata.distributions(path=[str(target)]))
+
+
+def remove_image_onnxruntime(target: Path) -> str:
+    """The image's CPU onnxruntime and the carried onnxruntime-gpu both installed trip the project's mixed-install
+    refusal (and the CPU one would win imports outside the target): on the disposable device, uninstall it."""
+    if "onnxruntime-gpu" not in installed(target):
+        return "kept: the bundle brings no onnxruntime-gpu"
+    outside = [p for p in sys.path if p and Path(p).resolve() != target.resolve()]
+    if not any(d.metadata["Name"].lower() == "onnxruntime" for d in importlib.metadata.distributions(path=outside)):
+        return "none installed outside the target"
+    pip = subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "onnxruntime"], capture_output=True,
+                         text=True)
+    return "uninstalled" if pip.returncode == 0 else f"uninstall failed: {pip.stderr.strip()[-500:]}"
+
+
+def nvidia_lib_dirs() -> list[str]:
+    """The lib folders of the image's pip-installed NVIDIA wheels (nvidia/<pkg>/lib, and nvidia/cu13/lib for the
+    CUDA 13 wheels), where libcudart, libcublas, libcudnn, libcufft and libcurand live."""
+    found = []
+    for base in [*site.getsitepackages(), site.getusersitepackages(), *sys.path]:
+        nvidia = Path(base) / "nvidia"
+        if nvidia.is_dir():
+            for lib in sorted({*nvidia.glob("*/lib"), *nvidia.glob("*/*/lib")}):
+                if any(lib.glob("*.so*")) and str(lib) not in found:
+                    found.append(str(lib))
+    return found
+
+
+def measurement_env(target: Path, lib_dirs: list[str]) -> dict[str, str]:
+    """The private target first on PYTHONPATH (ahead of site-packages), then the project and its stubs."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(target), str(ROOT), str(ROOT / "client"),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*lib_dirs, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
+    return env
+
+
+def measure(args, unpacked: Path, env: dict[str, str]) -> int:
+    require = args.require_from_target or ("onnxruntime" if args.providers == "cuda" else "")
+    command = [sys.executable, str(ROOT / "tools" / "device" / "measure.py"), "--providers", args.providers,
+               "--out", str(args.out), "--target", str(args.target), "--require-from-target", require,
+               "--work", str(args.store / "work"), "--real-models", str(unpacked / "models"), *args.measure_args]
+    try:
+        return subprocess.run(command, env=env, timeout=args.timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        print(f"measurement stopped after {args.timeout_s} s", file=sys.stderr)
+        return 124
+
+
+def run(args) -> int:
+    manifest = parts.load_manifest(args.manifest)
+    missing = store_parts(manifest, args.part, args.store)
+    status = {"bundle": manifest["sha256"], "stored": sorted(p.name for p in args.part), "missing": missing}
+    if missing:
+        print(f"stored {', '.join(status['stored'])}; waiting for {', '.join(missing)} (next call, within 30 s)")
+        return write_status(args.out, status, 0)
+    unpacked = install(manifest, args.store, args.target)
+    status["installed"] = installed(args.target)
+    status["image_onnxruntime"] = remove_image_onnxruntime(args.target)
+    status["ld_library_path"] = nvidia_lib_dirs()
+    print(f"installed {len(status['installed'])} distributions into {args.target}; image onnxruntime: "
+          f"{status['image_onnxruntime']}; {len(status['ld_library_path'])} NVIDIA lib folders")
+    if args.no_measure:
+        return write_status(args.out, status, 0)
+    status["measure_rc"] = measure(args, unpacked, measurement_env(args.target, status["ld_library_path"]))
+    return write_status(args.out, status, status["measure_rc"])
+
+
+def write_status(out: Path, status: dict, rc: int) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runner.json").write_text(json.dumps({**status, "rc": rc}, indent=1) + "\n")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--part", type=Path, nargs="*", default=[], help="the part(s) this call carries")
+    parser.add_argument("--store", type=Path, default=Path("/tmp/swl-bundle"))
+    parser.add_argument("--target", type=Path, default=Path("/tmp/swl-site"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/swl-out")))
+    parser.add_argument("--providers", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--require-from-target", default="", help="default: onnxruntime on cuda, nothing on cpu")
+    parser.add_argument("--timeout-s", type=float, default=420, help="the measurement's hard stop (8 min less margin)")
+    parser.add_argument("--no-measure", action="store_true", help="install only")
+    args, args.measure_args = parser.parse_known_args(argv)  # the rest goes to measure.py (--batches, --models...)
+    try:
+        return run(args)
+    except parts.BundleError as error:
+        print(f"bundle refused: {error}", file=sys.stderr)
+        return write_status(args.out, {"error": str(error)}, 3)
+    except InstallError as error:
+        print(str(error), file=sys.stderr)
+        return write_status(args.out, {"error": str(error)}, 5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
