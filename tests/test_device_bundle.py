@@ -144,7 +144,6 @@ def test_runner_whole_path_on_cpu(tmp_path, dev_models_dir):
         assert len(status["missing"]) == 2 - i
     assert status["installed"] == ["swl-probe"]
     assert (tmp_path / "site" / "swl_probe" / "__init__.py").is_file()
-    assert status["image_onnxruntime"].startswith("kept")  # no onnxruntime-gpu in this bundle: the venv's stays
     result = json.loads((tmp_path / "out" / "measure.json").read_text())
     env = result["environment"]
     assert Path(env["from_target"]["swl_probe"]).is_relative_to((tmp_path / "site").resolve())

@@ -2,9 +2,10 @@
 
     python3 -m tools.device.runner --manifest .run/device-bundle/manifest.json --part PART... --out $OUT
 Each `run` call carries the next part; the parts wait in --store (/tmp survives while the machine stays warm).
-A call that completes the set installs the wheels with pip --no-index --no-deps --target, removes the image's CPU
-onnxruntime when the bundle brings onnxruntime-gpu (both installed trip the mixed-install refusal), puts the
-image's nvidia/*/lib folders on LD_LIBRARY_PATH and starts tools/device/measure.py. Exit codes: 0 done or waiting
+A call that completes the set installs the wheels with pip --no-index --no-deps --target, puts that target first
+on PYTHONPATH (its onnxruntime-gpu shadows the image's CPU onnxruntime, which stays installed: the mixed-install
+refusal looks per folder), puts the image's nvidia/*/lib folders on LD_LIBRARY_PATH and starts
+tools/device/measure.py, which refuses to measure unless onnxruntime is imported from the target. Exit codes: 0 done or waiting
 for parts, 3 a part missing or altered, 4 the measurement refused its environment, 5 pip failed."""
 
 from __future__ import annotations
@@ -66,19 +67,6 @@ def installed(target: Path) -> list[str]:
     return sorted(d.metadata["Name"].lower() for d in importlib.metadata.distributions(path=[str(target)]))
 
 
-def remove_image_onnxruntime(target: Path) -> str:
-    """The image's CPU onnxruntime and the carried onnxruntime-gpu both installed trip the project's mixed-install
-    refusal (and the CPU one would win imports outside the target): on the disposable device, uninstall it."""
-    if "onnxruntime-gpu" not in installed(target):
-        return "kept: the bundle brings no onnxruntime-gpu"
-    outside = [p for p in sys.path if p and Path(p).resolve() != target.resolve()]
-    if not any(d.metadata["Name"].lower() == "onnxruntime" for d in importlib.metadata.distributions(path=outside)):
-        return "none installed outside the target"
-    pip = subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "onnxruntime"], capture_output=True,
-                         text=True)
-    return "uninstalled" if pip.returncode == 0 else f"uninstall failed: {pip.stderr.strip()[-500:]}"
-
-
 def nvidia_lib_dirs() -> list[str]:
     """The lib folders of the image's pip-installed NVIDIA wheels (nvidia/<pkg>/lib, and nvidia/cu13/lib for the
     CUDA 13 wheels), where libcudart, libcublas, libcudnn, libcufft and libcurand live."""
@@ -122,10 +110,9 @@ def run(args) -> int:
         return write_status(args.out, status, 0)
     unpacked = install(manifest, args.store, args.target)
     status["installed"] = installed(args.target)
-    status["image_onnxruntime"] = remove_image_onnxruntime(args.target)
     status["ld_library_path"] = nvidia_lib_dirs()
-    print(f"installed {len(status['installed'])} distributions into {args.target}; image onnxruntime: "
-          f"{status['image_onnxruntime']}; {len(status['ld_library_path'])} NVIDIA lib folders")
+    print(f"installed {len(status['installed'])} distributions into {args.target}; "
+          f"{len(status['ld_library_path'])} NVIDIA lib folders")
     if args.no_measure:
         return write_status(args.out, status, 0)
     status["measure_rc"] = measure(args, unpacked, measurement_env(args.target, status["ld_library_path"]))
