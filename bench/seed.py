@@ -76,12 +76,12 @@ async def _serve_one(models: Path, face: Path, audio: Path, out: Path, enhance: 
         for name, service_cls, settings_cls in (("detector", DetectorService, DetectorSettings),
                                                 ("lipsync", LipSyncService, LipSyncSettings),
                                                 ("enhancer", EnhancerService, EnhancerSettings)):
-            settings = settings_cls.from_env({}, models_dir=str(models), allow_dev_models=True, **common)
+            settings = settings_cls.from_env(None, models_dir=str(models), allow_dev_models=True, **common)
             servers.append(ServiceServer(service_cls(settings)))
             addresses[f"{name}_address"] = f"127.0.0.1:{await servers[-1].start()}"
             await servers[-1].warm_up(run_models=False)
         with tempfile.TemporaryDirectory(prefix="swl-seed-data-") as data:
-            settings = GatewaySettings.from_env({}, data_dir=data, **addresses, **common)
+            settings = GatewaySettings.from_env(None, data_dir=data, **addresses, **common)
             servers.append(ServiceServer(GatewayService(settings)))
             port = await servers[-1].start()
             await servers[-1].warm_up()

@@ -34,23 +34,24 @@ from superwav2lip_client import Client  # noqa: E402
 from service_runtime.dev_models import write_dev_model  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
+# The shared photos, speech and real SCRFD weights; the device runner points this at the copies it carried.
+SHARED = Path(os.environ.get("SWL_SHARED_DIR") or ROOT.parent / "shared")
 FULL_SIZE_CACHE = ROOT / "bench" / "models"  # git-ignored; the stand-ins take seconds to write
 SEED_ENV = {"SWL_GATEWAY_SERIAL_JOBS": "1", "SWL_DETECTOR_BATCH_ACROSS_CALLS": "0",
             "SWL_LIPSYNC_BATCH_ACROSS_CALLS": "0", "SWL_ENHANCER_BATCH_ACROSS_CALLS": "0"}
 
 
-def prepare_models(folder: Path, full_size: tuple[str, ...] = ("wav2lip_gan",)) -> str:
-    """Manifest, the `full_size` stand-ins (written once into bench/models, then linked), the real SCRFD if
+def prepare_models(folder: Path, full_size: tuple[str, ...] = ("wav2lip_gan",), cache: Path = FULL_SIZE_CACHE) -> str:
+    """Manifest, the `full_size` stand-ins (written once into `cache`, then linked), the real SCRFD if
     available, and generated small models for the rest; returns what the detector is."""
     shutil.copy(ROOT / "models" / "manifest.json", folder / "manifest.json")
     manifest = load_manifest(folder)
     for spec in manifest.models.values():
         write_dev_model(spec, folder / "dev")
     for name in full_size:
-        cached = FULL_SIZE_CACHE / manifest.get(name).file
+        cached = cache / manifest.get(name).file
         if not cached.is_file():
-            write_full_size(folder, FULL_SIZE_CACHE, name)
+            write_full_size(folder, cache, name)
         os.symlink(cached, folder / cached.name)
     scrfd = SHARED / "models" / "scrfd_2.5g_bnkps.onnx"
     if scrfd.is_file():
@@ -123,16 +124,16 @@ def free_base_port() -> int:
 
 
 class Stack:
-    """`tools/run_stack.py` in a subprocess, with the gateway's process id for memory readings."""
+    """`tools/run_stack.py` in a subprocess, gRPC only (no Envoy, no UI: the clients call the gateway directly),
+    with the gateway's process id for memory readings."""
 
     def __init__(self, models: Path, logs: Path, env: dict[str, str]) -> None:
-        self.base, metrics, http = free_base_port(), free_base_port(), free_base_port()
+        self.base, metrics = free_base_port(), free_base_port()
         self.metrics_port = metrics
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(self.base),
              "--metrics-base-port", str(metrics), "--models-dir", str(models), "--logs", str(logs),
-             "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1),
-             "--ui-port", "0"],
+             "--extra-model-dirs", "", "--http-port", "0", "--ui-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}, cwd=ROOT)
         for line in self.process.stdout:
             if line.startswith("READY"):

@@ -113,9 +113,11 @@ def tiny_bundle(tmp_path: Path) -> Path:
     return parts.write_manifest(archive, written, out)
 
 
-def run_runner(manifest: Path, part: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.device.runner", "--manifest", str(manifest), "--part",
-                           str(part), "--store", str(tmp_path / "store"), "--target", str(tmp_path / "site"),
+def run_runner(manifest: Path, part: Path | None, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """One device call: the runner with this part (None: a call that carries none, as the stack call does)."""
+    carried = ["--part", str(part)] if part else []
+    return subprocess.run([sys.executable, "-m", "tools.device.runner", "--manifest", str(manifest), *carried,
+                           "--store", str(tmp_path / "store"), "--target", str(tmp_path / "site"),
                            "--out", str(tmp_path / "out"), *extra], cwd=ROOT, capture_output=True, text=True,
                           timeout=240)
 
@@ -132,7 +134,8 @@ def test_runner_refuses_an_altered_part_before_storing_it(tmp_path):
 
 
 def test_runner_whole_path_on_cpu(tmp_path, dev_models_dir):
-    """Three calls, one part each: the first two wait, the third joins, installs privately and measures."""
+    """Three calls, one part each: the first two wait, the third joins, installs privately and measures the
+    models; a fourth call with no part measures the stack end to end (generated models, short clips)."""
     manifest = tiny_bundle(tmp_path)
     cpu = ("--providers", "cpu", "--require-from-target", "swl_probe", "--models-dir", str(dev_models_dir),
            "--allow-dev-models", "--batches", "1,2", "--min-seconds", "0.01",
@@ -159,6 +162,45 @@ def test_runner_whole_path_on_cpu(tmp_path, dev_models_dir):
     assert ("gfpgan_v1.4", "fp32", "on", 2) not in rows  # a fixed batch of 1 is measured at 1 only
     assert "| wav2lip_gan | fp16 | on | 2 |" in (tmp_path / "out" / "measure.md").read_text()
 
+    result = run_runner(manifest, None, tmp_path, "--providers", "cpu", "--measure", "stack", "--dev-models",
+                        "--seconds", "0.4", "--enhance-seconds", "0", "--clients", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads((tmp_path / "out" / "runner.json").read_text())
+    assert (status["measure"], status["measure_rc"], status["missing"]) == ("stack", 0, [])
+    stack = json.loads((tmp_path / "out" / "stack.json").read_text())
+    assert stack["environment"]["service_env"]["SWL_LIPSYNC_PROVIDERS"] == "cpu"
+    fresh = stack["fresh"]
+    assert fresh["real_time_factor"] == pytest.approx(0.4 / fresh["wall_s"])
+    assert fresh["wall_enhanced_s"] > 0 and fresh["gateway_cpu_s_per_frame"] > 0
+    assert {"decode", "detect", "lipsync", "paste", "encode"} <= set(fresh["gateway_stage_busy_s_per_frame"])
+    assert fresh["gateway_stage_busy_s_per_frame"]["encode"] > 0
+    runs = stack["clients"]["runs"]
+    assert [(r["clients"], r["gpu_inference_s_per_frame"] > 0) for r in runs["batched"] + runs["seed lock"]] == \
+        [(1, True), (1, True)]
+    ratio = stack["clients"]["replica_ratio"]
+    assert ratio["gateway_cores_per_gpu"] == pytest.approx(
+        runs["batched"][0]["gateway_cpu_s_per_frame"] / runs["batched"][0]["gpu_inference_s_per_frame"])
+    assert ratio["gateway_replicas_per_gpu"] >= 1
+    assert [(r["enhance"], r["ratio"] > 0) for r in stack["seed"]] == [(False, True)]
+    assert "batched over the lock at 1 clients" in (tmp_path / "out" / "stack.md").read_text()
+
+
+def test_a_call_without_a_part_on_a_cold_machine_names_the_parts_to_carry_again(tmp_path):
+    manifest = tiny_bundle(tmp_path)
+    result = run_runner(manifest, None, tmp_path, "--providers", "cpu", "--measure", "stack")
+    assert result.returncode == 3
+    assert "went cold" in result.stderr and "swl-device-bundle.tar.part00" in result.stderr
+
+
+def test_the_replica_ratio_assumes_the_gateway_deployment_cpu_limit():
+    import yaml
+
+    from tools.device import stack
+
+    deployment = yaml.safe_load((ROOT / "deploy/k8s/base/gateway/deployment.yaml").read_text())
+    container, = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway"]
+    assert int(container["resources"]["limits"]["cpu"]) == stack.GATEWAY_CORES
+
 
 def test_measurement_refuses_onnxruntime_from_outside_the_target(tmp_path):
     """On the device the image's CPU onnxruntime must not win the import: the measurement says so and stops."""
@@ -178,8 +220,9 @@ def test_nvidia_lib_folders_are_found_in_site_packages(tmp_path, monkeypatch):
     monkeypatch.setattr(runner.site, "getsitepackages", lambda: [])
     found = runner.nvidia_lib_dirs()
     assert found == [str(tmp_path / "nvidia/cu13/lib"), str(tmp_path / "nvidia/cudnn/lib")]
-    env = runner.measurement_env(tmp_path / "site", found)
+    env = runner.measurement_env(tmp_path / "site", found, tmp_path / "unpacked")
     assert env["PYTHONPATH"].split(":")[0] == str(tmp_path / "site")
+    assert env["SWL_SHARED_DIR"] == str(tmp_path / "unpacked")  # the carried models/ and media/
     assert env["LD_LIBRARY_PATH"].startswith(str(tmp_path / "nvidia/cu13/lib"))
 
 
@@ -200,6 +243,15 @@ def test_record_writes_the_gpu_section_once_with_the_device_provenance(tmp_path)
     text = results.read_text()
     assert text.count("<!-- bench:gpu -->") == 1 and "## other" in text
     assert "on 16 cores, GPU: NVIDIA H200" in text and "| wav2lip_gan | fp16 | on | 128 | 2500.0 |" in text
+    stack = {"environment": {**env, "provider": "cuda", "models": "stand-ins", "seconds": 5.0}, "skipped": [],
+             "fresh": {"wall_s": 0.8, "real_time_factor": 6.25, "wall_enhanced_s": 2.0,
+                       "real_time_factor_enhanced": 2.5, "gateway_stage_busy_s_per_frame": {"encode": 0.002},
+                       "gateway_cpu_s_per_frame": 0.03}}
+    (tmp_path / "s.json").write_text(json.dumps(stack))
+    assert record.record(tmp_path / "s.json", results) == "gpu-stack"
+    text = results.read_text()
+    assert text.count("<!-- bench:gpu -->") == 1 and text.count("<!-- bench:gpu-stack -->") == 1
+    assert "| no enhancer | 0.80 | 6.25 |" in text and "runner --measure stack" in text
     (tmp_path / "bad.json").write_text(json.dumps({"error": "no CUDA"}))
     with pytest.raises(SystemExit, match="refused measurement"):
         record.record(tmp_path / "bad.json", results)

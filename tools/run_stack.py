@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--logs", type=Path, default=ROOT / ".run" / "logs")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
-    parser.add_argument("--http-port", type=int, default=8080, help="Envoy's HTTP/gRPC listener")
+    parser.add_argument("--http-port", type=int, default=8080,
+                        help="Envoy's HTTP/gRPC listener (0: no edge, gRPC only; the benchmarks use this)")
     parser.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy's admin interface (loopback)")
     parser.add_argument("--ui-port", type=int, default=7860, help="the web UI (0: do not start it)")
     parser.add_argument("--redis-port", type=int, help="redis-server's port (default: the one after the enhancer's; "
@@ -235,13 +236,15 @@ def main() -> None:
         print(f"{failed} did not become ready; see {args.logs / (failed + '.log')}", file=sys.stderr, flush=True)
         stop_all(processes, redis)
         sys.exit(1)
-    try:
-        edge = start_edge(args, processes)
-    except (RuntimeError, TimeoutError) as error:
-        print(f"the HTTP edge did not start: {error}; see {args.logs / 'envoy.log'}", file=sys.stderr, flush=True)
-        stop_all(processes, redis)
-        sys.exit(1)
-    print(f"  {'envoy':<9} HTTP on {edge}", flush=True)
+    edge = "off"
+    if args.http_port:
+        try:
+            edge = start_edge(args, processes)
+        except (RuntimeError, TimeoutError) as error:
+            print(f"the HTTP edge did not start: {error}; see {args.logs / 'envoy.log'}", file=sys.stderr, flush=True)
+            stop_all(processes, redis)
+            sys.exit(1)
+        print(f"  {'envoy':<9} HTTP on {edge}", flush=True)
     ui = ""
     if args.ui_port:
         try:
@@ -255,8 +258,8 @@ def main() -> None:
           + (f"open: {ui} in a browser\n" if ui else "") +
           f"try:  superwav2lip generate --face ../shared/media/face_astronaut.png "
           f"--audio ../shared/media/speech_en_4s.wav -o out.mp4 --server {addresses['gateway']}\n"
-          f"or:   curl -s {edge}/healthz   (the README has the HTTP examples)\n"
-          "Ctrl-C stops everything.", flush=True)
+          + (f"or:   curl -s {edge}/healthz   (the README has the HTTP examples)\n" if args.http_port else "")
+          + "Ctrl-C stops everything.", flush=True)
     while not stop["now"]:
         dead = [name for name, p in processes.items() if p.poll() is not None]
         if dead:

@@ -21,13 +21,15 @@ from tools.device import parts
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / ".run" / "device-bundle"
-SHARED_MODELS = ROOT.parent / "shared" / "models"
+SHARED = ROOT.parent / "shared"
 # PyPI's onnxruntime-gpu 1.31 is the CUDA 13 build (its `cuda` extra names nvidia-cuda-runtime~=13.0).
 ORT_GPU = "onnxruntime-gpu==1.31.*"
 # Carried even though the image has them: the generated stubs check grpcio >= 1.85.1 and protobuf >= 7.35 at import.
 ALWAYS_CARRY = {"onnxruntime-gpu", "grpcio", "protobuf", "googleapis-common-protos"}
-# Real weights small enough to travel; the runner measures SCRFD-2.5G with them when present.
-CARRIED_MODELS = ("scrfd_2.5g_bnkps.onnx",)
+# What travels from ../shared (the same layout under the bundle, which the stack step reads as its shared folder):
+# the real SCRFD-2.5G weights, and the 720p clip and speech the end-to-end benchmarks use (bench/throughput.py).
+CARRIED_SHARED = ("models/scrfd_2.5g_bnkps.onnx", "media/face_astronaut_moving_720p25_5s.mp4",
+                  "media/speech_en_60s_16k.wav")
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"] + [
     f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                                 "manylinux2014_x86_64", "manylinux1_x86_64")]
@@ -106,16 +108,17 @@ def run_pip(args: list[str]) -> None:
         raise parts.BundleError(f"pip {args[0]} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
 
 
-def pack(archive: Path, wheels: list[Path], models: list[Path], lock: list[dict]) -> Path:
-    """An uncompressed tar (wheels are already compressed): wheels/, models/ and the lock the runner reads."""
+def pack(archive: Path, wheels: list[Path], shared: list[str], lock: list[dict], shared_dir: Path = SHARED) -> Path:
+    """An uncompressed tar (wheels are already compressed): wheels/, the `shared` files under their own relative
+    paths (models/, media/) and the lock the runner reads."""
     lock_file = archive.with_name("lock.json")
     lock_file.write_text(json.dumps(lock, indent=1) + "\n")
     with tarfile.open(archive, "w") as tar:
         tar.add(lock_file, "lock.json")
         for path in wheels:
             tar.add(path, f"wheels/{path.name}")
-        for path in models:
-            tar.add(path, f"models/{path.name}")
+        for name in shared:
+            tar.add(shared_dir / name, name)
     return archive
 
 
@@ -134,11 +137,10 @@ def build(out: Path, limit: int, also: set[str]) -> dict:
     resolved = resolve(pinned_to_local(project_requirements()), work)
     chosen = sorted(to_carry(resolved, image_packages(), also), key=lambda d: d["name"])
     wheels = download(chosen, work / "wheels")
-    models = [SHARED_MODELS / m for m in CARRIED_MODELS if (SHARED_MODELS / m).is_file()]
-    archive = pack(work / "swl-device-bundle.tar", wheels, models, chosen)
+    shared = [name for name in CARRIED_SHARED if (SHARED / name).is_file()]
+    archive = pack(work / "swl-device-bundle.tar", wheels, shared, chosen)
     written = parts.split(archive, out, limit)
-    manifest = parts.write_manifest(archive, written, out, {"wheels": [d["file"] for d in chosen],
-                                                           "models": [m.name for m in models]})
+    manifest = parts.write_manifest(archive, written, out, {"wheels": [d["file"] for d in chosen], "shared": shared})
     archive.unlink()
     return json.loads(manifest.read_text())
 
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = build(args.out, int(args.part_mib * parts.MIB), {n for n in args.also.split(",") if n})
     tree = travelling_tree_bytes()
     print(f"{len(manifest['wheels'])} wheels: {', '.join(manifest['wheels'])}")
-    print(f"models: {', '.join(manifest['models']) or 'none (../shared/models absent)'}")
+    print(f"from ../shared: {', '.join(manifest['shared']) or 'nothing (../shared absent)'}")
     print(f"{manifest['archive']}: {manifest['size'] / parts.MIB:.1f} MiB, sha256 {manifest['sha256']}")
     for p in manifest["parts"]:
         call = (p["size"] + tree) / parts.MIB

@@ -168,7 +168,7 @@ def markdown(result: dict) -> str:
              f"{', '.join(env['providers'])}. {env['tensorrt']}.", "",
              "| model | provider | batch | ms per batch | ms without binding | largest relative error vs CPU | ok |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['model']} | {r['provider']} | {r['batch']} | {r['ms']:.2f} | {r['unbound_ms']:.2f} | "
+    lines += [f"| {r['model']} | {r['provider']} | {r['batch']}{' (fixed)' if r['fixed_batch'] else ''} | {r['ms']:.2f} | {r['unbound_ms']:.2f} | "
               f"{r['error']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in result["gpu_check"]]
     lines += ["", "| model | precision | I/O binding | batch | items/s |", "| --- | --- | --- | ---: | ---: |"]
     lines += [f"| {r['model']} | {r['precision']} | {r['io_binding']} | {r['batch']}"

@@ -1,7 +1,11 @@
 #!/bin/sh
-# One device call: hand the carried part(s) to the runner; the call that completes the set installs and measures.
-# Usage (from the repository root, on the device): sh tools/device/run.sh PART [runner options...]
+# One device call: hand the carried part (if any) to the runner; the call that completes the set installs and
+# measures the models, a later call with no part measures the stack (docs/gpu.md lists the calls).
+# Usage (from the repository root, on the device): sh tools/device/run.sh [PART] [runner options...]
 set -e
 B=.run/device-bundle
-part=$1; shift
-exec python3 -m tools.device.runner --manifest "$B/manifest.json" --part "$B/$part" --out "${OUT:-/tmp/swl-out}" "$@"
+case "$1" in
+  swl-device-bundle.tar.part*) part="--part $B/$1"; shift ;;
+  *) part="" ;;
+esac
+exec python3 -m tools.device.runner --manifest "$B/manifest.json" $part --out "${OUT:-/tmp/swl-out}" "$@"

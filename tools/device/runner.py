@@ -1,12 +1,14 @@
-"""On the device: keep each carried bundle part, and once all are there join, check, install to a private target and run the measurement.
+"""On the device: keep each carried bundle part, and once all are there join, check, install to a private target and run a measurement.
 
-    python3 -m tools.device.runner --manifest .run/device-bundle/manifest.json --part PART... --out $OUT
+    python3 -m tools.device.runner --manifest .run/device-bundle/manifest.json [--part PART...] [--measure models|stack]
 Each `run` call carries the next part; the parts wait in --store (/tmp survives while the machine stays warm).
 A call that completes the set installs the wheels with pip --no-index --no-deps --target, puts that target first
 on PYTHONPATH (its onnxruntime-gpu shadows the image's CPU onnxruntime, which stays installed: the mixed-install
-refusal looks per folder), puts the image's nvidia/*/lib folders on LD_LIBRARY_PATH and starts
-tools/device/measure.py, which refuses to measure unless onnxruntime is imported from the target. Exit codes: 0 done or waiting
-for parts, 3 a part missing or altered, 4 the measurement refused its environment, 5 pip failed."""
+refusal looks per folder), puts the image's nvidia/*/lib folders on LD_LIBRARY_PATH and starts the measurement:
+tools/device/measure.py (models: gpu-check and items/s per model) or, in the next call that carries no part,
+tools/device/stack.py (stack: the services end to end). measure.py refuses to measure unless onnxruntime is imported
+from the target. Exit codes: 0 done or waiting for parts, 3 a part missing or altered, 4 the measurement refused
+its environment, 5 pip failed, 124 the measurement outran --timeout-s."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -80,9 +83,10 @@ def nvidia_lib_dirs() -> list[str]:
     return found
 
 
-def measurement_env(target: Path, lib_dirs: list[str]) -> dict[str, str]:
-    """The private target first on PYTHONPATH (ahead of site-packages), then the project and its stubs."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def measurement_env(target: Path, lib_dirs: list[str], unpacked: Path) -> dict[str, str]:
+    """The private target first on PYTHONPATH (ahead of site-packages), then the project and its stubs; the
+    bundle's copy of ../shared (models/, media/) as the benchmarks' shared folder."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SWL_SHARED_DIR=str(unpacked))
     env["PYTHONPATH"] = os.pathsep.join([str(target), str(ROOT), str(ROOT / "client"),
                                          *filter(None, [os.environ.get("PYTHONPATH")])])
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*lib_dirs, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
@@ -90,21 +94,45 @@ def measurement_env(target: Path, lib_dirs: list[str]) -> dict[str, str]:
 
 
 def measure(args, unpacked: Path, env: dict[str, str]) -> int:
-    require = args.require_from_target or ("onnxruntime" if args.providers == "cuda" else "")
-    command = [sys.executable, str(ROOT / "tools" / "device" / "measure.py"), "--providers", args.providers,
-               "--out", str(args.out), "--target", str(args.target), "--require-from-target", require,
-               "--work", str(args.store / "work"), "--real-models", str(unpacked / "models"), *args.measure_args]
+    common = ["--providers", args.providers, "--out", str(args.out), "--work", str(args.store / "work")]
+    if args.measure == "stack":
+        command = [sys.executable, str(ROOT / "tools" / "device" / "stack.py"), *common, *args.measure_args]
+    else:
+        require = args.require_from_target or ("onnxruntime" if args.providers == "cuda" else "")
+        command = [sys.executable, str(ROOT / "tools" / "device" / "measure.py"), *common, "--target",
+                   str(args.target), "--require-from-target", require, "--real-models", str(unpacked / "models"),
+                   *args.measure_args]
+    # its own process group: the stack measurement starts services, and a stop must take them down too
+    process = subprocess.Popen(command, env=env, start_new_session=True)
     try:
-        return subprocess.run(command, env=env, timeout=args.timeout_s).returncode
+        return process.wait(timeout=args.timeout_s)
     except subprocess.TimeoutExpired:
         print(f"measurement stopped after {args.timeout_s} s", file=sys.stderr)
+        stop_group(process)
         return 124
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the measurement's whole process group, SIGKILL to what is left 15 s later."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run(args) -> int:
     manifest = parts.load_manifest(args.manifest)
     missing = store_parts(manifest, args.part, args.store)
     status = {"bundle": manifest["sha256"], "stored": sorted(p.name for p in args.part), "missing": missing}
+    if missing and not args.part:
+        raise parts.BundleError(f"missing part(s) {', '.join(missing)}: the machine went cold since they were "
+                                "carried (or never got them); carry them again, one per call")
     if missing:
         print(f"stored {', '.join(status['stored'])}; waiting for {', '.join(missing)} (next call, within 30 s)")
         return write_status(args.out, status, 0)
@@ -115,7 +143,8 @@ def run(args) -> int:
           f"{len(status['ld_library_path'])} NVIDIA lib folders")
     if args.no_measure:
         return write_status(args.out, status, 0)
-    status["measure_rc"] = measure(args, unpacked, measurement_env(args.target, status["ld_library_path"]))
+    status["measure"] = args.measure
+    status["measure_rc"] = measure(args, unpacked, measurement_env(args.target, status["ld_library_path"], unpacked))
     return write_status(args.out, status, status["measure_rc"])
 
 
@@ -135,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--require-from-target", default="", help="default: onnxruntime on cuda, nothing on cpu")
     parser.add_argument("--timeout-s", type=float, default=420, help="the measurement's hard stop (8 min less margin)")
+    parser.add_argument("--measure", choices=("models", "stack"), default="models",
+                        help="models: tools/device/measure.py; stack: tools/device/stack.py (after models, no part)")
     parser.add_argument("--no-measure", action="store_true", help="install only")
-    args, args.measure_args = parser.parse_known_args(argv)  # the rest goes to measure.py (--batches, --models...)
+    args, args.measure_args = parser.parse_known_args(argv)  # the rest goes to the measurement (--batches...)
     try:
         return run(args)
     except parts.BundleError as error:
