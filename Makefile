@@ -7,7 +7,17 @@ OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
 
+.DEFAULT_GOAL := help
+
 .PHONY: install deps protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check device-bundle clean k8s-validate deploy rollback images
+
+help:  ## this list: every target with what it does, then the variables you may set (make VAR=value target)
+	@awk 'match($$0, /^[a-zA-Z0-9_-]+:/) { name = substr($$0, 1, RLENGTH - 1); doc = $$0; \
+		if (sub(/^[^#]*## /, "", doc) == 0) doc = "(no ## comment: see the Makefile)"; \
+		printf "  %-16s %s\n", name, doc } \
+		/^[A-Z_]+ \?= / { vars = vars " " $$1 "=" $$3 } \
+		END { print "\nvariables:" vars }' $(firstword $(MAKEFILE_LIST))
+.PHONY: help
 
 install: $(VENV)/.installed
 
