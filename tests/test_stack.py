@@ -12,11 +12,18 @@ from .conftest import ROOT, cli, free_port_block
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
 
 
+HTTP_EXAMPLE_DOCS = ("README.md", "docs/http-api.md")
+
+
 def readme_http_examples() -> str:
-    """The README's HTTP example block, as written."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- http-examples", 1)[1].split("```sh\n", 1)[1]
-    return block.split("```", 1)[0]
+    """Every HTTP example block of the README and docs/http-api.md (each ```sh block after an
+    `<!-- http-examples` comment), as written, in order, joined into one script."""
+    blocks = []
+    for doc in HTTP_EXAMPLE_DOCS:
+        for marked in (ROOT / doc).read_text().split("<!-- http-examples")[1:]:
+            blocks.append(marked.split("```sh\n", 1)[1].split("```", 1)[0])
+    assert len(blocks) >= 2, f"no HTTP example blocks found in {HTTP_EXAMPLE_DOCS}"
+    return "\n".join(blocks)
 
 
 def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
