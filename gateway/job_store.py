@@ -120,7 +120,12 @@ class MemoryJobStore:
         self._queue.insert(0, job_id)
 
     async def save(self, record: JobRecord) -> None:
-        self._records[record.job_id] = record
+        self._records[record.job_id] = JobRecord(**asdict(record))  # a copy: later changes need another save
+
+    async def finish(self, record: JobRecord) -> None:
+        """Saves a finished job's record and releases its lease, together."""
+        await self.save(record)
+        await self.release(record.job_id)
 
     async def load(self, job_id: str) -> JobRecord | None:
         record = self._records.get(job_id)
@@ -212,6 +217,18 @@ class RedisJobStore:
     async def save(self, record: JobRecord) -> None:
         ttl = int(self.result_ttl_s * 1000) if record.state in TERMINAL else None
         await self._call(self.client.set(f"swl:job:{record.job_id}", record.to_json(), px=ttl))
+
+    async def finish(self, record: JobRecord) -> None:
+        """Saves a finished job's record and releases its lease in one MULTI/EXEC: both happen or neither, so
+        no record says RUNNING once its lease is gone, and no lease outlives a finished record."""
+        async def transaction():
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(f"swl:job:{record.job_id}", record.to_json(), px=int(self.result_ttl_s * 1000))
+                pipe.srem(RUNNING, record.job_id)
+                pipe.delete(f"swl:job:{record.job_id}:lease")
+                await pipe.execute()
+
+        await self._call(transaction())
 
     async def load(self, job_id: str) -> JobRecord | None:
         data = await self._call(self.client.get(f"swl:job:{job_id}"))

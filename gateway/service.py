@@ -15,15 +15,21 @@ from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from service_runtime.server import GrpcService, run_service
 from service_runtime.settings import ServerSettings, metrics_port_setting, port_setting, setting
 
+from .admission import JobSlots
 from .audio import SAMPLE_RATE, melspectrogram
 from .auth import ApiKeyInterceptor, ApiKeys
 from .avatars import AvatarStore
 from .clients import ModelClients
-from .limits import http_body_limit_bytes
+from .generation import Generation
+from .job_runner import JobRunner
 from .job_store import MemoryJobStore, RedisJobStore
-from .plan_cache import MemoryPlanCache, RedisPlanCache
+from .jobs import JobFiles, JobLedger, Jobs
+from .limits import http_body_limit_bytes
 from .metrics import GatewayMetrics
+from .plan_cache import MemoryPlanCache, RedisPlanCache
 from .servicer import GatewayServicer
+from .uploads import UploadStore
+from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +135,21 @@ class GatewayService(GrpcService):
             plans = MemoryPlanCache(settings.plan_cache_mb << 20, self.metrics) if settings.plan_cache_mb else None
         avatars = AvatarStore(Path(settings.data_dir), self.redis, settings.redis_timeout_s)
         if self.redis is not None:
-            jobs = RedisJobStore(self.redis, settings.job_queue_size, settings.job_result_ttl_s,
-                                 settings.redis_timeout_s)
+            store = RedisJobStore(self.redis, settings.job_queue_size, settings.job_result_ttl_s,
+                                  settings.redis_timeout_s)
         else:
-            jobs = MemoryJobStore(settings.job_queue_size, settings.job_result_ttl_s)
-        self.servicer = GatewayServicer(self.clients, self.metrics, settings, plans=plans, avatars=avatars,
-                                        job_store=jobs)
+            store = MemoryJobStore(settings.job_queue_size, settings.job_result_ttl_s)
+        self.slots = JobSlots(settings.max_concurrent_jobs)
+        self.generation = Generation(self.clients, self.metrics, settings, plans=plans, avatars=avatars)
+        files = JobFiles(Path(settings.data_dir))
+        ledger = JobLedger(store, files, settings, self.metrics, WebhookSender(settings, self.metrics))
+        self.jobs = Jobs(store, files, ledger, settings, self.metrics, check=self.generation.check)
+        self.job_runner = JobRunner(store, files, ledger, self.generation, settings, self.metrics, self.slots,
+                                    self.supervisor)
+        uploads = UploadStore(Path(settings.data_dir) / "uploads", settings.upload_store_mb << 20,
+                              settings.upload_ttl_s)
+        self.servicer = GatewayServicer(self.generation, self.jobs, avatars, uploads, self.slots, self.metrics,
+                                        settings)
         self.api_keys = ApiKeys(settings.api_keys)
 
     def interceptors(self):
@@ -152,7 +167,7 @@ class GatewayService(GrpcService):
         noise = np.random.default_rng(0).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1
         await asyncio.to_thread(melspectrogram, noise)
         log.info("mel warmed up")
-        self.servicer.jobs.start()
+        self.job_runner.start()
 
     def register(self, server) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
@@ -160,7 +175,7 @@ class GatewayService(GrpcService):
     async def close(self) -> None:
         """Stops the job workers, then the channels and Redis; no step may hold shutdown up (a Redis command
         cancelled mid-flight has left redis-py's close waiting forever)."""
-        for step in (self.servicer.jobs.stop(), self.clients.close(),
+        for step in (self.job_runner.stop(), self.clients.close(),
                      self.redis.aclose() if self.redis is not None else asyncio.sleep(0)):
             try:
                 await asyncio.wait_for(step, CLOSE_STEP_S)

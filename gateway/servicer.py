@@ -1,34 +1,29 @@
-"""The public Gateway servicer: generation (streaming, one-shot, from uploads and avatars) and avatars."""
+"""The public Gateway servicer: converts messages and streams, calls the generation layer, the job API, the avatar
+and upload stores, and converts back; errors are mapped to gRPC statuses by service_runtime.rpc."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from service_runtime.errors import InvalidArgument, ServiceError
-from service_runtime.logs import request_id_var
-from service_runtime.rpc import checked_request_id, grpc_method, grpc_stream_method
+from service_runtime.rpc import grpc_method, grpc_stream_method
 
 from .admission import JobSlots
+from .avatars import AvatarStore
+from .deadline import JobDeadline
+from .generation import Generation
 from .job_store import TERMINAL
 from .jobs import Jobs
-from .avatars import AvatarStore
-from .clients import ModelClients
-from .deadline import JobDeadline
-from .limits import MediaLimits
 from .metrics import GatewayMetrics
-from .options import JobOptions, Progress
-from .pipeline import LipSyncJob, plan_avatar
-from .plan_cache import PlanCache
-from .planning import Planner
+from .options import Progress
+from .pipeline import LipSyncJob
 from .uploads import UploadStore
 
 log = logging.getLogger(__name__)
@@ -37,59 +32,21 @@ WARNING_TRAILER = "x-swl-warning"
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, clients: ModelClients, metrics: GatewayMetrics, settings, *, plans: PlanCache | None = None,
-                 avatars: AvatarStore, job_store) -> None:
-        self.clients, self.metrics, self.settings = clients, metrics, settings
-        self.plans, self.avatars = plans, avatars
-        self.limits = MediaLimits.from_settings(settings)
-        self.slots = JobSlots(settings.max_concurrent_jobs)
-        self.jobs = Jobs(job_store, Path(settings.data_dir), settings, metrics, self.slots, check=self._check,
-                         make_job=self._job, run_job=self._run)
-        self.uploads = UploadStore(Path(settings.data_dir) / "uploads", settings.upload_store_mb << 20,
-                                   settings.upload_ttl_s)
-        self._serial = asyncio.Lock() if settings.serial_jobs else contextlib.nullcontext()
+    def __init__(self, generation: Generation, jobs: Jobs, avatars: AvatarStore, uploads: UploadStore,
+                 slots: JobSlots, metrics: GatewayMetrics, settings) -> None:
+        self.generation, self.jobs, self.avatars, self.uploads = generation, jobs, avatars, uploads
+        self.slots, self.metrics, self.settings = slots, metrics, settings
+        self.limits = generation.limits
 
     def _deadline(self, context) -> JobDeadline:
         return JobDeadline(self.settings.job_deadline_s, self.settings.job_deadline_per_audio_second_s,
                            context.time_remaining())
 
-    async def _job(self, message: gateway_pb2.GenerateOptions, deadline: JobDeadline, progress=None) -> LipSyncJob:
-        """Validates the options (request id first: it goes into every log line and model call); with an
-        avatar id, the avatar's media, plan and planning options are the job's."""
-        options = self._options(message)
-        avatar = await self.avatars.load(message.avatar_id) if message.avatar_id else None
-        if avatar is not None:
-            options = options.with_planning_of(JobOptions.from_proto(avatar.planning))
-        job = LipSyncJob(self.clients, options, self.metrics, chunk_frames=self.settings.chunk_frames,
-                         limits=self.limits, deadline=deadline, progress=progress, plans=self.plans,
-                         encoder_threads=self.settings.encoder_threads)
-        if avatar is not None:
-            job.use_avatar(avatar.face, avatar.plan)
-        return job
-
-    async def _checked_job(self, message: gateway_pb2.GenerateOptions, deadline: JobDeadline, progress) -> LipSyncJob:
-        """A job whose reference photo is checked (decodable, a face found) before any media is used."""
-        job = await self._job(message, deadline, progress)
-        async with deadline.enforced():
-            await job.prepare_reference()
-        return job
-
-    async def _check(self, message: gateway_pb2.GenerateOptions) -> None:
-        """Options, request id and avatar (its metadata only) of a job that will run later."""
-        self._options(message)
-        if message.avatar_id:
-            await self.avatars.get(message.avatar_id)
-
-    def _options(self, message: gateway_pb2.GenerateOptions) -> JobOptions:
-        if message.request_id:
-            request_id_var.set(checked_request_id(message.request_id, "options.request_id"))
-        return JobOptions.from_proto(message)
-
     async def _receive(self, requests: AsyncIterator[gateway_pb2.GenerateChunk], deadline: JobDeadline,
                        progress) -> tuple[LipSyncJob, bytes, bytes]:
         """Options first, checked with the reference photo before any media is read; then the media."""
         first = await self._first(requests, "Generate")
-        job = await self._checked_job(first.options, deadline, progress)
+        job = await self.generation.checked_job(first.options, deadline, progress)
         parts = await self._upload(requests, len(first.options.reference_face))
         return job, parts["face_chunk"], parts["audio_chunk"]
 
@@ -120,31 +77,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.metrics.received_bytes.inc(received)
         return await asyncio.to_thread(lambda: {kind: b"".join(chunks) for kind, chunks in parts.items()})
 
-    async def _run(self, job: LipSyncJob, face: bytes, audio: bytes, on_video=None):
-        self.metrics.inflight.inc()
-        code = "OK"
-        started = time.perf_counter()
-        log.info("job started", extra={"face_bytes": len(face), "audio_bytes": len(audio), "avatar": job.has_avatar,
-                                       "crop_mode": job.options.crop_mode, "enhance": job.options.enhance})
-        try:
-            if job.has_avatar and face:
-                raise InvalidArgument("send either face media or an avatar_id, not both")
-            async with job.deadline.enforced(), self._serial:
-                return await job.render(face, audio, on_video=on_video)
-        except ServiceError as error:
-            code = error.code.name
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.metrics.inflight.dec()
-            self.metrics.jobs.labels(code).inc()
-            log.info("job finished", extra={"code": code, "seconds": round(time.perf_counter() - started, 3)})
-
     async def _prepared(self, options: gateway_pb2.GenerateOptions, context, progress, *media: bytes) -> LipSyncJob:
         """A job for media that arrived in one message: options and reference photo checked, upload counted."""
-        job = await self._checked_job(options, self._deadline(context), progress)
+        job = await self.generation.checked_job(options, self._deadline(context), progress)
         received = sum(map(len, media)) + len(options.reference_face)
         self.limits.check_upload(received)
         self.metrics.received_bytes.inc(received)
@@ -154,7 +89,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                       events: asyncio.Queue) -> AsyncIterator[gateway_pb2.GenerateEvent]:
         """Progress events while the job runs, interleaved with the mp4 (fragmented) as it is encoded, then the
         result: the first video bytes leave before the last frame is made."""
-        task = asyncio.create_task(self._run(job, face, audio, on_video=events.put))
+        task = asyncio.create_task(self.generation.run(job, face, audio, on_video=events.put))
         sent, step = 0, self.settings.chunk_bytes
         async for update in while_running(task, events):
             if isinstance(update, bytes):
@@ -179,7 +114,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     warnings.append(message)
 
             job = await self._prepared(options, context, progress, face, audio)
-            _, mp4 = await self._run(job, face, audio)
+            _, mp4 = await self.generation.run(job, face, audio)
         if warnings:  # no progress stream here: warnings travel as trailers (HTTP headers through Envoy)
             context.set_trailing_metadata(tuple((WARNING_TRAILER, w) for w in warnings))
         return httpbody_pb2.HttpBody(content_type="video/mp4", data=mp4)
@@ -226,27 +161,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     # --- Avatars ---------------------------------------------------------------------------------------------
 
-    async def _create_avatar(self, message: gateway_pb2.AvatarOptions, face: bytes, context, progress):
-        deadline = self._deadline(context)
-        planner = Planner(self.clients, self._options(message.planning), self.metrics,
-                          chunk_frames=self.settings.chunk_frames, limits=self.limits, deadline=deadline,
-                          progress=progress)
-        async with deadline.enforced():
-            plan, preview = await plan_avatar(planner, face, deadline)
-            record = await self.avatars.create(face, plan, message.name, message.planning, preview)
-        with contextlib.suppress(ServiceError):
-            self.metrics.avatars.set(await self.avatars.count())
-        log.info("avatar created", extra={"avatar_id": record.avatar_id, "frames": record.frames})
-        return record
-
     @grpc_stream_method()
     async def CreateAvatar(self, request_iterator, context):
         with self.slots.slot():
             first = await self._first(request_iterator, "CreateAvatar")
-            self._options(first.options.planning)  # refused before the media is read
+            self.generation.options(first.options.planning)  # refused before the media is read
             parts = await self._upload(request_iterator, len(first.options.planning.reference_face))
             events, progress = progress_queue()
-            task = asyncio.create_task(self._create_avatar(first.options, parts["face_chunk"], context, progress))
+            task = asyncio.create_task(self.generation.create_avatar(first.options, parts["face_chunk"],
+                                                                      self._deadline(context), progress))
             async for update in while_running(task, events):
                 yield gateway_pb2.CreateAvatarEvent(progress=update)
             yield gateway_pb2.CreateAvatarEvent(avatar=task.result().message())
@@ -255,7 +178,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def CreateAvatarFromJson(self, request: gateway_pb2.CreateAvatarRequest, context) -> gateway_pb2.Avatar:
         with self.slots.slot():
             self.limits.check_upload(len(request.face) + len(request.options.planning.reference_face))
-            record = await self._create_avatar(request.options, request.face, context, None)
+            record = await self.generation.create_avatar(request.options, request.face, self._deadline(context), None)
         return record.message()
 
     @grpc_method()

@@ -58,20 +58,36 @@ class BatchingQueue(Generic[Item, Result]):
         # One thread per model keeps one batch on the model at a time while the event loop keeps serving.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._worker: asyncio.Task | None = None
+        self._died: BaseException | None = None
 
-    def start(self) -> None:
+    def start(self, on_death: Callable[[str, BaseException | None], None] = lambda name, error: None) -> None:
+        """Starts the worker; if it ever ends by itself, every waiting item fails, new ones are refused, and
+        `on_death(name, error)` is told (the model service reports NOT_SERVING)."""
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+            self._worker.add_done_callback(lambda task: self._ended(task, on_death))
+
+    def _ended(self, task: asyncio.Task, on_death: Callable[[str, BaseException | None], None]) -> None:
+        if task.cancelled():
+            return  # stop()
+        self._died = task.exception() or RuntimeError("the worker returned")
+        self._fail_pending(Unavailable(f"model {self.name}'s batching worker stopped ({self._died}); this replica "
+                                       "is NOT_SERVING and will be restarted: retry another replica"))
+        on_death(self.name, self._died)
+
+    def _fail_pending(self, error: ServiceError) -> None:
+        while self._pending:
+            entry = self._pending.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(error)
+        self._metrics.queue_depth.labels(self.name).set(0)
 
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
-        while self._pending:
-            entry = self._pending.popleft()
-            if not entry.future.done():
-                entry.future.set_exception(Unavailable(f"model {self.name} is shutting down; retry another replica"))
+        self._fail_pending(Unavailable(f"model {self.name} is shutting down; retry another replica"))
         self._executor.shutdown(wait=False)
 
     @property
@@ -88,6 +104,9 @@ class BatchingQueue(Generic[Item, Result]):
         """Queues all items or none: a call that does not fit gets RESOURCE_EXHAUSTED with a retry hint."""
         if self._worker is None:
             raise Unavailable(f"model {self.name} is not serving yet (warming up); retry shortly")
+        if self._died is not None:
+            raise Unavailable(f"model {self.name}'s batching worker stopped ({self._died}); this replica is "
+                              "NOT_SERVING and will be restarted: retry another replica")
         if len(self._pending) + len(items) > self._max_queue:
             self._metrics.queue_rejections.labels(self.name).inc(len(items))
             raise ResourceExhausted(

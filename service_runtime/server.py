@@ -22,6 +22,7 @@ from .manifest import ModelSpec
 from .onnx_session import OnnxModel, load_model
 from .providers import ProviderConfig
 from .settings import ServerSettings, ServiceSettings
+from .supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class GrpcService(abc.ABC):
     def __init__(self, settings: ServerSettings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.supervisor = Supervisor()  # its loops' deaths turn the process NOT_SERVING (ServiceServer wires it)
 
     @abc.abstractmethod
     async def warm_up(self) -> None:
@@ -111,7 +113,7 @@ class ModelService(GrpcService):
             self.metrics.warmup_seconds.labels(key).set(seconds)
             log.info("model warmed up", extra={"model": key, "batch_sizes": sizes, "seconds": round(seconds, 3)})
         for queue in self.queues.values():
-            queue.start()
+            queue.start(on_death=self.supervisor.report)
 
     async def close(self) -> None:
         for queue in self.queues.values():
@@ -128,10 +130,18 @@ class ServiceServer:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
+        self._health_update: asyncio.Task | None = None
+        service.supervisor.on_death = self._task_died
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *self.service.grpc_service_names):
             await self.health.set(name, status)
+
+    def _task_died(self, name: str, error: BaseException | None) -> None:
+        """A long-lived task ended: NOT_SERVING, so the load balancer stops sending calls and the liveness probe
+        (the gRPC health check) has Kubernetes restart the process."""
+        self._health_update = asyncio.get_running_loop().create_task(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def start(self) -> int:
         """Binds and starts answering (NOT_SERVING until `warm_up`); returns the gRPC port."""
@@ -165,6 +175,8 @@ class ServiceServer:
     async def warm_up(self, run_models: bool = True) -> None:
         """Runs the service's warm-up, then reports SERVING."""
         await (self.service.warm_up(run_models) if isinstance(self.service, ModelService) else self.service.warm_up())
+        if self.service.supervisor.dead:  # a loop died during warm-up: never claim SERVING
+            raise RuntimeError(f"{', '.join(self.service.supervisor.dead)} stopped during warm-up; see the log")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"service": self.service.name, "port": self.port})
 
@@ -174,6 +186,7 @@ class ServiceServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        await self.service.supervisor.stop()
         await self.service.close()
         self.service.metrics.close()
         log.info("stopped", extra={"service": self.service.name})

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from superwav2lip.gateway.v1 import gateway_pb2
 
-from gateway.jobs import sign
+from gateway.webhooks import sign
 
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
 from .stack import running_stack
