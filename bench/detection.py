@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import publish  # noqa: E402
-from gateway.clients import Face  # noqa: E402
+from gateway.faces import Face  # noqa: E402
 from gateway.tracking import detection_indices, drifted, interpolate, iou  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
 from service_runtime.onnx_session import load_model  # noqa: E402

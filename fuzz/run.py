@@ -22,7 +22,7 @@ def main() -> None:
     with atheris.instrument_imports(include=["gateway", "services", "service_runtime", "fuzz"]):
         from fuzz.targets import TARGETS
 
-        import gateway.audio, gateway.media, gateway.options, services.detector.decoders  # noqa: E401,F401
+        import gateway.audio, gateway.face_source, gateway.options, services.detector.decoders  # noqa: E401,F401
     if name not in TARGETS:
         raise SystemExit(f"unknown target {name!r}; one of {', '.join(TARGETS)}")
     corpus = ROOT / "fuzz" / "corpus" / name

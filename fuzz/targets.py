@@ -43,7 +43,7 @@ def _expect_client_error(call: Callable[[], object]) -> object:
 
 def face_media(data: bytes) -> None:
     """The face upload: probe, then decode the first frames (a video) or the picture (a still)."""
-    from gateway.media import FaceSource
+    from gateway.face_source import FaceSource
 
     source = _expect_client_error(lambda: FaceSource(data, 25.0, _limits()))
     if source is None:

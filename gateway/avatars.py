@@ -24,7 +24,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from service_runtime.errors import InvalidArgument, NotFound, Unavailable
 
-from .planning import FacePlan
+from .faces import FacePlan
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import cv2
@@ -24,6 +23,7 @@ from service_runtime.logs import request_id_var
 from service_runtime.rpc import REQUEST_ID_HEADER
 
 from .deadline import JobDeadline
+from .faces import Face
 from .metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -49,17 +49,6 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_sen
                    ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
                    # A call is retried only while its request is buffered: room for the largest batches.
                    ("grpc.per_rpc_retry_buffer_size", 64 << 20), ("grpc.retry_buffer_size", 256 << 20)]
-
-
-@dataclass(frozen=True)
-class Face:
-    box: np.ndarray  # x1, y1, x2, y2 in frame pixels
-    score: float
-    landmarks: np.ndarray  # 5x2
-
-    @property
-    def area(self) -> float:
-        return float(max(0, self.box[2] - self.box[0]) * max(0, self.box[3] - self.box[1]))
 
 
 def _translate(service: str, error: grpc.aio.AioRpcError) -> ServiceError:

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from .alignment import align_face, feathered_ellipse_mask, feathered_rect_mask, paste_aligned, template
+from .faces import Box, Target
 
 FACE_SIZE = 96
 ALIGNED_SIZE = 256
@@ -18,15 +19,7 @@ ENHANCE_MASKS = {
     "face": feathered_rect_mask(ENHANCE_SIZE, erode=24, blur=16),
     "mouth": feathered_ellipse_mask(ENHANCE_SIZE, (257, 371), (120, 90), blur=16),
 }
-Box = tuple[int, int, int, int]  # x1, y1, x2, y2, integer pixels, x2/y2 exclusive
 
-
-@dataclass(frozen=True)
-class Target:
-    """The face to animate in one frame: its padded, smoothed box and its smoothed 5 landmarks."""
-
-    box: Box
-    landmarks: np.ndarray
 
 
 def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:

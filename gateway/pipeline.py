@@ -15,14 +15,14 @@ from service_runtime.providers import GPU_PROVIDERS
 from .avatars import preview_jpeg
 from .audio import decode_speech, frame_count, melspectrogram
 from .clients import ModelClients
-from .compositing import Target
 from .deadline import JobDeadline
 from .limits import MediaLimits
-from .media import FaceSource
+from .face_source import FaceSource
 from .metrics import GatewayMetrics
 from .options import JobOptions, Progress
 from .plan_cache import PlanCache, plan_key
-from .planning import FacePlan, Planner
+from .faces import FacePlan, Target
+from .planning import Planner
 from .synthesis import Plan, Synthesiser
 
 log = logging.getLogger(__name__)

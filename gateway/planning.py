@@ -8,10 +8,7 @@ planning options only, so it is cached by content and kept with avatars; synthes
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from dataclasses import dataclass
-from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -19,56 +16,15 @@ import numpy as np
 from service_runtime.errors import FailedPrecondition, InvalidArgument
 
 from .alignment import align_face, template
-from .clients import Face, ModelClients
-from .compositing import Box, Target
+from .clients import ModelClients
 from .containers import decode_picture, picture_size
 from .deadline import JobDeadline
+from .faces import Box, Face, FacePlan, Target
 from .limits import MediaLimits
-from .media import FaceSource
+from .face_source import FaceSource
 from .metrics import GatewayMetrics
 from .options import JobOptions, Progress
 from .tracking import Tracker, drifted, interpolate, rank_tracks, target_per_frame
-
-PLAN_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class FacePlan:
-    """Per frame of the face media, the target to animate (None: leave the frame untouched), with the
-    media's frame rate and size. Landmarks are float64, whether fresh or read back, so both give equal frames."""
-
-    fps: Fraction
-    size: tuple[int, int]
-    targets: tuple[Target | None, ...]
-    planning_seconds: float = 0.0  # what planning cost: what a cache hit saves
-
-    @property
-    def source_frames(self) -> int:
-        return len(self.targets)
-
-    def to_json(self) -> bytes:
-        return json.dumps({
-            "format": PLAN_FORMAT, "fps": [self.fps.numerator, self.fps.denominator], "size": list(self.size),
-            "planning_seconds": self.planning_seconds,
-            "targets": [None if t is None else {"box": list(t.box), "landmarks": t.landmarks.tolist()}
-                        for t in self.targets],
-        }, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "FacePlan":
-        """Reads a plan back; raises ValueError for anything but a plan this version wrote."""
-        try:
-            raw = json.loads(data)
-            if raw["format"] != PLAN_FORMAT:
-                raise ValueError(f"plan format {raw['format']}")
-            targets = tuple(None if t is None else
-                            Target(tuple(int(v) for v in t["box"]), np.asarray(t["landmarks"], np.float64).reshape(5, 2))
-                            for t in raw["targets"])
-            return cls(Fraction(*raw["fps"]), (int(raw["size"][0]), int(raw["size"][1])), targets,
-                       float(raw["planning_seconds"]))
-        except (KeyError, TypeError, IndexError, json.JSONDecodeError) as error:
-            raise ValueError(f"not a face plan: {error}") from None
-
 
 def padded_box(face: Face, pads: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
     """Wav2Lip's padding (top, bottom, left, right), clipped to the frame."""

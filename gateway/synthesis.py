@@ -23,10 +23,11 @@ from .compositing import (
     ENHANCE_MASKS, ENHANCE_SIZE, Target, aligned_input, aligned_paste, crop_face, mouth_window, paste_face,
 )
 from .deadline import JobDeadline
-from .media import FaceSource, Mp4Writer, source_index
+from .face_source import FaceSource, source_index
+from .mp4_writer import Mp4Writer
 from .metrics import GatewayMetrics
 from .options import JobOptions, Progress
-from .planning import FacePlan
+from .faces import FacePlan
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .clients import Face
+from .faces import Face
 
 TRACK_IOU = 0.3
 

@@ -26,7 +26,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 from google.api import httpbody_pb2
 
 from gateway.audio import Speech
-from gateway.media import Mp4Writer
+from gateway.mp4_writer import Mp4Writer
 from gateway.mp4_boxes import with_gapless_info
 
 from .conftest import system_binary

@@ -10,7 +10,7 @@ import pytest
 from superwav2lip.gateway.v1 import gateway_pb2
 
 from gateway.alignment import FFHQ_512, align_face, footprint, paste_aligned, similarity_transform
-from gateway.clients import Face
+from gateway.faces import Face
 from service_runtime.errors import FailedPrecondition
 from gateway.options import JobOptions
 from gateway.compositing import ENHANCE_MASKS
@@ -256,7 +256,7 @@ def jumping_clip(count=20, jump_at=8, a=(40, 80), b=(220, 80)):
 
 
 async def plan_of(stack, clip, **options):
-    from gateway.media import FaceSource
+    from gateway.face_source import FaceSource
     from gateway.metrics import GatewayMetrics
     from gateway.options import JobOptions
     from gateway.planning import Planner

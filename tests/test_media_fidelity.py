@@ -12,7 +12,7 @@ import soundfile
 from scipy import signal
 
 from gateway.audio import decode_speech, melspectrogram
-from gateway.media import FaceSource
+from gateway.face_source import FaceSource
 
 from .conftest import SHARED_MEDIA, shared_file
 from .media_factory import (
