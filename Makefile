@@ -19,7 +19,7 @@ help:  ## this list: every target with what it does, then the variables you may 
 		END { print "\nvariables:" vars }' $(firstword $(MAKEFILE_LIST))
 .PHONY: help
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed  ## the virtualenv in .venv with the project and its extras (EXTRAS=...), once per pyproject.toml change
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,7 +60,7 @@ soak: install deps  ## 200 generations from 8 clients against the running stack 
 	$(PY) -m pytest -q -s -p no:cacheprovider -m soak tests/soak
 	$(MAKE) fuzz FUZZ_SECONDS=60
 
-clean:
+clean:  ## remove generated demo weights and test caches (models/dev, .pytest_cache)
 	rm -rf models/dev .pytest_cache
 
 run: install  ## start the whole stack on CPU (real weights when present, generated ones otherwise)

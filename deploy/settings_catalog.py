@@ -1,4 +1,4 @@
-"""Every process's settings class, titled as in the README: what a deployment may set through SWL_ variables."""
+"""Every process's settings class, titled as in docs/settings.md: what a deployment may set through SWL_ variables."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ class SettingsError(ValueError):
 
 
 def setting(default: Any, doc: str, *, ge: float | None = None, le: float | None = None) -> Any:
-    """Declares one setting: its default, the one-line doc shown in the README table and its allowed range."""
+    """Declares one setting: its default, the one-line doc shown in docs/settings.md and its allowed range."""
     return dataclasses.field(default=default, metadata={"doc": doc, "ge": ge, "le": le})
 
 
@@ -87,7 +87,7 @@ class BaseSettings:
 
     @classmethod
     def markdown_table(cls) -> str:
-        """The README settings table for this class."""
+        """The settings table for this class, as docs/settings.md shows it."""
         rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
         for field in dataclasses.fields(cls):
             default = field.default

@@ -66,7 +66,7 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
                       "-o", str(tmp_path / "bad.mp4"), "--server", f"127.0.0.1:{base}")
         assert refused.returncode == 3 and "INVALID_ARGUMENT" in refused.stderr  # the input was refused
 
-        # The README's curl examples, as written but for the port.
+        # The HTTP examples of README.md and docs/http-api.md, as written but for the port.
         assert any(f"http http://127.0.0.1:{http}" in l for l in output)
         script = readme_http_examples().replace("localhost:8080", f"127.0.0.1:{http}")
         (tmp_path / "face.png").write_bytes(encode_png(with_marker(scene(), 100, 80)))
@@ -79,7 +79,7 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
         assert '"stage":"encode"' in shell.stdout  # the server-sent progress reached the end
         assert '"code":3' in shell.stdout.replace(" ", "") and "INVALID_ARGUMENT" not in shell.stderr
 
-        # The avatar verbs, as the README shows them.
+        # The avatar verbs, as docs/http-api.md shows them.
         server = f"--server=127.0.0.1:{base}"
         video = tmp_path / "presenter.mp4"
         video.write_bytes(encode_video(marker_frames(10)))
@@ -96,7 +96,7 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
         deleted = cli("avatar", "delete", avatar_id, server)
         assert deleted.returncode == 0 and avatar_id not in cli("avatar", "list", server).stdout
 
-        # The jobs verbs, as the README shows them.
+        # The jobs verbs, as docs/http-api.md shows them.
         submitted = cli("jobs", "submit", "--face", str(tmp_path / "face.png"), "--audio", str(tmp_path / "speech.wav"),
                         server)
         assert submitted.returncode == 0, submitted.stderr

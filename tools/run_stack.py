@@ -258,7 +258,7 @@ def main() -> None:
           + (f"open: {ui} in a browser\n" if ui else "") +
           f"try:  superwav2lip generate --face ../shared/media/face_astronaut.png "
           f"--audio ../shared/media/speech_en_4s.wav -o out.mp4 --server {addresses['gateway']}\n"
-          + (f"or:   curl -s {edge}/healthz   (the README has the HTTP examples)\n" if args.http_port else "")
+          + (f"or:   curl -s {edge}/healthz   (docs/http-api.md has the HTTP examples)\n" if args.http_port else "")
           + "Ctrl-C stops everything.", flush=True)
     while not stop["now"]:
         dead = [name for name, p in processes.items() if p.poll() is not None]

@@ -175,7 +175,7 @@ def envoy_config_problems(objects: Objects) -> list[str]:
 def settings_problems(objects: Objects) -> list[str]:
     """An SWL_ variable no settings class declares is a typo or a leftover, and would be silently ignored."""
     known = variable_names()
-    return [f"{name_of(obj)}: {env['name']} is not a setting of this project (see the README's settings tables)"
+    return [f"{name_of(obj)}: {env['name']} is not a setting of this project (see docs/settings.md)"
             for obj in workloads(objects) for c in pod_spec(obj)["containers"] for env in c.get("env", [])
             if env["name"].startswith("SWL_") and env["name"] not in known]
 
