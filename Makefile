@@ -39,8 +39,9 @@ models: install  ## download and verify the real weights (needs internet)
 models-dev: install  ## generate small random-weight models into models/dev
 	$(PY) -m service_runtime.dev_models
 
-lint: install  ## pyflakes-level checks (unused imports and names, syntax)
+lint: install  ## ruff (unused imports and names, syntax) and mypy (service_runtime, gateway and the SDK type-check)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: install deps  ## the whole suite (first installs the missing system programs: make deps)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -8,6 +8,7 @@ path is built from them: no client string becomes a path."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 import re
@@ -173,7 +174,7 @@ class AvatarStore:
         more = len(records) > size
         return records[:size], str(start + size) if more else ""
 
-    def _local_records(self) -> list[AvatarRecord]:
+    def _local_records(self) -> builtins.list[AvatarRecord]:  # `list` is a method of this class
         if not self.root.is_dir():
             return []
         metas = [f / "meta.json" for f in self.root.iterdir() if AVATAR_ID.fullmatch(f.name)]

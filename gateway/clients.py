@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import cv2
 import grpc
@@ -67,7 +67,8 @@ def _translate(service: str, error: grpc.aio.AioRpcError) -> ServiceError:
                            f"{request_id_var.get()}")
 
 
-async def run_in_parts(items: Sequence[T], size: int, run: Callable[[Sequence[T]], Awaitable[list[R]]]) -> list[R]:
+async def run_in_parts(items: Sequence[T], size: int,
+                       run: Callable[[Sequence[T]], Coroutine[Any, Any, list[R]]]) -> list[R]:
     """Runs `run` on parts of `size` items concurrently and joins the results in order; when one part fails,
     the others are cancelled (their model calls stop) and its error is raised."""
     parts = [items[i : i + size] for i in range(0, len(items), size)]
@@ -118,7 +119,7 @@ class ModelClients:
                 raise deadline.exceeded(waiting_for=service) from None
             raise _translate(service, error) from None
 
-    async def _batched(self, items: Sequence[T], run: Callable[[Sequence[T]], Awaitable[list[R]]]) -> list[R]:
+    async def _batched(self, items: Sequence[T], run: Callable[[Sequence[T]], Coroutine[Any, Any, list[R]]]) -> list[R]:
         return await run_in_parts(items, self._batch_items, run)
 
     async def detect(self, frames: Sequence[np.ndarray], deadline: JobDeadline | None = None) -> list[list[Face]]:

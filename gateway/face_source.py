@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from fractions import Fraction
+from typing import Any
 
 import av
 import cv2
@@ -33,13 +34,14 @@ class FaceSource:
     def __init__(self, data: bytes, still_fps: float, limits: MediaLimits = MediaLimits()) -> None:
         if not data:
             raise InvalidArgument("face: no bytes were sent")
-        self._container = None
+        self._container: Any = None  # av's InputContainer once a video is opened (av's types say neither)
         # A cancelled job closes the source while a worker thread may still be decoding: FFmpeg must not
         # see both at once.
         self._lock = threading.Lock()
         size = picture_size(data)
         self.is_still = size is not None
-        if self.is_still:
+        self._still: np.ndarray | None
+        if size is not None:
             limits.check_frame("face", *size)
             self._still = frame = even_crop(decode_picture(data, "face"))
             self.fps = Fraction(still_fps).limit_denominator(1001)
@@ -47,7 +49,7 @@ class FaceSource:
         else:
             self._still = None
             self._open(data, limits)
-            self.size: tuple[int, int] | None = None  # set by the first frame
+            self._frame_size: tuple[int, int] | None = None  # the first frame's: later ones are resized to it
             first = self.read(0, 1)
             if not first:
                 self.close()
@@ -58,7 +60,8 @@ class FaceSource:
         except InvalidArgument:
             self.close()
             raise
-        self.size = (frame.shape[1], frame.shape[0])
+        self.size: tuple[int, int] = (frame.shape[1], frame.shape[0])
+        self._frame_size = self.size
 
     def _open(self, data: bytes, limits: MediaLimits) -> None:
         self._container = open_video(data)
@@ -117,7 +120,7 @@ class FaceSource:
 
     def read(self, start: int, stop: int) -> list[np.ndarray]:
         """Exactly the frames [start, stop); fewer only when the video ends first. A still repeats its picture."""
-        if self.is_still:
+        if self._still is not None:
             return [self._still] * max(0, stop - start)
         with self._lock:
             if self._container is None:
@@ -134,6 +137,7 @@ class FaceSource:
         out: list[np.ndarray] = []
         if self._next >= stop:
             return out
+        assert self._grid is not None  # _seek made it
         for index, frame in self._grid:
             self._next = index + 1
             if index >= start:
@@ -146,13 +150,13 @@ class FaceSource:
         """BGR, upright, even-sized, and the size of the first frame (a stream may change size midway)."""
         if self._last is not None and self._last[0] is frame:
             return self._last[1]
-        pixels = frame.to_ndarray(format="bgr24")
+        pixels: np.ndarray = frame.to_ndarray(format="bgr24")
         quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as the display matrix says
         if quarter_turns:
             pixels = np.ascontiguousarray(np.rot90(pixels, quarter_turns))
         pixels = even_crop(pixels)
-        if self.size is not None and (pixels.shape[1], pixels.shape[0]) != self.size:
-            pixels = cv2.resize(pixels, self.size, interpolation=cv2.INTER_AREA)
+        if self._frame_size is not None and (pixels.shape[1], pixels.shape[0]) != self._frame_size:
+            pixels = cv2.resize(pixels, self._frame_size, interpolation=cv2.INTER_AREA)
         self._last = (frame, pixels)
         return pixels
 

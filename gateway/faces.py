@@ -13,6 +13,12 @@ Box = tuple[int, int, int, int]  # x1, y1, x2, y2, integer pixels, x2/y2 exclusi
 PLAN_FORMAT = 1
 
 
+def box_of(values) -> Box:
+    """Four integer pixel coordinates, from any sequence of four numbers."""
+    x1, y1, x2, y2 = (int(v) for v in values)
+    return x1, y1, x2, y2
+
+
 @dataclass(frozen=True)
 class Face:
     box: np.ndarray  # x1, y1, x2, y2 in frame pixels
@@ -62,7 +68,7 @@ class FacePlan:
             if raw["format"] != PLAN_FORMAT:
                 raise ValueError(f"plan format {raw['format']}")
             targets = tuple(None if t is None else
-                            Target(tuple(int(v) for v in t["box"]), np.asarray(t["landmarks"], np.float64).reshape(5, 2))
+                            Target(box_of(t["box"]), np.asarray(t["landmarks"], np.float64).reshape(5, 2))
                             for t in raw["targets"])
             return cls(Fraction(*raw["fps"]), (int(raw["size"][0]), int(raw["size"][1])), targets,
                        float(raw["planning_seconds"]))

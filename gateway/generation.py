@@ -81,6 +81,7 @@ class Generation:
         try:
             if job.has_avatar and face:
                 raise InvalidArgument("send either face media or an avatar_id, not both")
+            assert job.deadline is not None  # Generation.job gives every job one
             async with job.deadline.enforced(), self._serial:
                 return await job.render(face, audio, on_video=on_video)
         except ServiceError as error:

@@ -22,7 +22,7 @@ from service_runtime.supervision import Supervisor
 
 from .admission import JobSlots
 from .deadline import JobDeadline
-from .job_store import JobRecord
+from .job_store import JobRecord, JobStore
 from .jobs import JobFiles, JobLedger
 from .limits import setting_name
 from .options import Progress
@@ -45,7 +45,7 @@ class Generation(Protocol):
 
 
 class JobRunner:
-    def __init__(self, store, files: JobFiles, ledger: JobLedger, generation: Generation, settings, metrics,
+    def __init__(self, store: JobStore, files: JobFiles, ledger: JobLedger, generation: Generation, settings, metrics,
                  slots: JobSlots, supervisor: Supervisor) -> None:
         self.store, self.files, self.ledger, self.generation = store, files, ledger, generation
         self.settings, self.metrics, self.slots, self.supervisor = settings, metrics, slots, supervisor

@@ -260,6 +260,9 @@ class RedisJobStore:
         return {i for i, e in zip(ids, exists) if e}
 
 
+JobStore = MemoryJobStore | RedisJobStore  # the same methods: one process's, or shared through Redis
+
+
 def queue_full(size: int) -> ResourceExhausted:
     return ResourceExhausted(f"the job queue is full ({size} jobs waiting, {setting_name('job_queue_size')}); "
                              "retry later", retry_after_s=5.0)

@@ -7,13 +7,14 @@ import asyncio
 import logging
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from superwav2lip.gateway.v1 import gateway_pb2
 
 from service_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .job_store import TERMINAL, JobRecord, check_job_id, new_job_id
+from .job_store import TERMINAL, JobRecord, JobStore, check_job_id, new_job_id
 from .limits import MediaLimits, setting_name
 from .metrics import GatewayMetrics
 from .webhooks import WebhookSender, check_webhook
@@ -62,7 +63,8 @@ class JobLedger:
     """Records a job's end: the terminal record saved with its lease released (retried until the store answers,
     so no record is left RUNNING), its files removed when it has no result, the count, and its webhook."""
 
-    def __init__(self, store, files: JobFiles, settings, metrics: GatewayMetrics, webhooks: WebhookSender) -> None:
+    def __init__(self, store: JobStore, files: JobFiles, settings, metrics: GatewayMetrics,
+                 webhooks: WebhookSender) -> None:
         self.store, self.files, self.settings, self.metrics, self.webhooks = store, files, settings, metrics, webhooks
 
     async def succeeded(self, record: JobRecord, result: dict) -> None:
@@ -102,7 +104,8 @@ class JobLedger:
 class Jobs:
     """The job API the servicer calls: each method checks its input and answers from the store and the files."""
 
-    def __init__(self, store, files: JobFiles, ledger: JobLedger, settings, metrics: GatewayMetrics, check) -> None:
+    def __init__(self, store: JobStore, files: JobFiles, ledger: JobLedger, settings, metrics: GatewayMetrics,
+                 check: Callable[[gateway_pb2.GenerateOptions], Awaitable[None]]) -> None:
         self.store, self.files, self.ledger, self.settings, self.metrics = store, files, ledger, settings, metrics
         self.limits = MediaLimits.from_settings(settings)
         self._check = check  # the generation layer's check of options (request id, avatar) at submission

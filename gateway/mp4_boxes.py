@@ -112,7 +112,7 @@ def with_gapless_info(head: bytes, priming: int, padding: int, samples: int) -> 
     growing `moov` moves nothing they point at."""
     if not has_complete_moov(head):
         raise ValueError("no complete moov box in the mp4's head")
-    moov, moov_size = _child(head, 0, len(head), b"moov")
+    moov, moov_size = _child(head, 0, len(head), b"moov") or (0, 0)  # present: has_complete_moov said so
     entry, grown = gapless_tag(priming, padding, samples), [moov]
     parent, parent_end = moov, moov + moov_size
     for depth, kind in enumerate(METADATA_PATH):

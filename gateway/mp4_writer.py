@@ -126,7 +126,7 @@ class Mp4Writer:
         if self._fragmented:  # keep the audio level with the video, so each fragment carries both
             self._mux_audio(until=self._frames / self._fps)
 
-    def _mux_audio(self, until: float | None = None) -> None:
+    def _mux_audio(self, until: Fraction | float | None = None) -> None:
         """Encodes speech up to `until` seconds (all of it when None)."""
         if self._audio_left is None:
             self._audio_left = _audio_frames(self._speech, self._audio.rate, self._audio.layout.name)
@@ -140,7 +140,7 @@ class Mp4Writer:
             self._audio_samples += frame.samples
             packets = self._audio.encode(frame)
             if packets and self._priming is None:
-                self._priming = -round(packets[0].pts * packets[0].time_base * AAC_RATE)
+                self._priming = -round((packets[0].pts or 0) * packets[0].time_base * AAC_RATE)
             self._container.mux(packets)
 
     def _with_gapless_info(self, head: bytes) -> bytes:

@@ -42,11 +42,12 @@ class JobOptions:
         defaults = cls()
 
         def optional(name: str):
-            return getattr(message, name) if message.HasField(name) else getattr(defaults, name)
+            # names below are the message's optional fields (mypy-protobuf types HasField with their literals)
+            return getattr(message, name) if message.HasField(name) else getattr(defaults, name)  # type: ignore[arg-type]
 
         def padding(name: str, default):
             p = getattr(message, name)
-            return (p.top, p.bottom, p.left, p.right) if message.HasField(name) else default
+            return (p.top, p.bottom, p.left, p.right) if message.HasField(name) else default  # type: ignore[arg-type]
 
         options = cls(
             pads=padding("padding", defaults.pads),

@@ -22,11 +22,11 @@ from .avatars import AvatarStore
 from .clients import ModelClients
 from .generation import Generation
 from .job_runner import JobRunner
-from .job_store import MemoryJobStore, RedisJobStore
+from .job_store import JobStore, MemoryJobStore, RedisJobStore
 from .jobs import JobFiles, JobLedger, Jobs
 from .limits import http_body_limit_bytes
 from .metrics import GatewayMetrics
-from .plan_cache import MemoryPlanCache, RedisPlanCache
+from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
 from .servicer import GatewayServicer
 from .uploads import UploadStore
 from .webhooks import WebhookSender
@@ -119,6 +119,8 @@ class GatewaySettings(ServerSettings):
 class GatewayService(GrpcService):
     name = "gateway"
     grpc_service_names = (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,)
+    settings: GatewaySettings
+    metrics: GatewayMetrics
 
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
         super().__init__(settings, metrics or GatewayMetrics())
@@ -130,12 +132,12 @@ class GatewayService(GrpcService):
             settings.redis_url, socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s) if settings.redis_url else None
         if self.redis is not None:
-            plans = RedisPlanCache(self.redis, settings.plan_cache_ttl_s, settings.redis_timeout_s, self.metrics)
+            plans: PlanCache | None = RedisPlanCache(self.redis, settings.plan_cache_ttl_s, settings.redis_timeout_s, self.metrics)
         else:
             plans = MemoryPlanCache(settings.plan_cache_mb << 20, self.metrics) if settings.plan_cache_mb else None
         avatars = AvatarStore(Path(settings.data_dir), self.redis, settings.redis_timeout_s)
         if self.redis is not None:
-            store = RedisJobStore(self.redis, settings.job_queue_size, settings.job_result_ttl_s,
+            store: JobStore = RedisJobStore(self.redis, settings.job_queue_size, settings.job_result_ttl_s,
                                   settings.redis_timeout_s)
         else:
             store = MemoryJobStore(settings.job_queue_size, settings.job_result_ttl_s)
@@ -180,7 +182,8 @@ class GatewayService(GrpcService):
             try:
                 await asyncio.wait_for(step, CLOSE_STEP_S)
             except TimeoutError:
-                log.warning("shutdown step timed out", extra={"step": step.__qualname__, "seconds": CLOSE_STEP_S})
+                log.warning("shutdown step timed out", extra={"step": getattr(step, "__qualname__", repr(step)),
+                                                              "seconds": CLOSE_STEP_S})
 
 
 def keep_large_buffers_returnable() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -133,7 +133,7 @@ class Synthesiser:
             await writer.abort()
             raise
 
-    async def chunks(self, plan: Plan) -> AsyncIterator[tuple[list[np.ndarray], list[Target | None]]]:
+    async def chunks(self, plan: Plan) -> AsyncGenerator[tuple[list[np.ndarray], list[Target | None]], None]:
         """Output frames in order, a chunk at a time, each with the target that was replaced (None = untouched).
 
         Decoding and synthesis run as separate tasks joined by small bounded queues, so the frames
@@ -231,7 +231,8 @@ class Synthesiser:
         """Aligns each synthesised face to FFHQ 512, restores it, and blends it back through a feathered mask."""
         points = template("ffhq", ENHANCE_SIZE)
         aligned = await asyncio.to_thread(
-            lambda: [align_face(frames[k], targets[k].landmarks, points, ENHANCE_SIZE) for k in todo])
+            lambda: [align_face(frames[k], targets[k].landmarks, points, ENHANCE_SIZE)  # type: ignore[union-attr]
+                     for k in todo])  # todo: only frames that have a target
         restored = await self.clients.enhance([crop for crop, _ in aligned], self.deadline)
         mask = ENHANCE_MASKS[self.options.enhance_region]
         pasted = await asyncio.to_thread(

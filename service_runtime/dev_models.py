@@ -95,7 +95,7 @@ def _detector(spec: ModelSpec, g: _Graph) -> list[str]:
     per_cell = spec.options.get("anchors_per_cell", 1 if decoder == "yunet" else 2)
     kinds = {"scrfd": (1, 4, 10), "yunet": (1, 1, 4, 10), "retinaface": (4, 2, 10)}[decoder]
     if decoder == "retinaface":
-        per_stride = {k: [] for k in range(3)}
+        per_stride: dict[int, list] = {k: [] for k in range(3)}
         for stride in (8, 16, 32):
             pooled = g.op("AveragePool", [x], kernel_shape=[stride, stride], strides=[stride, stride])
             for slot, k in enumerate(kinds):

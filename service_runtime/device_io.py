@@ -7,6 +7,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +51,8 @@ class _ShapeBuffers:
     """One batch shape's binding: an input buffer per tensor (on the device, or pinned host staging that
     onnxruntime copies to the device inside the run) and the outputs bound to the device."""
 
-    binding: object
-    inputs: dict[str, object] = field(default_factory=dict)
+    binding: Any  # onnxruntime.IOBinding (onnxruntime ships no type information)
+    inputs: dict[str, Any] = field(default_factory=dict)  # onnxruntime.OrtValue
     staging_views: dict[str, np.ndarray] = field(default_factory=dict)  # numpy views over pinned buffers
 
 

@@ -69,8 +69,8 @@ def _model(name: str, raw: dict[str, Any]) -> ModelSpec:
         role=raw["role"],
         inputs=tuple(_tensor(t) for t in raw["inputs"]),
         outputs=tuple(_tensor(t) for t in raw["outputs"]),
-        preprocess=Preprocess(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in raw.get("preprocess", {}).items()}),
+        preprocess=Preprocess(**{k: tuple(v) if isinstance(v, list) else v  # type: ignore[arg-type]
+                                 for k, v in raw.get("preprocess", {}).items()}),  # JSON: this project's own file
         sha256=raw.get("sha256", ""),
         size_bytes=raw.get("bytes", 0),
         url=raw.get("url", ""),

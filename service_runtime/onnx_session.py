@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-
 import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +98,7 @@ class OnnxModel:
     """One resident session plus its spec. `run` takes stacked batches, looping when the batch is fixed at 1."""
 
     spec: ModelSpec
-    session: object
+    session: Any  # onnxruntime.InferenceSession (onnxruntime ships no type information)
     path: Path
     is_dev: bool
     fixed_batch: bool

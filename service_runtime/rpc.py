@@ -109,7 +109,7 @@ def grpc_stream_method(metrics_attr: str = "metrics") -> Callable[[Handler], Han
         @functools.wraps(func)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with _handled(getattr(self, metrics_attr), func.__name__, context):
-                async for message in func(self, request, context):
+                async for message in func(self, request, context):  # type: ignore[attr-defined]  # an async generator
                     yield message
 
         return wrapper  # type: ignore[return-value]

@@ -73,7 +73,7 @@ class ModelService(GrpcService):
 
     def new_queue(self, model_key: str, run_batch) -> BatchingQueue:
         """Creates the batching queue for one model; it accepts items only once warm-up has finished."""
-        queue = BatchingQueue(
+        queue: BatchingQueue = BatchingQueue(
             model_key,
             run_batch,
             max_batch_size=self.settings.max_batch_size,

@@ -47,11 +47,11 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[Progress], None]]:
         yield lambda progress: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as RichProgress
 
     console = Console(stderr=True)
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     with RichProgress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as bar:
         def update(progress: Progress) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import random
 import uuid
@@ -18,7 +19,7 @@ from .types import (CropMode, EnhanceRegion, Event, LoopMode, Media, NoFacePolic
 API_KEY_ENV = "SUPERWAV2LIP_API_KEY"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", -1)]
-ENUMS = {  # option -> (its Python enum, the proto enum's name prefix)
+ENUMS: dict[str, tuple[type[enum.Enum], str]] = {  # option -> (its Python enum, the proto enum's name prefix)
     "crop_mode": (CropMode, "CROP_MODE_"),
     "enhance_region": (EnhanceRegion, "ENHANCE_REGION_"),
     "target_rule": (TargetRule, "TARGET_RULE_"),
@@ -69,9 +70,9 @@ def read_media(source: Media | None, what: str) -> bytes:
 def _enum_value(option: str, value: Any) -> int:
     enum_class, prefix = ENUMS[option]
     try:
-        member = value if isinstance(value, enum_class) else enum_class(str(value).lower())
+        member: enum.Enum = value if isinstance(value, enum_class) else enum_class(str(value).lower())
     except ValueError:
-        allowed = ", ".join(m.value for m in enum_class)
+        allowed = ", ".join(str(m.value) for m in enum_class)
         raise ValueError(f"{option}={value!r} is not one of: {allowed}") from None
     return gateway_pb2.DESCRIPTOR.enum_types_by_name[enum_class.__name__].values_by_name[
         prefix + member.name].number
@@ -87,7 +88,8 @@ def options_proto(options: Options, *, avatar: str | None = None, request_id: st
         if name in ENUMS:
             setattr(message, name, _enum_value(name, value))
         elif name in PADDINGS:
-            top, bottom, left, right = value  # type: ignore[misc]
+            pads: Sequence[int] = value  # type: ignore[assignment]  # a padding option is four ints
+            top, bottom, left, right = pads
             getattr(message, name).CopyFrom(gateway_pb2.Padding(top=top, bottom=bottom, left=left, right=right))
         elif name == "reference_face":
             message.reference_face = read_media(value, "reference photo")  # type: ignore[arg-type]
@@ -106,7 +108,7 @@ def call_metadata(api_key: str | None, request_id: str, extra: Sequence[tuple[st
 
 
 def sdk_error(error: grpc.RpcError, request_id: str) -> SuperWav2LipError:
-    return SuperWav2LipError(error.code(), error.details() or "", request_id)  # type: ignore[attr-defined]
+    return SuperWav2LipError(error.code(), error.details() or "", request_id)
 
 
 class EventDecoder:
