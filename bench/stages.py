@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import publish  # noqa: E402
+from service_runtime import registry  # noqa: E402
 from bench.throughput import Stack, clip, prepare_models, speech  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 
-SERVICES = ("gateway", "detector", "lipsync", "enhancer")  # metrics ports follow run_stack.py's order
+SERVICES = registry.names()  # metrics ports follow this order from the stack's metrics base port
 GATEWAY_STAGES = ("decode", "detect", "redecode", "crop", "lipsync", "paste", "enhance", "encode")
 
 
@@ -51,7 +52,7 @@ def breakdown(before: dict, after: dict, wall: float) -> list[tuple[str, float, 
 
     rows = [(f"gateway: {stage}", delta("gateway", "swl_gateway_stage_seconds", stage), "gateway stage")
             for stage in GATEWAY_STAGES]
-    for service in ("detector", "lipsync", "enhancer"):
+    for service in (entry.name for entry in registry.model_services()):
         for (metric, model) in after[service]:
             if metric == "swl_inference_seconds":
                 rows.append((f"{service}: {model} inference", delta(service, metric, model), "model alone"))

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from gateway.service import GatewaySettings
-from services.detector.service import DetectorSettings
-from services.enhancer.service import EnhancerSettings
-from services.lipsync.service import LipSyncSettings
+from service_runtime.registry import SERVICES
 from webui.settings import WebUISettings
 
-SETTINGS = (("gateway", GatewaySettings), ("detector", DetectorSettings), ("lipsync", LipSyncSettings),
-            ("enhancer", EnhancerSettings), ("web UI", WebUISettings))
+SETTINGS = (*((entry.name, entry.settings_class()) for entry in SERVICES), ("web UI", WebUISettings))
 
 
 def variable_names() -> set[str]:

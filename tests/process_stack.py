@@ -4,7 +4,6 @@ same functions `tools/run_stack.py` uses, with each process reachable for faults
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import subprocess
@@ -13,13 +12,10 @@ from pathlib import Path
 
 from superwav2lip_client.services import health
 
-from .conftest import ROOT, free_port_block
+from tools import run_stack
 
-_spec = importlib.util.spec_from_file_location("run_stack", ROOT / "tools" / "run_stack.py")
-run_stack = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_stack)
+from .conftest import free_port_block
 
-MODEL_SERVICES = ("detector", "lipsync", "enhancer")
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -22,18 +22,15 @@ from service_runtime.manifest import load_manifest  # noqa: E402
 from service_runtime.onnx_session import load_model  # noqa: E402
 from service_runtime.providers import PROVIDER_NAMES, ProviderConfig  # noqa: E402
 from service_runtime.quantize import calibration_feeds  # noqa: E402
-from services.detector.service import DetectorSettings  # noqa: E402
-from services.enhancer.service import EnhancerSettings  # noqa: E402
-from services.lipsync.service import LipSyncSettings  # noqa: E402
+from service_runtime import registry  # noqa: E402
 
 # Largest relative difference from the CPU outputs: fp32 kernels differ in summation order; fp16 engines more.
 TOLERANCE = {"cuda": 1e-3, "tensorrt": 2e-2, "cpu": 1e-6}  # cpu: the check checking itself
 
 
 def service_models() -> list[str]:
-    detector = DetectorSettings.from_env()
-    return [detector.detection_model, detector.recognition_model, LipSyncSettings.from_env().model,
-            EnhancerSettings.from_env().model]
+    """The models each model service of the registry loads with this environment's settings."""
+    return [model for entry in registry.model_services() for model in entry.configured_models()]
 
 
 def timed(model, feeds: dict, repeats: int = 5) -> float:

@@ -1,9 +1,11 @@
-"""`make run`: starts Redis, detector, lipsync, enhancer, gateway, the Envoy HTTP edge and the web UI locally,
-waits until all are ready, stops them on Ctrl-C."""
+"""`make run`: starts Redis, every service of service_runtime/registry.py (gateway, detector, lipsync, enhancer), the
+Envoy HTTP edge and the web UI locally, waits until all are ready, stops them on Ctrl-C. tests/process_stack.py and
+the benchmarks start the same processes through its functions."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -24,26 +26,21 @@ from service_runtime.dev_models import write_dev_model  # noqa: E402
 from service_runtime.errors import ModelLoadError  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402
 from service_runtime.onnx_session import resolve_model_path  # noqa: E402
-from services.detector.service import DetectorSettings  # noqa: E402
-from services.enhancer.service import EnhancerSettings  # noqa: E402
-from services.lipsync.service import LipSyncSettings  # noqa: E402
+from service_runtime import registry  # noqa: E402
 
-SERVICES = ("gateway", "detector", "lipsync", "enhancer")  # ports follow this order from --base-port
-MODULES = {"detector": "services.detector", "lipsync": "services.lipsync", "enhancer": "services.enhancer",
-           "gateway": "gateway"}
+SERVICES = registry.names()  # ports follow this order from --base-port
 
 
-def configured_models() -> list[str]:
-    detector = DetectorSettings.from_env()
-    return [detector.detection_model, detector.recognition_model, LipSyncSettings.from_env().model,
-            EnhancerSettings.from_env().model]
+def configured_models(services: tuple[str, ...] = SERVICES) -> list[str]:
+    return [model for entry in registry.model_services() if entry.name in services
+            for model in entry.configured_models()]
 
 
-def prepare_models(models_dir: Path, extra_dirs: tuple[str, ...]) -> list[str]:
+def prepare_models(models_dir: Path, extra_dirs: tuple[str, ...], services: tuple[str, ...] = SERVICES) -> list[str]:
     """Generates missing dev models; returns the names that will run on generated weights."""
     manifest = load_manifest(models_dir)
     generated = []
-    for name in configured_models():
+    for name in configured_models(services):
         spec = manifest.get(name)
         try:
             resolve_model_path(models_dir, spec, allow_dev=False, extra_dirs=extra_dirs)
@@ -73,19 +70,22 @@ def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]
                 base: dict[str, str] | None = None) -> dict[str, str]:
     """The process's environment: `base` (default: this one's) plus the stack's addresses, ports and folders,
     which settings already in `base` override."""
-    prefix = f"SWL_{name.upper()}_"
+    entry = registry.get(name)
+    prefix = entry.prefix
     index = SERVICES.index(name)
     env = dict(os.environ if base is None else base, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))
     env.update({k: v for k, v in allocator_env(name).items() if k not in env})
     env.setdefault(f"{prefix}HOST", args.host)
     env.setdefault(f"{prefix}PORT", str(args.base_port + index))
     env.setdefault(f"{prefix}METRICS_PORT", str(args.metrics_base_port + index))
-    if name == "gateway":
+    if not entry.is_model_service:  # the gateway: its data, Redis and the address of each model service it calls
         env.setdefault(f"{prefix}DATA_DIR", str(args.logs.parent / "data"))
         if getattr(args, "redis_url", ""):
             env.setdefault(f"{prefix}REDIS_URL", args.redis_url)
-        for other in ("detector", "lipsync", "enhancer"):
-            env.setdefault(f"{prefix}{other.upper()}_ADDRESS", address(other, args))
+        fields = {f.name for f in dataclasses.fields(entry.settings_class())}
+        for other in registry.model_services():
+            if f"{other.name}_address" in fields:
+                env.setdefault(f"{prefix}{other.name.upper()}_ADDRESS", address(other.name, args))
     else:
         env.setdefault(f"{prefix}MODELS_DIR", str(args.models_dir))
         env.setdefault(f"{prefix}ALLOW_DEV_MODELS", "1")
@@ -97,7 +97,7 @@ def start_service(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ..
                   base_env: dict[str, str] | None = None) -> subprocess.Popen:
     """One service as its own process, logging to <logs>/<name>.log (appended, so a restart keeps the history)."""
     with (args.logs / f"{name}.log").open("a") as log_file:
-        return subprocess.Popen([sys.executable, "-m", MODULES[name]], cwd=ROOT, stderr=log_file, stdout=log_file,
+        return subprocess.Popen([sys.executable, "-m", registry.get(name).module], cwd=ROOT, stderr=log_file, stdout=log_file,
                                 env=service_env(name, args, extra_dirs, base_env))
 
 
@@ -209,24 +209,33 @@ def main() -> None:
     shared = ROOT.parent / "shared" / "models"
     parser.add_argument("--extra-model-dirs", default=str(shared) if shared.is_dir() else "",
                         help="comma-separated folders searched for real weights (default: ../shared/models if present)")
+    parser.add_argument("--services", default=",".join(SERVICES),
+                        help="which of service_runtime/registry.py's services to start (default: all); without the "
+                             "gateway there is no Redis, HTTP edge or UI")
     args = parser.parse_args()
+    selected = tuple(name for name in SERVICES if name in args.services.split(","))
+    unknown = set(args.services.split(",")) - set(SERVICES)
+    if unknown or not selected:
+        parser.error(f"--services: {', '.join(sorted(unknown)) or 'none given'}; known: {', '.join(SERVICES)}")
+    if "gateway" not in selected:
+        args.redis_port, args.http_port, args.ui_port = 0, 0, 0
     extra_dirs = tuple(d for d in args.extra_model_dirs.split(",") if d)
-    generated = prepare_models(args.models_dir, extra_dirs)
+    generated = prepare_models(args.models_dir, extra_dirs, selected)
     if generated:
         print(f"NOTE: running on generated demo weights for {', '.join(generated)}: the output will be noise "
               "where those models act (run `make models` for the real weights).", flush=True)
     args.logs.mkdir(parents=True, exist_ok=True)
     if args.redis_port is None:
         args.redis_port = args.base_port + len(SERVICES)
-    for name in (*SERVICES, "redis"):
+    for name in (*selected, "redis"):
         (args.logs / f"{name}.log").write_text("")
     try:
         redis = start_redis(args)
     except (RuntimeError, TimeoutError) as error:
         print(f"redis-server did not start: {error}; see {args.logs / 'redis.log'}", file=sys.stderr, flush=True)
         sys.exit(1)
-    addresses = {name: address(name, args) for name in SERVICES}
-    processes = {name: start_service(name, args, extra_dirs) for name in SERVICES}
+    addresses = {name: address(name, args) for name in selected}
+    processes = {name: start_service(name, args, extra_dirs) for name in selected}
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
@@ -254,12 +263,16 @@ def main() -> None:
             stop_all(processes, redis)
             sys.exit(1)
         print(f"  {'webui':<9} on {ui}", flush=True)
-    print(f"READY gateway {addresses['gateway']} http {edge}" + (f" ui {ui}" if ui else "") + "\n"
-          + (f"open: {ui} in a browser\n" if ui else "") +
-          f"try:  superwav2lip generate --face ../shared/media/face_astronaut.png "
-          f"--audio ../shared/media/speech_en_4s.wav -o out.mp4 --server {addresses['gateway']}\n"
-          + (f"or:   curl -s {edge}/healthz   (docs/http-api.md has the HTTP examples)\n" if args.http_port else "")
-          + "Ctrl-C stops everything.", flush=True)
+    if "gateway" not in selected:
+        print("READY " + " ".join(f"{name} {where}" for name, where in addresses.items()) + "\nCtrl-C stops them.",
+              flush=True)
+    else:
+        print(f"READY gateway {addresses['gateway']} http {edge}" + (f" ui {ui}" if ui else "") + "\n"
+              + (f"open: {ui} in a browser\n" if ui else "") +
+              f"try:  superwav2lip generate --face ../shared/media/face_astronaut.png "
+              f"--audio ../shared/media/speech_en_4s.wav -o out.mp4 --server {addresses['gateway']}\n"
+              + (f"or:   curl -s {edge}/healthz   (docs/http-api.md has the HTTP examples)\n" if args.http_port else "")
+              + "Ctrl-C stops everything.", flush=True)
     while not stop["now"]:
         dead = [name for name, p in processes.items() if p.poll() is not None]
         if dead:

@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from service_runtime.registry import model_services
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 REGISTRY = "ghcr.io/superwav2lip"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -45,7 +47,7 @@ CUDA12_BUILD_ARGS = (("CUDA_IMAGE", "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.0
 def images(version: str = VERSION) -> list[Image]:
     dockerfile = "deploy/docker/model-services.Dockerfile"
     model_images = []
-    for service in ("detector", "lipsync", "enhancer"):
+    for service in (entry.name for entry in model_services()):  # each has -cpu/-gpu Dockerfile targets
         model_images += [Image(service, f"{version}-cpu", dockerfile, f"{service}-cpu"),
                          Image(service, f"{version}-gpu", dockerfile, f"{service}-gpu"),
                          Image(service, f"{version}-cuda12-gpu", dockerfile, f"{service}-gpu", CUDA12_BUILD_ARGS)]

@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench import seed, stages, throughput  # noqa: E402
+from service_runtime import registry  # noqa: E402
 from superwav2lip_client import Client  # noqa: E402
 
-MODEL_SERVICES = ("detector", "lipsync", "enhancer")
+MODEL_SERVICES = tuple(entry.name for entry in registry.model_services())
 FULL_SIZE = ("wav2lip_gan", "gfpgan_v1.4", "arcface_seed")
 # The gateway container's CPU limit in deploy/k8s/base/gateway/deployment.yaml (tests/test_device_bundle.py
 # checks the two agree): one replica can use this many cores.
