@@ -47,7 +47,7 @@ test: install deps  ## the whole suite (first installs the missing system progra
 	$(PY) -m pytest -q -p no:cacheprovider
 
 gpu-check: install  ## on a CUDA machine (pip install -e .[gpu]): each model on CUDA and TensorRT vs CPU, latency at batch 1/8/32
-	$(PY) tools/gpu_check.py
+	$(PY) -m tools.gpu_check
 
 device-bundle: install  ## wheels the GPU machine lacks (CPython 3.12, CUDA 13 onnxruntime-gpu) as parts of <= 60 MiB in .run/device-bundle/ (docs/gpu.md)
 	$(PY) -m tools.device.bundle
@@ -65,7 +65,7 @@ clean:  ## remove generated demo weights and test caches (models/dev, .pytest_ca
 	rm -rf models/dev .pytest_cache
 
 run: install  ## start the whole stack on CPU (real weights when present, generated ones otherwise)
-	$(PY) tools/run_stack.py
+	$(PY) -m tools.run_stack
 
 bench: install  ## throughput (batched vs the seed's lock), gateway memory and wire bytes; prints tables
 	$(PY) -m bench.throughput

@@ -11,13 +11,11 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import publish  # noqa: E402
 from bench.throughput import Stack, clip, prepare_models, speech, timed  # noqa: E402

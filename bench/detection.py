@@ -22,7 +22,6 @@ import av
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.results import publish  # noqa: E402
 from gateway.faces import Face  # noqa: E402

@@ -22,7 +22,6 @@ import av
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.full_size_models import write_wav2lip  # noqa: E402
 from bench.results import publish  # noqa: E402

@@ -26,7 +26,6 @@ import av
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench.full_size_models import write_full_size  # noqa: E402
 from bench.results import publish  # noqa: E402
@@ -131,7 +130,7 @@ class Stack:
         self.base, metrics = free_base_port(), free_base_port()
         self.metrics_port = metrics
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(self.base),
+            [sys.executable, "-m", "tools.run_stack", "--base-port", str(self.base),
              "--metrics-base-port", str(metrics), "--models-dir", str(models), "--logs", str(logs),
              "--extra-model-dirs", "", "--http-port", "0", "--ui-port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}, cwd=ROOT)

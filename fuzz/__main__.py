@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from fuzz.targets import TARGETS  # noqa: E402  (the heavy modules load only inside each target)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import av
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 
 def _video(fmt: str, codec: str, frames: int = 3, size=(48, 32), pix_fmt="yuv420p") -> bytes:

@@ -204,7 +204,7 @@ def test_the_replica_ratio_assumes_the_gateway_deployment_cpu_limit():
 
 def test_measurement_refuses_onnxruntime_from_outside_the_target(tmp_path):
     """On the device the image's CPU onnxruntime must not win the import: the measurement says so and stops."""
-    result = subprocess.run([sys.executable, "tools/device/measure.py", "--providers", "cpu", "--out",
+    result = subprocess.run([sys.executable, "-m", "tools.device.measure", "--providers", "cpu", "--out",
                              str(tmp_path), "--target", str(tmp_path / "site"), "--require-from-target",
                              "onnxruntime"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 4

@@ -153,11 +153,8 @@ def test_fp16_error_of_the_real_detector_on_a_real_photo(tmp_path):
 def test_gpu_check_refuses_without_a_gpu_and_its_comparison_runs_on_cpu(dev_models_dir, capsys):
     """`make gpu-check` itself: exit 2 and a plain reason here; with `--providers cpu` its whole path runs (CPU
     against CPU, so every error must be exactly the same numbers)."""
-    import importlib.util
+    from tools import gpu_check
 
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
     assert gpu_check.main(["--providers", "cuda,tensorrt"]) == 2
     assert "no GPU provider to check" in capsys.readouterr().out
     code = gpu_check.main(["--providers", "cpu", "--models-dir", str(dev_models_dir), "--allow-dev-models",

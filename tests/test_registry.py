@@ -162,7 +162,7 @@ def test_a_toy_model_service_added_by_the_guide_starts_under_the_launcher(tmp_pa
 
     base, metrics = free_port_block(5), free_port_block(5)
     launcher = subprocess.Popen(
-        [sys.executable, "tools/run_stack.py", "--services", "toy", "--base-port", str(base), "--metrics-base-port",
+        [sys.executable, "-m", "tools.run_stack", "--services", "toy", "--base-port", str(base), "--metrics-base-port",
          str(metrics), "--models-dir", str(dev_models_dir), "--logs", str(tmp_path / "logs"), "--extra-model-dirs", ""],
         cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = []
@@ -183,3 +183,15 @@ def test_a_toy_model_service_added_by_the_guide_starts_under_the_launcher(tmp_pa
         launcher.send_signal(signal.SIGTERM)
         code = launcher.wait(timeout=60)
     assert code == 0, "".join(output)
+
+
+def test_a_service_keeps_the_python_path_it_inherits(tmp_path):
+    """On the device the carried wheels are on PYTHONPATH (tools/device/runner.py): every process the launcher
+    starts must still find them, after the project's own folders."""
+    import argparse
+
+    args = argparse.Namespace(host="127.0.0.1", base_port=40000, metrics_base_port=41000, logs=tmp_path / "logs",
+                              models_dir=tmp_path / "models", redis_url="")
+    for name in registry.names():
+        env = run_stack.service_env(name, args, (), {"PYTHONPATH": "/tmp/swl-site"})
+        assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), str(ROOT / "client"), "/tmp/swl-site"]

@@ -29,7 +29,7 @@ def readme_http_examples() -> str:
 def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
     base, metrics, http = free_port_block(5), free_port_block(4), free_port_block(3)
     runner = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "run_stack.py"), "--base-port", str(base), "--metrics-base-port",
+        [sys.executable, "-m", "tools.run_stack", "--base-port", str(base), "--metrics-base-port",
          str(metrics), "--models-dir", str(dev_models_dir), "--logs", str(tmp_path / "logs"),
          "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1),
          "--ui-port", str(http + 2)],

@@ -2,7 +2,7 @@
 onnxruntime has it), runs warm-up, compares outputs with the CPU provider within tolerance and prints latency
 and throughput for batch 1, 8 and 32, with I/O binding (the services' default on a GPU) and without it.
 
-    python tools/gpu_check.py [--models-dir models] [--providers cuda,tensorrt] [--batches 1,8,32]
+    python -m tools.gpu_check [--models-dir models] [--providers cuda,tensorrt] [--batches 1,8,32]
 Exit codes: 0 every check passed, 1 an output differed beyond tolerance, 2 no GPU provider to check."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from service_runtime.fp16 import relative_error  # noqa: E402
 from service_runtime.manifest import load_manifest  # noqa: E402

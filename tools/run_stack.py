@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from superwav2lip_client.services import health  # noqa: E402
 from deploy.envoy import local as local_envoy  # noqa: E402
@@ -73,7 +72,9 @@ def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]
     entry = registry.get(name)
     prefix = entry.prefix
     index = SERVICES.index(name)
-    env = dict(os.environ if base is None else base, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))
+    env = dict(os.environ if base is None else base)
+    # the project's folders first, then what the caller had (the device runner's private wheels)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "client"), *filter(None, [env.get("PYTHONPATH")])])
     env.update({k: v for k, v in allocator_env(name).items() if k not in env})
     env.setdefault(f"{prefix}HOST", args.host)
     env.setdefault(f"{prefix}PORT", str(args.base_port + index))

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from service_runtime.manifest import load_manifest  # noqa: E402
 from service_runtime.providers import PROVIDER_NAMES, ProviderConfig  # noqa: E402

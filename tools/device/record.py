@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT)]
 
 from bench.results import HEADER, RESULTS  # noqa: E402
 from tools.device import measure, stack  # noqa: E402

@@ -25,7 +25,6 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT)]
 
 from tools.device import parts  # noqa: E402
 
@@ -96,14 +95,14 @@ def measurement_env(target: Path, lib_dirs: list[str], unpacked: Path) -> dict[s
 def measure(args, unpacked: Path, env: dict[str, str]) -> int:
     common = ["--providers", args.providers, "--out", str(args.out), "--work", str(args.store / "work")]
     if args.measure == "stack":
-        command = [sys.executable, str(ROOT / "tools" / "device" / "stack.py"), *common, *args.measure_args]
+        command = [sys.executable, "-m", "tools.device.stack", *common, *args.measure_args]
     else:
         require = args.require_from_target or ("onnxruntime" if args.providers == "cuda" else "")
-        command = [sys.executable, str(ROOT / "tools" / "device" / "measure.py"), *common, "--target",
+        command = [sys.executable, "-m", "tools.device.measure", *common, "--target",
                    str(args.target), "--require-from-target", require, "--real-models", str(unpacked / "models"),
                    *args.measure_args]
     # its own process group: the stack measurement starts services, and a stop must take them down too
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
     try:
         return process.wait(timeout=args.timeout_s)
     except subprocess.TimeoutExpired:

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
 from bench import seed, stages, throughput  # noqa: E402
 from service_runtime import registry  # noqa: E402
