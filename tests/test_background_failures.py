@@ -35,6 +35,7 @@ from services.detector.service import DetectorService, DetectorSettings
 
 from .conftest import local_settings, started
 from .media_factory import scene
+from .support.waiting import eventually_async
 
 PLAN = SimpleNamespace(face=SimpleNamespace(size=(64, 48)), fps=25.0, frames=10, speech=SimpleNamespace(seconds=0.4))
 
@@ -96,13 +97,17 @@ def request(request_id: str = "") -> gateway_pb2.SubmitJobRequest:
 
 async def ended(jobs: JobsUnderTest, job_id: str, seconds: float = 10.0):
     """The job's record once it is in a terminal state; fails naming the state it is stuck in."""
-    deadline = time.monotonic() + seconds
-    while True:
+    states = []
+
+    async def terminal():
         record, _ = await jobs.get(job_id)
-        if record.state in TERMINAL:
-            return record
-        assert time.monotonic() < deadline, f"job {job_id} stayed {record.state} for {seconds} s"
-        await asyncio.sleep(0.05)
+        states.append(record.state)
+        return record if record.state in TERMINAL else None
+
+    try:
+        return await eventually_async(terminal, seconds=seconds, what=f"job {job_id} ending")
+    except AssertionError:
+        raise AssertionError(f"job {job_id} stayed {states[-1]} for {seconds} s") from None
 
 
 async def test_a_pipeline_bug_fails_the_job_with_internal_and_the_worker_goes_on(tmp_path, caplog):
@@ -237,10 +242,10 @@ async def test_housekeeping_goes_on_after_an_unexpected_error(tmp_path, caplog):
             record = await store.load(job.job_id)
             record.state, record.owner = "RUNNING", "dead-replica"
             await store.save(record)
-            deadline = time.monotonic() + 10
-            while (await store.load(job.job_id)).state != "QUEUED":
-                assert time.monotonic() < deadline, "the orphan was never requeued: housekeeping died"
-                await asyncio.sleep(0.05)
+            async def requeued():
+                return (await store.load(job.job_id)).state == "QUEUED"
+
+            await eventually_async(requeued, seconds=10, what="the orphan requeued (housekeeping alive)")
         assert calls["n"] >= 2
         assert any("unexpected reply" in r.getMessage() or r.exc_info for r in caplog.records)
     finally:
@@ -303,11 +308,11 @@ async def test_a_model_service_whose_batching_worker_died_reports_not_serving(de
         stub = detector_pb2_grpc.DetectorStub(channel)
         reply = await stub.Detect(detector_pb2.DetectRequest(frames=[encode_image(scene())]), timeout=10)
         assert reply.frames[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0]  # at once, not at the deadline
-        deadline = time.monotonic() + 5
-        while (await health.Check(health_pb2.HealthCheckRequest())).status != \
-                health_pb2.HealthCheckResponse.NOT_SERVING:
-            assert time.monotonic() < deadline, "the service still says SERVING with a dead batching worker"
-            await asyncio.sleep(0.05)
+        async def not_serving():
+            reply = await health.Check(health_pb2.HealthCheckRequest())
+            return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await eventually_async(not_serving, seconds=5, what="NOT_SERVING with a dead batching worker")
 
 
 async def test_redis_saves_a_finished_record_and_drops_its_lease_together(tmp_path):

@@ -17,6 +17,7 @@ from superwav2lip_client import Client, RetryPolicy, SuperWav2LipError
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
 from .conftest import free_port
 from .process_stack import ProcessStack, run_stack
+from .support.waiting import eventually
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 
@@ -61,13 +62,6 @@ class Call:
         assert abs(stream_durations(outcome.mp4)["video"] - self.seconds) <= 0.04
 
 
-def wait_until(condition, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def assert_nothing_left(stack: ProcessStack, tmp: Path) -> None:
     """Every process SERVING, no partial file in the data directory, and nothing in the processes' temp folder
     beyond what start-up put there (onnxruntime's one telemetry session file, `.ses`, written at import)."""
@@ -96,7 +90,7 @@ def test_lipsync_killed_mid_generation_fails_the_running_jobs_alike_and_the_next
         gateway = stack.pid("gateway")
         stack.signal("lipsync", signal.SIGSTOP)  # so that both jobs are surely inside the lip-sync stage
         calls = [Call(stack, face(60)), Call(stack, face(140))]
-        wait_until(lambda: all(c.planned() for c in calls))
+        eventually(lambda: all(c.planned() for c in calls), what="every call planned")
         time.sleep(0.3)
         stack.kill("lipsync")
         killed = time.monotonic()
@@ -142,7 +136,7 @@ def test_redis_stopped_and_restarted_during_jobs_avatars_and_job_calls(dev_model
 
         stack.signal("lipsync", signal.SIGSTOP)
         running = Call(stack, face(80))
-        wait_until(running.planned)
+        eventually(running.planned, what="the running job planned")
         stack.stop_redis()  # during a generation
         stack.signal("lipsync", signal.SIGCONT)
         running.assert_ok()  # the plan cache is bypassed, the job is not failed
@@ -172,9 +166,9 @@ def test_sigterm_drains_the_gateway_finishing_its_job_and_refusing_new_calls(dev
     with ProcessStack(tmp_path, dev_models_dir, {"TMPDIR": str(tmp_dir)}) as stack:
         stack.signal("lipsync", signal.SIGSTOP)
         running = Call(stack, face(60))
-        wait_until(running.planned)
+        eventually(running.planned, what="the running job planned")
         stack.signal("gateway", signal.SIGTERM)
-        wait_until(lambda: stack.health("gateway") != "SERVING", 10)
+        eventually(lambda: stack.health("gateway") != "SERVING", seconds=10, what="the gateway not SERVING")
         late = Call(stack, face(140))
         refused = late.result()
         assert isinstance(refused, SuperWav2LipError) and refused.code == grpc.StatusCode.UNAVAILABLE, refused
@@ -200,7 +194,7 @@ def test_jobs_move_to_the_surviving_replica_when_one_is_killed(dev_models_dir, t
             Call(stack, face(60)).assert_ok()  # both replicas serve
             spare.send_signal(signal.SIGSTOP)  # calls sent to it now hang ...
             running = Call(stack, face(140), seconds=2.0)
-            wait_until(running.planned)
+            eventually(running.planned, what="the running job planned")
             time.sleep(0.3)
             spare.kill()  # ... until it dies: they are retried on the survivor
             running.assert_ok()
@@ -217,7 +211,7 @@ def test_calls_beyond_the_job_limit_are_refused_at_once_and_admitted_jobs_comple
             as stack:
         stack.signal("lipsync", signal.SIGSTOP)  # the admitted jobs hold their slots
         admitted = [Call(stack, face(60)), Call(stack, face(140))]
-        wait_until(lambda: all(c.planned() for c in admitted))
+        eventually(lambda: all(c.planned() for c in admitted), what="every admitted call planned")
         with ThreadPoolExecutor(6) as pool:  # 8 calls in all: four times the limit
             extra = [Call(stack, face(80 + 10 * i)) for i in range(6)]
             rejected = list(pool.map(lambda c: c.result(), extra))

@@ -31,6 +31,7 @@ from gateway.mp4_boxes import faststart
 from .conftest import ROOT, service_env, free_port
 from .media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
 from .stack import running_stack
+from .support.waiting import eventually_async
 
 GOOD_FACE = encode_png(with_marker(scene(), 100, 80))
 
@@ -259,13 +260,6 @@ async def test_a_bad_request_id_header_is_refused(dev_models_dir):
 
 # --- Admission ----------------------------------------------------------------------------------------------------
 
-async def wait_until(condition, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 def received_bytes(metrics_text: str) -> float:
     line = next(l for l in metrics_text.splitlines() if l.startswith("swl_gateway_received_bytes_total "))
     return float(line.split()[-1])
@@ -282,7 +276,7 @@ async def test_past_the_job_limit_callers_get_resource_exhausted_with_a_retry_hi
         slots = stack.servers["gateway"].service.servicer.slots
         holder = stack.stub.Generate(options_then_wait(), timeout=60)
         reader = asyncio.ensure_future(holder.read())
-        await wait_until(lambda: slots.running == 1)
+        await eventually_async(lambda: slots.running == 1, seconds=20, every=0.01, what="one job slot taken")
         before = received_bytes(await stack.metrics_text("gateway"))
         error = await call_status(stack, chunks_of(GOOD_FACE, good_audio(), Options()))
         assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -295,7 +289,7 @@ async def test_past_the_job_limit_callers_get_resource_exhausted_with_a_retry_hi
         holder.cancel()
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             await reader
-        await wait_until(lambda: slots.running == 0)
+        await eventually_async(lambda: slots.running == 0, seconds=20, every=0.01, what="every job slot free")
         assert await call_status(stack, chunks_of(GOOD_FACE, good_audio(), Options())) is None
 
 
@@ -320,7 +314,7 @@ async def test_jobs_cancelled_at_random_points_leave_the_gateway_serving(dev_mod
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await task
                 completed += 1
-        await wait_until(lambda: slots.running == 0)
+        await eventually_async(lambda: slots.running == 0, seconds=20, every=0.01, what="every job slot free")
         metrics = await stack.metrics_text("gateway")
         assert "swl_gateway_jobs_inflight 0.0" in metrics
         assert 'swl_gateway_jobs_total{code="CANCELLED"}' in metrics
@@ -337,7 +331,7 @@ async def test_a_model_service_that_never_answers_ends_in_deadline_exceeded(dev_
         process = subprocess.Popen([sys.executable, "-m", "services.lipsync"], cwd=ROOT, stderr=output,
                                    env=service_env(dev_models_dir, "SWL_LIPSYNC_", PORT=port, ALLOW_DEV_MODELS=1))
     try:
-        await wait_until(lambda: '"event": "serving"' in log.read_text(), seconds=60)
+        await eventually_async(lambda: '"event": "serving"' in log.read_text(), seconds=60, what="the gateway serving")
         async with running_stack(dev_models_dir, external={"lipsync": f"127.0.0.1:{port}"}, job_deadline_s=3,
                                  job_deadline_per_audio_second_s=0) as stack:
             chunks = chunks_of(GOOD_FACE, good_audio(), Options())
