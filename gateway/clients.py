@@ -172,6 +172,9 @@ class ModelClients:
             self._detector_info = (now, reply)
         return self._detector_info[1]
 
+    async def describe_lipsync(self, deadline: JobDeadline | None = None) -> lipsync_pb2.DescribeResponse:
+        return await self._call("lipsync", self._lipsync.Describe, lipsync_pb2.DescribeRequest(), deadline)
+
     async def describe_enhancer(self, deadline: JobDeadline | None = None) -> enhancer_pb2.DescribeResponse:
         return await self._call("enhancer", self._enhancer.Describe, enhancer_pb2.DescribeRequest(), deadline)
 

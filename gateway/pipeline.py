@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LipSyncJob", "Plan"]
 
+FETCH_WEIGHTS = "make models"  # or `superwav2lip-models` outside a checkout (service_runtime/model_store.py)
+
 
 class LipSyncJob:
     """One generation request, run against the model services."""
@@ -74,6 +76,7 @@ class LipSyncJob:
         await self.progress("decode", 1, 1)
         try:
             self.limits.check_output_frames(frames, source.fps)
+            await self.warn_if_demo_weights()
             if self.options.enhance:
                 await self.warn_if_enhancer_is_slow()
             if face_plan is None:
@@ -107,6 +110,15 @@ class LipSyncJob:
         digest = await asyncio.to_thread(lambda: hashlib.sha256(face).hexdigest())
         return plan_key(digest, detector.fingerprint, self.clients.detection_encoding, self.options,
                         self.limits.max_output_frames)
+
+    async def warn_if_demo_weights(self) -> None:
+        """A newcomer's `make run` serves generated weights: say so where they look (the CLI prints progress
+        warnings, the web UI shows them, unary calls carry them as a trailer / HTTP header)."""
+        info = await self.clients.describe_lipsync(self.deadline)
+        if info.generated_weights:
+            await self.progress("decode", 1, 1, f"warning: the lip-sync model ({info.model}) runs on generated demo "
+                                f"weights, so the mouth will be noise; install the real weights with `{FETCH_WEIGHTS}` "
+                                "(docs/development.md)")
 
     async def warn_if_enhancer_is_slow(self) -> None:
         info = await self.clients.describe_enhancer(self.deadline)

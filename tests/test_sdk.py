@@ -228,6 +228,8 @@ async def test_cli_exit_codes_json_output_and_models(dev_models_dir, tmp_path):
     assert made.returncode == 0, made.stderr
     summary = json.loads(made.stdout)
     assert summary["frames"] == 15 and summary["output"].endswith("out.mp4") and made.stderr == ""  # no bar
+    # the stack runs on generated weights: the one line a newcomer needs, with the command that fixes it
+    assert [w for w in summary["warnings"] if "generated demo weights" in w and "`make models`" in w]
     assert refused.returncode == 3
     error = json.loads(refused.stdout)["error"]
     assert error["code"] == "INVALID_ARGUMENT" and re.fullmatch(r"[0-9a-f]{32}", error["request_id"])

@@ -104,6 +104,8 @@ async def test_the_page_generates_shows_progress_plays_downloads_and_reports_err
                     assert time.monotonic() < deadline, f"no result; status {text!r}"
                     await asyncio.sleep(0.1)
                 assert seen & {"decode", "detect", "lipsync", "encode"}, seen  # live progress reached the page
+                # generated weights here: the warning stays under the status, with the command that fixes it
+                assert "generated demo weights" in text and "make models" in text, text
 
                 video = page.locator("#result video")
                 await expect(video).to_be_attached(timeout=30_000)

@@ -21,6 +21,12 @@ JOB_COLUMNS = ["job", "state", "created", "progress or error"]
 AVATAR_COLUMNS = ["avatar", "name", "size", "frames", "created"]
 
 
+def banner(warnings: list[str]) -> str:
+    """The server's warnings as a quoted block under the status line (markdown), e.g. that the models run on
+    generated demo weights, so the mouth will be noise until the real ones are installed."""
+    return "".join(f"\n\n> **{w}**" for w in warnings)
+
+
 def shown(message: str) -> gr.Error:
     """An error the page shows as a message; the UI logs it as one JSON line instead of a traceback."""
     return gr.Error(message, print_exception=False)
@@ -57,18 +63,21 @@ class Backend:
         if reference:
             options["reference_face"] = reference
         yield "Uploading...", None, None
+        warnings: list[str] = []  # the server's, kept under every later status line: a banner until the next job
         try:
             with self.client() as client:
                 for event in client.generate_events(None if use_avatar else face, speech,
                                                     avatar=avatar.split(" ", 1)[0] if use_avatar else None,
                                                     **options):
                     if isinstance(event, Progress):
-                        yield self._status(event), None, None
+                        if event.message and event.message not in warnings:
+                            warnings.append(event.message)
+                        yield self._status(event) + banner(warnings), None, None
                     elif isinstance(event, Result):
                         path = event.save(self.outputs / f"superwav2lip-{event.request_id[:12]}.mp4")
                         info = event.info
                         yield (f"Done: {info.width}x{info.height}, {info.fps:g} fps, {info.frames} frames, "
-                               f"{info.audio_seconds:.2f} s", str(path), str(path))
+                               f"{info.audio_seconds:.2f} s" + banner(warnings), str(path), str(path))
         except SuperWav2LipError as error:  # stays on the page, where the progress was
             log.warning("generation failed", extra={"code": error.code.name, "request_id": error.request_id})
             yield f"**Failed:** {readable(error)}", None, None
@@ -77,8 +86,7 @@ class Backend:
 
     @staticmethod
     def _status(progress: Progress) -> str:
-        line = f"{progress.stage}: {progress.done}/{progress.total} ({progress.fraction:.0%})"
-        return f"{line} - {progress.message}" if progress.message else line
+        return f"{progress.stage}: {progress.done}/{progress.total} ({progress.fraction:.0%})"
 
     def avatars(self) -> tuple[list[list], list[str]]:
         """(table rows, dropdown choices); on failure the table says why instead of raising."""

@@ -115,11 +115,18 @@ def reporting_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[
 
 @reporting_errors
 def generate(args: argparse.Namespace) -> int:
+    warnings: list[str] = []  # the server's (demo weights, a CPU-only enhancer); the bar prints them as they come
+
+    def on_progress(progress: Progress) -> None:
+        if progress.message:
+            warnings.append(progress.message)
+        show(progress)
+
     with client_for(args) as client, progress_bar(not (args.json or args.quiet)) as show:
-        result = client.generate(args.face, args.audio, avatar=args.avatar, output=args.output, on_progress=show,
-                                 **options_from(args))
+        result = client.generate(args.face, args.audio, avatar=args.avatar, output=args.output,
+                                 on_progress=on_progress, **options_from(args))
     info = result.info
-    emit(args, {"output": args.output, "request_id": result.request_id, **vars(info)},
+    emit(args, {"output": args.output, "request_id": result.request_id, **vars(info), "warnings": warnings},
          f"wrote {args.output}: {info.width}x{info.height}, {info.fps:g} fps, {info.frames} frames, "
          f"{info.audio_seconds:.2f} s, {info.size_bytes} bytes")
     return EXIT_OK
