@@ -18,7 +18,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from service_runtime.errors import ServiceError
 from service_runtime.logs import request_id_var
-from service_runtime.supervision import Supervisor
+from service_runtime.supervision import Supervisor, cancel_and_wait
 
 from .admission import JobSlots
 from .deadline import JobDeadline
@@ -59,10 +59,7 @@ class JobRunner:
         self._loops.append(self.supervisor.spawn(self._housekeeping(), "job-housekeeping"))
 
     async def stop(self) -> None:
-        tasks = [*self._loops, *self._jobs]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([*self._loops, *self._jobs])
         await self.ledger.webhooks.stop()
 
     def _track(self, work, name: str) -> asyncio.Task:

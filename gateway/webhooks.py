@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 
 from service_runtime.errors import FailedPrecondition, InvalidArgument
+from service_runtime.supervision import cancel_and_wait
 
 from .job_store import JobRecord
 from .limits import setting_name
@@ -66,9 +67,7 @@ class WebhookSender:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
 
     async def deliver(self, record: JobRecord) -> bool:
         """True once delivered; False after the last attempt failed (each failure is logged and counted)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 5.0  # longest wait at shutdown for cancelled tasks to end
 # Called with the task's name and what ended it (None: it returned, which a loop meant to run forever must not).
 DeathHandler = Callable[[str, BaseException | None], None]
 
@@ -47,9 +48,22 @@ class Supervisor:
             return
         self.report(task.get_name(), task.exception())
 
-    async def stop(self) -> None:
-        """Cancels every watched task; their ends are then expected, not deaths."""
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Cancels every watched task; their ends are then expected, not deaths. A task that does not end within
+        `timeout_s` (one stuck in a client library's clean-up, as redis-py's can be) is logged and left behind,
+        so shutdown is never held up."""
         self._stopping = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, timeout_s)
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Cancels the tasks and waits at most `timeout_s` for them to end; one that does not (stuck in a client
+    library's clean-up, as redis-py's can be when a command is cancelled) is logged and left behind."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        log.warning("task did not stop when cancelled; left behind", extra={"task": task.get_name()})

@@ -367,3 +367,26 @@ async def test_the_supervisor_reports_a_loop_that_ends_but_not_one_that_is_stopp
     assert sorted(deaths) == [("broken-loop", "ValueError"), ("loop-that-returned", None)]
     assert sorted(supervisor.dead) == ["broken-loop", "loop-that-returned"]
     await supervisor.stop()
+
+
+async def test_shutdown_is_not_held_up_by_a_task_that_ignores_its_cancel(caplog):
+    """What hung a test stack's teardown under load: a job worker cancelled inside a Redis command, which
+    redis-py's clean-up then held. The supervisor waits a bounded time and says which task it left behind."""
+    supervisor = Supervisor()
+    release = asyncio.Event()
+
+    async def stubborn():
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # as a library that swallows the cancel while it cleans up
+
+    supervisor.spawn(stubborn(), "stubborn-loop")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(supervisor.stop(timeout_s=0.2), 5)  # unbounded, this waited forever
+    assert any(getattr(r, "task", "") == "stubborn-loop" for r in caplog.records)
+    assert supervisor.dead == []  # stopping is not a death
+    release.set()
+    await asyncio.sleep(0.01)
