@@ -20,102 +20,10 @@ from tools import run_stack
 
 from .conftest import ROOT, free_port_block, project_env
 
-TOY_PROTO = """// A toy model service: the size of each item, refused for an empty one.
-syntax = "proto3";
-
-package superwav2lip.toy.v1;
-
-import "google/rpc/status.proto";
-
-service Toy {
-  rpc Measure(MeasureRequest) returns (MeasureResponse);
-}
-
-message MeasureRequest {
-  repeated bytes items = 1;
-}
-
-message Measured {
-  int32 size = 1;
-  google.rpc.Status error = 2;
-}
-
-message MeasureResponse {
-  repeated Measured results = 1;
-}
-"""
-
-TOY_SERVICE = '''"""Toy service start-up: settings, its model and its servicer."""
-
-from __future__ import annotations
-
-import dataclasses
-
-from superwav2lip.toy.v1 import toy_pb2, toy_pb2_grpc
-
-from service_runtime.errors import InvalidArgument
-from service_runtime.manifest import load_manifest
-from service_runtime.metrics import ServiceMetrics
-from service_runtime.rpc import grpc_method, item_status
-from service_runtime.server import ModelService, run_service
-from service_runtime.settings import ServiceSettings, metrics_port_setting, port_setting, setting
-
-
-@dataclasses.dataclass(frozen=True)
-class ToySettings(ServiceSettings):
-    ENV_PREFIX = "SWL_TOY_"
-    port: int = port_setting(50055)
-    metrics_port: int = metrics_port_setting(9105)
-    model: str = setting("wav2lip", "Manifest name of the model it loads.")
-
-
-def prepare(item: bytes) -> bytes:
-    if not item:
-        raise InvalidArgument("an empty item has no size")
-    return item
-
-
-class ToyServicer(toy_pb2_grpc.ToyServicer):
-    def __init__(self, queue, metrics) -> None:
-        self.queue, self.metrics = queue, metrics
-
-    @grpc_method()
-    async def Measure(self, request, context):
-        outcomes = await self.queue.run_each(request.items, prepare)
-        return toy_pb2.MeasureResponse(results=[
-            toy_pb2.Measured(error=item_status(o)) if isinstance(o, BaseException) else toy_pb2.Measured(size=o)
-            for o in outcomes])
-
-
-class ToyService(ModelService):
-    name = "toy"
-    grpc_service_names = (toy_pb2.DESCRIPTOR.services_by_name["Toy"].full_name,)
-
-    def __init__(self, settings: ToySettings, metrics: ServiceMetrics | None = None) -> None:
-        super().__init__(settings, metrics or ServiceMetrics())
-        self.spec = load_manifest(settings.models_dir).get(settings.model)
-        self.servicer = ToyServicer(self.new_queue(settings.model, lambda items: [len(i) for i in items]),
-                                    self.metrics)
-
-    def load_models(self):
-        return {self.spec.name: self.load(self.spec)}
-
-    def register(self, server) -> None:
-        toy_pb2_grpc.add_ToyServicer_to_server(self.servicer, server)
-
-
-def main() -> None:
-    run_service(ToyService(ToySettings.from_env()))
-'''
-
-TOY_CLIENT = """
-import sys
-import grpc
-from superwav2lip.toy.v1 import toy_pb2, toy_pb2_grpc
-with grpc.insecure_channel(sys.argv[1]) as channel:
-    reply = toy_pb2_grpc.ToyStub(channel).Measure(toy_pb2.MeasureRequest(items=[b"abc", b"", b"12345"]), timeout=30)
-print([(r.size, r.error.code) for r in reply.results])
-"""
+# The toy's files, as a developer following the guide writes them (kept as text: they are written into the copy).
+TOY = Path(__file__).resolve().parent / "fixtures" / "toy_service"
+TOY_PROTO, TOY_SERVICE, TOY_CLIENT = ((TOY / name).read_text() for name in ("toy.proto.txt", "service.py.txt",
+                                                                             "client.py.txt"))
 
 
 def test_every_consumer_lists_what_the_registry_lists():
