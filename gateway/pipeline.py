@@ -76,7 +76,6 @@ class LipSyncJob:
         await self.progress("decode", 1, 1)
         try:
             self.limits.check_output_frames(frames, source.fps)
-            await self.warn_if_demo_weights()
             if self.options.enhance:
                 await self.warn_if_enhancer_is_slow()
             if face_plan is None:
@@ -111,12 +110,12 @@ class LipSyncJob:
         return plan_key(digest, detector.fingerprint, self.clients.detection_encoding, self.options,
                         self.limits.max_output_frames)
 
-    async def warn_if_demo_weights(self) -> None:
+    async def warn_if_demo_weights(self, planned_frames: int) -> None:
         """A newcomer's `make run` serves generated weights: say so where they look (the CLI prints progress
         warnings, the web UI shows them, unary calls carry them as a trailer / HTTP header)."""
         info = await self.clients.describe_lipsync(self.deadline)
         if info.generated_weights:
-            await self.progress("decode", 1, 1, f"warning: the lip-sync model ({info.model}) runs on generated demo "
+            await self.progress("detect", planned_frames, planned_frames, f"warning: the lip-sync model ({info.model}) runs on generated demo "
                                 f"weights, so the mouth will be noise; install the real weights with `{FETCH_WEIGHTS}` "
                                 "(docs/development.md)")
 
@@ -141,6 +140,7 @@ class LipSyncJob:
             self.metrics.planning_seconds_saved.inc(face_plan.planning_seconds)
         plan = await self.plan(face, audio, face_plan)
         try:
+            await self.warn_if_demo_weights(plan.face.source_frames)  # asks the lip-sync service, next in line
             mp4 = await self.synthesiser.encode(plan, on_video)
         finally:
             plan.source.close()
