@@ -242,12 +242,18 @@ def count_macs(model, dims: dict[str, int] | None = None) -> int:
 BUILDERS = {"lipsync": wav2lip_graph, "enhancer": gfpgan_graph, "embedder": arcface_r50_graph}
 
 
+def build_full_size(models_dir: Path, name: str):
+    """The stand-in for manifest model `name` (its role picks the structure), in memory: (ModelProto, parameters)."""
+    spec = load_manifest(models_dir).get(name)
+    return BUILDERS[spec.role](spec)
+
+
 def write_full_size(models_dir: Path, out_dir: Path, name: str) -> tuple[Path, int]:
-    """Writes the stand-in for manifest model `name` (its role picks the structure); returns (path, parameters)."""
+    """Writes the stand-in for manifest model `name`; returns (path, parameters)."""
     import onnx
 
     spec = load_manifest(models_dir).get(name)
-    model, params = BUILDERS[spec.role](spec)
+    model, params = build_full_size(models_dir, name)
     path = out_dir / spec.file
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))

@@ -163,7 +163,7 @@ def test_runner_whole_path_on_cpu(tmp_path, dev_models_dir):
     assert "| wav2lip_gan | fp16 | on | 2 |" in (tmp_path / "out" / "measure.md").read_text()
 
     result = run_runner(manifest, None, tmp_path, "--providers", "cpu", "--measure", "stack", "--dev-models",
-                        "--seconds", "0.4", "--enhance-seconds", "0", "--clients", "1")
+                        "--seconds", "0.4", "--clients", "1", "--steps", "fresh,clients")
     assert result.returncode == 0, result.stdout + result.stderr
     status = json.loads((tmp_path / "out" / "runner.json").read_text())
     assert (status["measure"], status["measure_rc"], status["missing"]) == ("stack", 0, [])
@@ -181,8 +181,30 @@ def test_runner_whole_path_on_cpu(tmp_path, dev_models_dir):
     assert ratio["gateway_cores_per_gpu"] == pytest.approx(
         runs["batched"][0]["gateway_cpu_s_per_frame"] / runs["batched"][0]["gpu_inference_s_per_frame"])
     assert ratio["gateway_replicas_per_gpu"] >= 1
-    assert [(r["enhance"], r["ratio"] > 0) for r in stack["seed"]] == [(False, True)]
+    assert stack["skipped"] == ["seed: not asked for (--steps)"]
     assert "batched over the lock at 1 clients" in (tmp_path / "out" / "stack.md").read_text()
+
+
+def test_the_stack_measurement_turns_the_seed_comparison_into_its_rows(monkeypatch, tmp_path):
+    """The seed step's own code: bench.seed.measure (which tests/test_bench.py runs for real) is a fake here."""
+    from bench import seed
+    from tools.device import stack
+
+    calls = []
+
+    def measure(models, seconds, enhance, repeats, process_repeats, work):
+        calls.append((seconds, enhance, repeats, process_repeats))
+        return seed.Row(enhance, seconds, [{"total": 9.0, "startup": 8.0, "request": 1.0}], 20.0, 0.9, [0.5, 0.7])
+
+    monkeypatch.setattr(seed, "measure", measure)
+    rows = stack.seed_step(tmp_path, 5.0, 2.0, tmp_path)
+    assert calls == [(5.0, False, 2, 1), (2.0, True, 2, 1)]
+    assert rows[1] == {"enhance": True, "seconds": 2.0, "process_s": 9.0, "process_startup_s": 8.0,
+                       "resident_startup_s": 20.0, "resident_first_s": 0.9, "resident_steady_s": 0.6,
+                       "ratio": 15.0}
+    text = stack.markdown({"environment": {"provider": "cuda", "cores": 16, "gpu": "H200", "models": "m",
+                                           "seconds": 5.0}, "seed": rows, "skipped": []})
+    assert "| GFPGAN v1.4 | 2 | 9.00 | 8.00 | 0.90 | 0.60 | 15.00 |" in text
 
 
 def test_a_call_without_a_part_on_a_cold_machine_names_the_parts_to_carry_again(tmp_path):

@@ -240,8 +240,14 @@ def measure(args) -> Recorder:
     except BaseException:
         stack.stop()
         raise
-    clients_step(work, env, faces, audio, args.seconds, counts, recorder, deadline, stack)
-    if time.monotonic() > deadline:
+    steps = set(args.steps.split(","))
+    if "clients" in steps:
+        clients_step(work, env, faces, audio, args.seconds, counts, recorder, deadline, stack)
+    else:
+        stack.stop()
+    if "seed" not in steps:
+        recorder.skip("seed: not asked for (--steps)")
+    elif time.monotonic() > deadline:
         recorder.skip("seed: past the budget")
     else:
         recorder.add("seed", seed_step(work, args.seconds, args.enhance_seconds, work))
@@ -260,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--dev-models", action="store_true", help="small generated models (the CPU test)")
     parser.add_argument("--budget-s", type=float, default=300, help="no new client run or step starts past this")
+    parser.add_argument("--steps", default="fresh,clients,seed", help="fresh always runs; clients and seed may be "
+                        "left out (the CPU test leaves out seed, which tests/test_bench.py runs)")
     args = parser.parse_args(argv)
     recorder = measure(args)
     print(markdown(recorder.result))
