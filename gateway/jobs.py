@@ -60,8 +60,9 @@ class JobFiles:
 
 
 class JobLedger:
-    """Records a job's end: the terminal record saved with its lease released (retried until the store answers,
-    so no record is left RUNNING), its files removed when it has no result, the count, and its webhook."""
+    """Records a job's end: the terminal record saved with its lease released, its files removed when it has no
+    result, the count, and its webhook. A worker, which owns the job, retries the save until the store answers
+    (so no record is left RUNNING); a call (DeleteJob) gets the store's UNAVAILABLE at once, as any job call does."""
 
     def __init__(self, store: JobStore, files: JobFiles, settings, metrics: GatewayMetrics,
                  webhooks: WebhookSender) -> None:
@@ -76,12 +77,20 @@ class JobLedger:
         await self.files.remove(record.job_id)
         await self._end(record, "failed")
 
-    async def cancelled(self, record: JobRecord) -> None:
+    async def cancelled(self, record: JobRecord, until_saved: bool = True) -> None:
         record.state, record.finished = "CANCELLED", time.time()
         await self.files.remove(record.job_id)
-        await self._end(record, "cancelled")
+        await self._end(record, "cancelled", until_saved)
 
-    async def _end(self, record: JobRecord, event: str) -> None:
+    async def _end(self, record: JobRecord, event: str, until_saved: bool = True) -> None:
+        if until_saved:
+            await self._finish_until_saved(record)
+        else:
+            await self.store.finish(record)
+        self.metrics.job_events.labels(event).inc()
+        self.webhooks.send(record)
+
+    async def _finish_until_saved(self, record: JobRecord) -> None:
         wait = FINAL_SAVE_BACKOFF_S[0]
         while True:
             try:
@@ -97,8 +106,6 @@ class JobLedger:
                     await self.store.renew(record.job_id, self.settings.job_lease_s)
                 except Exception:  # noqa: BLE001 - the same outage; the save above is what matters
                     pass
-        self.metrics.job_events.labels(event).inc()
-        self.webhooks.send(record)
 
 
 class Jobs:
@@ -149,7 +156,7 @@ class Jobs:
             await self.files.remove(job_id)
             return record
         if record.state == "QUEUED" and await self.store.unqueue(job_id):
-            await self.ledger.cancelled(record)
+            await self.ledger.cancelled(record, until_saved=False)
             return record
         await self.store.request_cancel(job_id)  # the running replica sees it within a heartbeat
         return record

@@ -44,7 +44,7 @@ class Supervisor:
 
     def _ended(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if task.cancelled() or self._stopping:
+        if task.cancelled():
             return
         self.report(task.get_name(), task.exception())
 

@@ -390,3 +390,13 @@ async def test_shutdown_is_not_held_up_by_a_task_that_ignores_its_cancel(caplog)
     assert supervisor.dead == []  # stopping is not a death
     release.set()
     await asyncio.sleep(0.01)
+
+
+async def test_a_cancel_call_with_the_store_down_gets_unavailable_at_once(tmp_path):
+    """The retry-until-saved of a finished job belongs to the workers, which own the job; a DeleteJob call whose
+    store is down answers UNAVAILABLE at once, as any job call does, instead of waiting for its deadline."""
+    store = FlakyFinalSave(failures=1000)
+    jobs = make_jobs(tmp_path, FakeGeneration(), store, job_workers=0)
+    job = await jobs.submit(request())
+    with pytest.raises(Unavailable, match="job store"):
+        await asyncio.wait_for(jobs.api.delete(job.job_id), 5)
