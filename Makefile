@@ -58,7 +58,7 @@ fuzz: install  ## coverage-guided fuzzing (atheris) of every target, FUZZ_SECOND
 	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
 soak: install deps  ## 200 generations from 8 clients against the running stack (memory, fds, threads, temp files), then a 60 s fuzz run
-	$(PY) -m pytest -q -s -p no:cacheprovider -m soak tests/soak
+	$(PY) -m pytest -q -s -p no:cacheprovider -m soak tests/e2e/soak
 	$(MAKE) fuzz FUZZ_SECONDS=60
 
 clean:  ## remove generated demo weights and test caches (models/dev, .pytest_cache)

@@ -2,7 +2,7 @@
 
     python -m fuzz.run TARGET [libFuzzer flags...]    e.g. -max_total_time=15
 The corpus is fuzz/corpus/TARGET (checked in: the seeds, plus what a run adds); a crash is written to
-fuzz/crashes/ and becomes a regression test (tests/test_fuzz_regressions.py replays that folder)."""
+fuzz/crashes/ and becomes a regression test (tests/gateway/test_fuzz_regressions.py replays that folder)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`make run`: starts Redis, every service of service_runtime/registry.py (gateway, detector, lipsync, enhancer), the
-Envoy HTTP edge and the web UI locally, waits until all are ready, stops them on Ctrl-C. tests/process_stack.py and
+Envoy HTTP edge and the web UI locally, waits until all are ready, stops them on Ctrl-C. tests/support/process_stack.py and
 the benchmarks start the same processes through its functions."""
 
 from __future__ import annotations

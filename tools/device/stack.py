@@ -1,7 +1,7 @@
 """The stack end to end on the device: the model services on the GPU, the gateway on the machine's cores.
 
 Started by `tools/device/runner.py --measure stack` once the bundle is installed (or here with --providers cpu on
-generated models: tests/test_device_bundle.py). Steps, most important first, each saved to stack.json and
+generated models: tests/tools/test_device_bundle.py). Steps, most important first, each saved to stack.json and
 stack.md under --out as soon as it is measured, so a run stopped at its limit still returns what it had:
 
 1. fresh: one fresh 5 s 720p clip without and one with GFPGAN, each as a real-time factor, and the gateway's
@@ -31,7 +31,7 @@ from superwav2lip_client import Client  # noqa: E402
 
 MODEL_SERVICES = tuple(entry.name for entry in registry.model_services())
 FULL_SIZE = ("wav2lip_gan", "gfpgan_v1.4", "arcface_seed")
-# The gateway container's CPU limit in deploy/k8s/base/gateway/deployment.yaml (tests/test_device_bundle.py
+# The gateway container's CPU limit in deploy/k8s/base/gateway/deployment.yaml (tests/tools/test_device_bundle.py
 # checks the two agree): one replica can use this many cores.
 GATEWAY_CORES = 4
 TIMEOUT_S = 600
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-models", action="store_true", help="small generated models (the CPU test)")
     parser.add_argument("--budget-s", type=float, default=300, help="no new client run or step starts past this")
     parser.add_argument("--steps", default="fresh,clients,seed", help="fresh always runs; clients and seed may be "
-                        "left out (the CPU test leaves out seed, which tests/test_bench.py runs)")
+                        "left out (the CPU test leaves out seed, which tests/tools/test_bench.py runs)")
     args = parser.parse_args(argv)
     recorder = measure(args)
     print(markdown(recorder.result))

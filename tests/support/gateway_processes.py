@@ -1,0 +1,58 @@
+"""Redis and extra gateway replicas as real processes, beside an in-process stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deploy.redis import local as local_redis
+
+from .paths import ROOT, system_binary
+from .processes import free_port, project_env
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with nothing persisted (`deploy/redis/local.py`)."""
+
+    def __init__(self, folder) -> None:
+        system_binary("redis-server")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = local_redis.start(self.port, Path(folder))
+        local_redis.wait_ready(self.port, self.process)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+async def wait_serving(log_path, process) -> None:
+    """Until a gateway started by `gateway_process` logs that it is SERVING (or dies)."""
+    deadline = time.monotonic() + 60
+    while '"event": "serving"' not in log_path.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = None):
+    """A second gateway as its own process, on the same model services, Redis and data directory."""
+    port = free_port()
+    env = project_env(SWL_GATEWAY_HOST="127.0.0.1", SWL_GATEWAY_PORT=str(port), SWL_GATEWAY_METRICS_PORT="-1",
+                      SWL_GATEWAY_REDIS_URL=redis_url, SWL_GATEWAY_DATA_DIR=str(data_dir),
+                      SWL_GATEWAY_DETECTOR_ADDRESS=stack.address("detector"),
+                      SWL_GATEWAY_LIPSYNC_ADDRESS=stack.address("lipsync"),
+                      SWL_GATEWAY_ENHANCER_ADDRESS=stack.address("enhancer"), **(extra or {}))
+    process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stderr=log, stdout=log)
+    try:
+        yield f"127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
