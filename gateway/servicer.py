@@ -13,7 +13,6 @@ from google.protobuf import empty_pb2
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from service_runtime.errors import InvalidArgument, ServiceError
-from service_runtime.rpc import grpc_method, grpc_stream_method
 
 from .admission import JobSlots
 from .avatars import AvatarStore
@@ -119,7 +118,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             context.set_trailing_metadata(tuple((WARNING_TRAILER, w) for w in warnings))
         return httpbody_pb2.HttpBody(content_type="video/mp4", data=mp4)
 
-    @grpc_stream_method()
     async def Generate(self, request_iterator, context):
         with self.slots.slot():  # before a byte of the upload is read
             events, progress = progress_queue()
@@ -127,7 +125,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for event in self._events(job, face, audio, events):
                 yield event
 
-    @grpc_stream_method()
     async def GenerateEvents(self, request: gateway_pb2.GenerateVideoRequest, context):
         try:
             with self.slots.slot():
@@ -140,11 +137,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             yield gateway_pb2.GenerateEvent(error=gateway_pb2.Failure(
                 code=error.code.value[0], status=error.code.name, message=error.message))
 
-    @grpc_method()
     async def GenerateVideo(self, request: gateway_pb2.GenerateVideoRequest, context) -> httpbody_pb2.HttpBody:
         return await self._unary(request.options, request.face, request.audio, context)
 
-    @grpc_method()
     async def UploadMedia(self, request: gateway_pb2.UploadMediaRequest, context) -> gateway_pb2.UploadMediaResponse:
         data = request.media.data
         self.limits.check_upload(len(data))
@@ -153,7 +148,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.UploadMediaResponse(upload_id=upload_id, size_bytes=len(data),
                                                expires_in_seconds=int(self.uploads.ttl_s))
 
-    @grpc_method()
     async def GenerateFromUpload(self, request: gateway_pb2.GenerateFromUploadRequest,
                                  context) -> httpbody_pb2.HttpBody:
         face = await self.uploads.get(request.face_upload_id)
@@ -161,7 +155,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     # --- Avatars ---------------------------------------------------------------------------------------------
 
-    @grpc_stream_method()
     async def CreateAvatar(self, request_iterator, context):
         with self.slots.slot():
             first = await self._first(request_iterator, "CreateAvatar")
@@ -174,33 +167,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield gateway_pb2.CreateAvatarEvent(progress=update)
             yield gateway_pb2.CreateAvatarEvent(avatar=task.result().message())
 
-    @grpc_method()
     async def CreateAvatarFromJson(self, request: gateway_pb2.CreateAvatarRequest, context) -> gateway_pb2.Avatar:
         with self.slots.slot():
             self.limits.check_upload(len(request.face) + len(request.options.planning.reference_face))
             record = await self.generation.create_avatar(request.options, request.face, self._deadline(context), None)
         return record.message()
 
-    @grpc_method()
     async def GetAvatar(self, request: gateway_pb2.GetAvatarRequest, context) -> gateway_pb2.Avatar:
         record = await self.avatars.get(request.avatar_id)
         return record.message(await self.avatars.preview(request.avatar_id))
 
-    @grpc_method()
     async def ListAvatars(self, request: gateway_pb2.ListAvatarsRequest, context) -> gateway_pb2.ListAvatarsResponse:
         if request.page_size < 0:
             raise InvalidArgument("page_size must be positive (at most 500)")
         records, token = await self.avatars.list(request.page_size, request.page_token)
         return gateway_pb2.ListAvatarsResponse(avatars=[r.message() for r in records], next_page_token=token)
 
-    @grpc_method()
     async def DeleteAvatar(self, request: gateway_pb2.DeleteAvatarRequest, context) -> empty_pb2.Empty:
         await self.avatars.delete(request.avatar_id)
         with contextlib.suppress(ServiceError):
             self.metrics.avatars.set(await self.avatars.count())
         return empty_pb2.Empty()
 
-    @grpc_method()
     async def GenerateFromAvatar(self, request: gateway_pb2.GenerateFromAvatarRequest,
                                  context) -> httpbody_pb2.HttpBody:
         options = gateway_pb2.GenerateOptions()
@@ -210,30 +198,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     # --- Asynchronous jobs -----------------------------------------------------------------------------------
 
-    @grpc_method()
     async def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context) -> gateway_pb2.Job:
         record = await self.jobs.submit(request)
         return record.message(await self.jobs.store.position(record.job_id))
 
-    @grpc_method()
     async def GetJob(self, request: gateway_pb2.JobRequest, context) -> gateway_pb2.Job:
         record, position = await self.jobs.get(request.job_id)
         return record.message(position)
 
-    @grpc_method()
     async def GetJobVideo(self, request: gateway_pb2.JobRequest, context) -> httpbody_pb2.HttpBody:
         return httpbody_pb2.HttpBody(content_type="video/mp4", data=await self.jobs.video(request.job_id))
 
-    @grpc_method()
     async def DeleteJob(self, request: gateway_pb2.JobRequest, context) -> gateway_pb2.Job:
         return (await self.jobs.delete(request.job_id)).message()
 
-    @grpc_method()
     async def ListJobs(self, request: gateway_pb2.ListJobsRequest, context) -> gateway_pb2.ListJobsResponse:
         records, token = await self.jobs.recent(max(0, request.page_size), request.page_token)
         return gateway_pb2.ListJobsResponse(jobs=[r.message() for r in records], next_page_token=token)
 
-    @grpc_stream_method()
     async def WatchJob(self, request: gateway_pb2.JobRequest, context):
         last = None
         while True:

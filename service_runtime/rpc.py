@@ -1,15 +1,16 @@
-"""The one place where domain errors become gRPC status codes, with request ids, logs and request metrics."""
+"""The one place where domain errors become gRPC status codes, with request ids, logs and request metrics: the
+RpcInterceptor every service's server runs every RPC through."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import inspect
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -62,56 +63,145 @@ def item_status(error: BaseException) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message=f"{type(error).__name__}: {error}")
 
 
-@contextlib.asynccontextmanager
-async def _handled(metrics: ServiceMetrics, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """Request id in, ServiceError -> its status code, crashes -> INTERNAL, and one count per RPC."""
-    token = request_id_var.set(new_request_id())
-    started = time.perf_counter()
-    code = grpc.StatusCode.OK
-    try:
-        request_id_var.set(request_id_from(context))
-        yield
-    except ServiceError as error:
-        code = error.code
-        log.warning("request failed", extra={"method": method, "code": code.name, "error": error.message})
-        await context.abort(code, error.message, trailing_metadata=status_details(error))
-    except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
-        raise
-    except Exception:
-        code = grpc.StatusCode.INTERNAL
-        log.exception("request crashed", extra={"method": method})
-        await context.abort(code, f"internal error (request id {request_id_var.get()}); see the service log")
-    finally:
-        metrics.requests.labels(method, code.name).inc()
-        metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
-        request_id_var.reset(token)
+# Infrastructure services every process serves: answered as they come, neither wrapped nor counted.
+UNCOUNTED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    """What every RPC of every service gets, in one place (ServiceServer installs it outermost, ahead of the
+    service's own interceptors): the request id from `x-request-id` (checked) or a new one, ServiceError -> its
+    status code (with RetryInfo when it has a retry hint), any other exception -> INTERNAL naming the request id,
+    and one count (`swl_grpc_requests_total{method,code}`) and one duration (`swl_grpc_request_seconds{method}`)
+    per RPC, `method` being the RPC's short name. Errors raised mid-stream are mapped too. A call an inner
+    interceptor refuses with `context.abort` (the gateway's UNAUTHENTICATED) is counted under the code it got."""
+
+    def __init__(self, metrics: ServiceMetrics, uncounted: tuple[str, ...] = UNCOUNTED_SERVICES) -> None:
+        self._metrics = metrics
+        self._uncounted = uncounted
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self._uncounted):  # None: grpc answers UNIMPLEMENTED
+            return handler
+        return self._wrapped(handler, details.method.rsplit("/", 1)[-1])
+
+    def _wrapped(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        behaviour = _behaviour(handler)
+        metrics = self._metrics
+
+        async def answer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rpc = _Rpc(metrics, method, context)
+            token = request_id_var.set(new_request_id())  # reset below: this runs in the call's own task
+            try:
+                rpc.read_request_id()
+                return await behaviour(request, context)
+            except Exception as error:
+                await rpc.fail(error)
+            except BaseException as error:
+                rpc.ended_by(error)
+                raise
+            finally:
+                rpc.record()
+                request_id_var.reset(token)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            # Not reset here: a stream abandoned by its consumer is closed by the loop's finaliser in another
+            # context, where a reset fails; the call's task, whose context this is, ends with the call anyway.
+            rpc = _Rpc(metrics, method, context)
+            request_id_var.set(new_request_id())
+            try:
+                rpc.read_request_id()
+                async with contextlib.aclosing(behaviour(request, context)) as responses:  # its finally runs now
+                    async for response in responses:
+                        yield response
+            except Exception as error:
+                await rpc.fail(error)
+            except BaseException as error:
+                rpc.ended_by(error)
+                raise
+            finally:
+                rpc.record()
+
+        if inspect.isasyncgenfunction(behaviour):
+            wrapper: Callable[..., Any] = stream
+        elif inspect.iscoroutinefunction(behaviour):  # unary responses, and the reader/writer streaming form
+            wrapper = answer
+        else:
+            # grpc.aio runs a plain function in its thread pool, in another context: none of ours is one, and one
+            # is refused loudly here rather than served without its request id, metrics and error mapping.
+            raise TypeError(f"RpcInterceptor wraps grpc.aio handlers (coroutines, async generators) only, not "
+                            f"{behaviour!r} ({method})")
+        factory = _FACTORIES[handler.request_streaming, handler.response_streaming]
+        return factory(wrapper, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    if handler.request_streaming:
+        return handler.stream_stream if handler.response_streaming else handler.stream_unary
+    return handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+
+class _Rpc:
+    """One call's outcome: its status code, how long it took, and the answer for an error."""
+
+    def __init__(self, metrics: ServiceMetrics, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.metrics, self.method, self.context = metrics, method, context
+        self.code = grpc.StatusCode.OK
+        self.started = time.perf_counter()
+
+    def read_request_id(self) -> None:
+        request_id_var.set(request_id_from(self.context))  # a bad header: InvalidArgument, answered by fail()
+
+    async def fail(self, error: Exception) -> NoReturn:
+        """Ends the call with `error`'s status (raises what grpc.aio expects of an aborted handler)."""
+        if isinstance(error, grpc.aio.AbortError):  # answered already: an inner interceptor's refusal
+            self.code = _aborted_code(self.context)
+            raise error
+        if isinstance(error, ServiceError):
+            self.code = error.code
+            log.warning("request failed", extra={"method": self.method, "code": self.code.name,
+                                                 "error": error.message})
+            await self.context.abort(self.code, error.message, trailing_metadata=status_details(error))
+        self.code = grpc.StatusCode.INTERNAL
+        log.error("request crashed", extra={"method": self.method}, exc_info=error)
+        await self.context.abort(self.code, f"internal error (request id {request_id_var.get()}); see the service "
+                                            "log")
+        raise AssertionError("context.abort returned")  # it always raises
+
+    def ended_by(self, error: BaseException) -> None:
+        """A cancellation (the client went away or its deadline passed) or a stream closed before its end."""
+        cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit))
+        self.code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
+
+    def record(self) -> None:
+        self.metrics.requests.labels(self.method, self.code.name).inc()
+        self.metrics.request_seconds.labels(self.method).observe(time.perf_counter() - self.started)
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status an aborted call was given (UNKNOWN when this grpc does not say)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
 
 def grpc_method(metrics_attr: str = "metrics") -> Callable[[Handler], Handler]:
-    """Wraps a unary servicer method with `_handled` (the servicer holds its metrics in `metrics_attr`)."""
+    """Deprecated: does nothing. RpcInterceptor now gives every RPC what this decorator did; it stays only because
+    docs/adding-a-model-service.md and its test's toy service (tests/fixtures/toy_service) still write it.
+    Remove it once they no longer do."""
 
     def decorate(func: Handler) -> Handler:
-        @functools.wraps(func)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _handled(getattr(self, metrics_attr), func.__name__, context):
-                return await func(self, request, context)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-def grpc_stream_method(metrics_attr: str = "metrics") -> Callable[[Handler], Handler]:
-    """Like `grpc_method`, for handlers that are async generators (server-streaming RPCs)."""
-
-    def decorate(func: Handler) -> Handler:
-        @functools.wraps(func)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _handled(getattr(self, metrics_attr), func.__name__, context):
-                async for message in func(self, request, context):  # type: ignore[attr-defined]  # an async generator
-                    yield message
-
-        return wrapper  # type: ignore[return-value]
+        return func
 
     return decorate

@@ -21,6 +21,7 @@ from .metrics import ServiceMetrics
 from .manifest import ModelSpec
 from .onnx_session import OnnxModel, load_model
 from .providers import ProviderConfig
+from .rpc import RpcInterceptor
 from .settings import ServerSettings, ServiceSettings
 from .supervision import Supervisor
 
@@ -52,7 +53,8 @@ class GrpcService(abc.ABC):
         """Releases what warm_up started (after the server has stopped)."""
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Interceptors every RPC of this process passes through (none by default)."""
+        """Interceptors every RPC of this process passes through (none by default), inside the RpcInterceptor
+        that ServiceServer always puts first (request ids, status codes, request metrics)."""
         return []
 
     @property
@@ -153,7 +155,10 @@ class ServiceServer:
             # GOAWAY after the age; calls already running get the shutdown grace to finish.
             options += [("grpc.max_connection_age_ms", int(self.settings.max_connection_age_s * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(self.settings.grace_period_s * 1000))]
-        self.server = grpc.aio.server(options=options, interceptors=self.service.interceptors())
+        # The RPC interceptor first, so it is outermost: a call the service's own interceptors refuse (the
+        # gateway's API keys) still gets a request id and is counted.
+        interceptors = [RpcInterceptor(self.service.metrics), *self.service.interceptors()]
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service.register(self.server)
         reflection.enable_server_reflection(

@@ -43,7 +43,6 @@ class DetectorService(ModelService):
             self.detector, self.embedder,
             self.new_queue(settings.detection_model, self.detector.run_batch),
             self.new_queue(settings.recognition_model, self.embedder.run_batch),
-            self.metrics,
         )
 
     def load_models(self) -> dict[str, OnnxModel]:

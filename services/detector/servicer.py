@@ -10,8 +10,7 @@ from superwav2lip.detector.v1 import detector_pb2, detector_pb2_grpc
 from service_runtime.batching import BatchingQueue
 from service_runtime.errors import Unavailable
 from service_runtime.images import decode_image
-from service_runtime.metrics import ServiceMetrics
-from service_runtime.rpc import grpc_method, item_status
+from service_runtime.rpc import item_status
 
 from .decoders import Detections
 from .model import FaceDetector, FaceEmbedder
@@ -30,12 +29,10 @@ def faces_message(found: Detections) -> detector_pb2.FrameFaces:
 
 class DetectorServicer(detector_pb2_grpc.DetectorServicer):
     def __init__(self, detector: FaceDetector, embedder: FaceEmbedder, detect_queue: BatchingQueue,
-                 embed_queue: BatchingQueue, metrics: ServiceMetrics) -> None:
+                 embed_queue: BatchingQueue) -> None:
         self.detector, self.embedder = detector, embedder
         self.detect_queue, self.embed_queue = detect_queue, embed_queue
-        self.metrics = metrics
 
-    @grpc_method()
     async def Detect(self, request: detector_pb2.DetectRequest, context) -> detector_pb2.DetectResponse:
         def prepare(image):
             return self.detector.prepare(decode_image(image, "frame"), request.score_threshold)
@@ -46,7 +43,6 @@ class DetectorServicer(detector_pb2_grpc.DetectorServicer):
             for o in outcomes
         ])
 
-    @grpc_method()
     async def Describe(self, request: detector_pb2.DescribeRequest, context) -> detector_pb2.DescribeResponse:
         detection, recognition = self.detector.model, self.embedder.model
         if detection is None or recognition is None:
@@ -58,7 +54,6 @@ class DetectorServicer(detector_pb2_grpc.DetectorServicer):
             detection_model=detection.spec.name, recognition_model=recognition.spec.name,
             detection_size=self.detector.size, fingerprint=fingerprint, providers=detection.providers)
 
-    @grpc_method()
     async def Embed(self, request: detector_pb2.EmbedRequest, context) -> detector_pb2.EmbedResponse:
         outcomes = await self.embed_queue.run_each(
             request.faces, lambda image: self.embedder.prepare(decode_image(image, "face"))

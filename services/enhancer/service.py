@@ -32,9 +32,7 @@ class EnhancerService(ModelService):
     def __init__(self, settings: EnhancerSettings, metrics: ServiceMetrics | None = None) -> None:
         super().__init__(settings, metrics or ServiceMetrics())
         self.restorer = FaceRestorer(load_manifest(settings.models_dir).get(settings.model))
-        self.servicer = EnhancerServicer(
-            self.restorer, self.new_queue(settings.model, self.restorer.run_batch), self.metrics
-        )
+        self.servicer = EnhancerServicer(self.restorer, self.new_queue(settings.model, self.restorer.run_batch))
 
     def load_models(self) -> dict[str, OnnxModel]:
         self.restorer.model = self.load(self.restorer.spec)

@@ -7,17 +7,15 @@ from superwav2lip.enhancer.v1 import enhancer_pb2, enhancer_pb2_grpc
 from service_runtime.batching import BatchingQueue
 from service_runtime.errors import Unavailable
 from service_runtime.images import decode_image, encode_image
-from service_runtime.metrics import ServiceMetrics
-from service_runtime.rpc import grpc_method, item_status
+from service_runtime.rpc import item_status
 
 from .model import FaceRestorer
 
 
 class EnhancerServicer(enhancer_pb2_grpc.EnhancerServicer):
-    def __init__(self, restorer: FaceRestorer, queue: BatchingQueue, metrics: ServiceMetrics) -> None:
-        self.restorer, self.queue, self.metrics = restorer, queue, metrics
+    def __init__(self, restorer: FaceRestorer, queue: BatchingQueue) -> None:
+        self.restorer, self.queue = restorer, queue
 
-    @grpc_method()
     async def Enhance(self, request: enhancer_pb2.EnhanceRequest, context) -> enhancer_pb2.EnhanceResponse:
         outcomes = await self.queue.run_each(
             request.faces, lambda image: self.restorer.prepare(decode_image(image, "face"))
@@ -28,7 +26,6 @@ class EnhancerServicer(enhancer_pb2_grpc.EnhancerServicer):
             for o in outcomes
         ])
 
-    @grpc_method()
     async def Describe(self, request: enhancer_pb2.DescribeRequest, context) -> enhancer_pb2.DescribeResponse:
         model = self.restorer.model
         if model is None:

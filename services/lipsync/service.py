@@ -36,9 +36,7 @@ class LipSyncService(ModelService):
         super().__init__(settings, metrics or ServiceMetrics())
         spec = load_manifest(settings.models_dir).get(settings.model)
         self.generator = LipSyncGenerator(int8_spec(spec) if settings.int8 else spec)
-        self.servicer = LipSyncServicer(
-            self.generator, self.new_queue(settings.model, self.generator.run_batch), self.metrics
-        )
+        self.servicer = LipSyncServicer(self.generator, self.new_queue(settings.model, self.generator.run_batch))
 
     def load_models(self) -> dict[str, OnnxModel]:
         self.generator.model = self.load(self.generator.spec)

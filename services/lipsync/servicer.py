@@ -6,17 +6,15 @@ from superwav2lip.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 
 from service_runtime.batching import BatchingQueue
 from service_runtime.errors import Unavailable
-from service_runtime.metrics import ServiceMetrics
-from service_runtime.rpc import grpc_method, item_status
+from service_runtime.rpc import item_status
 
 from .model import LipSyncGenerator
 
 
 class LipSyncServicer(lipsync_pb2_grpc.LipSyncServicer):
-    def __init__(self, generator: LipSyncGenerator, queue: BatchingQueue, metrics: ServiceMetrics) -> None:
-        self.generator, self.queue, self.metrics = generator, queue, metrics
+    def __init__(self, generator: LipSyncGenerator, queue: BatchingQueue) -> None:
+        self.generator, self.queue = generator, queue
 
-    @grpc_method()
     async def Generate(self, request: lipsync_pb2.GenerateRequest, context) -> lipsync_pb2.GenerateResponse:
         outcomes = await self.queue.run_each(request.items, lambda item: self.generator.prepare(item.face, item.mel))
         return lipsync_pb2.GenerateResponse(results=[
@@ -25,7 +23,6 @@ class LipSyncServicer(lipsync_pb2_grpc.LipSyncServicer):
             for o in outcomes
         ])
 
-    @grpc_method()
     async def Describe(self, request: lipsync_pb2.DescribeRequest, context) -> lipsync_pb2.DescribeResponse:
         model = self.generator.model
         if model is None:
