@@ -22,6 +22,21 @@ Result = TypeVar("Result")
 BatchFn = Callable[[list[Item]], Sequence["Result | Exception"]]
 
 
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model's queue batches (each model of a service may have its own, as in Triton and MLServer)."""
+
+    max_batch_size: int  # most items one model call takes
+    max_delay_s: float  # longest wait for more items once a batch has its first one
+    max_queue_size: int  # items that may wait; beyond it calls get RESOURCE_EXHAUSTED
+    across_calls: bool = True  # gather items from concurrent calls (False: one call's items at a time)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_delay_s < 0:
+            raise ValueError(f"max_batch_size and max_queue_size must be at least 1 and max_delay_s at least 0: "
+                             f"{self}")
+
+
 @dataclass
 class _Entry(Generic[Item]):
     item: Item
@@ -31,6 +46,12 @@ class _Entry(Generic[Item]):
 
 class BatchingQueue(Generic[Item, Result]):
     """Gathers items until `max_batch_size` or `max_delay_s`, runs the batch off the event loop."""
+
+    @classmethod
+    def with_policy(cls, name: str, run_batch: BatchFn, policy: BatchPolicy,
+                    metrics: ServiceMetrics) -> BatchingQueue[Item, Result]:
+        return cls(name, run_batch, max_batch_size=policy.max_batch_size, max_delay_s=policy.max_delay_s,
+                   max_queue_size=policy.max_queue_size, metrics=metrics, across_calls=policy.across_calls)
 
     def __init__(
         self,
@@ -43,8 +64,7 @@ class BatchingQueue(Generic[Item, Result]):
         metrics: ServiceMetrics,
         across_calls: bool = True,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1:
-            raise ValueError("max_batch_size and max_queue_size must be at least 1")
+        self.policy = BatchPolicy(max_batch_size, max_delay_s, max_queue_size, across_calls)  # checks them
         self.name = name
         self._run_batch = run_batch
         self._max_batch = max_batch_size

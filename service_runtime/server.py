@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from .batching import BatchingQueue
+from .batching import BatchingQueue, BatchPolicy
 from .errors import ModelLoadError
 from .logs import configure_logging
 from .metrics import ServiceMetrics
@@ -73,24 +73,28 @@ class ModelService(GrpcService):
         self.queues: dict[str, BatchingQueue] = {}
         self.models: dict[str, OnnxModel] = {}
 
-    def new_queue(self, model_key: str, run_batch) -> BatchingQueue:
-        """Creates the batching queue for one model; it accepts items only once warm-up has finished."""
-        queue: BatchingQueue = BatchingQueue(
-            model_key,
-            run_batch,
-            max_batch_size=self.settings.max_batch_size,
-            max_delay_s=self.settings.max_batch_delay_ms / 1000,
-            max_queue_size=self.settings.max_queue_size,
-            metrics=self.metrics,
-            across_calls=self.settings.batch_across_calls,
-        )
+    def new_queue(self, model_key: str, run_batch, policy: BatchPolicy | None = None) -> BatchingQueue:
+        """Creates the batching queue for one model, batching by `policy` (default: the service-wide settings;
+        `self.settings.batch_policy("<model>")` gives a model its own); it accepts items only once warm-up has
+        finished."""
+        queue: BatchingQueue = BatchingQueue.with_policy(model_key, run_batch,
+                                                         policy if policy is not None else self.settings.batch_policy(),
+                                                         self.metrics)
         self.queues[model_key] = queue
         return queue
 
+    def batch_policy(self, model_key: str) -> BatchPolicy:
+        """The batching of the model that `model_key` names: its queue's, else the service-wide one."""
+        queue = self.queues.get(model_key)
+        return queue.policy if queue is not None else self.settings.batch_policy()
+
     def load(self, spec: ModelSpec, warmup_dims: dict[str, int] | None = None) -> OnnxModel:
-        """Loads one model with this service's provider and thread settings."""
+        """Loads one model with this service's provider and thread settings; the provider's batch profile
+        (TensorRT's) follows the largest batch of the model's queue (the queue named like the model)."""
         s = self.settings
-        model = load_model(spec, s.models_dir, provider_config=ProviderConfig.from_settings(s), require_gpu=s.require_gpu,
+        config = dataclasses.replace(ProviderConfig.from_settings(s),
+                                     max_batch_size=self.batch_policy(spec.name).max_batch_size)
+        model = load_model(spec, s.models_dir, provider_config=config, require_gpu=s.require_gpu,
                            allow_dev=s.allow_dev_models, extra_dirs=s.extra_model_dirs, intra_op_threads=s.intra_op_threads,
                            inter_op_threads=s.inter_op_threads, spin_wait=s.spin_wait)
         if warmup_dims:
@@ -105,8 +109,9 @@ class ModelService(GrpcService):
         """Loads models, runs each once per warm-up batch size, then opens the queues. `run_models=False` only
         loads, as a process that serves one request and exits would (the seed comparison's old way)."""
         self.models = await asyncio.to_thread(self.load_models)
-        sizes = self.settings.effective_warmup_batch_sizes() if run_models else ()
         for key, model in self.models.items():
+            largest = self.batch_policy(key).max_batch_size
+            sizes = self.settings.effective_warmup_batch_sizes(largest) if run_models else ()
             self.metrics.model_loads.labels(key).inc()
             self.metrics.model_load_seconds.labels(key).set(model.load_seconds)
             for rank, provider in enumerate(model.providers):

@@ -8,24 +8,33 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
+from .batching import BatchPolicy
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value its setting cannot take."""
 
 
-def setting(default: Any, doc: str, *, ge: float | None = None, le: float | None = None) -> Any:
-    """Declares one setting: its default, the one-line doc shown in docs/settings.md and its allowed range."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "ge": ge, "le": le})
+def setting(default: Any, doc: str, *, ge: float | None = None, le: float | None = None,
+            unset: tuple[float, str] | None = None) -> Any:
+    """Declares one setting: its default, the one-line doc shown in docs/settings.md and its allowed range.
+    `unset=(value, meaning)` names one value outside the range that is allowed too, and what it means."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "ge": ge, "le": le, "unset": unset})
+
+
+def _number(value: float | None) -> float | None:
+    return None if value is None else int(value) if float(value).is_integer() else value
 
 
 def _range_text(metadata: Mapping[str, Any]) -> str:
-    low, high = (metadata.get(bound) for bound in ("ge", "le"))
-    low, high = (None if v is None else int(v) if float(v).is_integer() else v for v in (low, high))
+    low, high = (_number(metadata.get(bound)) for bound in ("ge", "le"))
     if low is None and high is None:
         return ""
-    if high is None:
-        return f"at least {low}"
-    return f"at most {high}" if low is None else f"{low} to {high}"
+    allowed = f"at least {low}" if high is None else f"at most {high}" if low is None else f"{low} to {high}"
+    if metadata.get("unset") is not None:
+        value, meaning = metadata["unset"]
+        allowed += f", or {_number(value)} ({meaning})"
+    return allowed
 
 
 def _parse(raw: str, kind: Any, variable: str) -> Any:
@@ -43,6 +52,28 @@ def _parse(raw: str, kind: Any, variable: str) -> Any:
     except ValueError:
         raise SettingsError(f"{variable}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
     raise TypeError(f"unsupported setting type {kind!r} for {variable}")
+
+
+SERVICE_WIDE = -1  # a per-model batching setting at this value takes the service-wide one
+_PER_MODEL_BATCHING = ("max_batch_size", "max_batch_delay_ms", "max_queue_size")
+
+
+def model_max_batch_size_setting(model: str) -> Any:
+    """`<model>_max_batch_size`: one model's own max_batch_size (SERVICE_WIDE: the service's)."""
+    return setting(SERVICE_WIDE, f"Most items one call of the {model} model takes from its batching queue.", ge=1,
+                   le=1024, unset=(SERVICE_WIDE, "the service-wide value"))
+
+
+def model_max_batch_delay_ms_setting(model: str) -> Any:
+    """`<model>_max_batch_delay_ms`: one model's own max_batch_delay_ms (SERVICE_WIDE: the service's)."""
+    return setting(float(SERVICE_WIDE), f"Longest wait for more {model} items once a batch has its first one.",
+                   ge=0, le=10000, unset=(SERVICE_WIDE, "the service-wide value"))
+
+
+def model_max_queue_size_setting(model: str) -> Any:
+    """`<model>_max_queue_size`: one model's own max_queue_size (SERVICE_WIDE: the service's)."""
+    return setting(SERVICE_WIDE, f"Items waiting for the {model} model; beyond it calls get RESOURCE_EXHAUSTED.",
+                   ge=1, le=1_000_000, unset=(SERVICE_WIDE, "the service-wide value"))
 
 
 def port_setting(default: int) -> Any:
@@ -64,7 +95,9 @@ class BaseSettings:
         """Every value, from the environment or an override, must lie in its declared range."""
         for field in dataclasses.fields(self):
             value, allowed = getattr(self, field.name), _range_text(field.metadata)
-            low, high = field.metadata.get("ge"), field.metadata.get("le")
+            low, high, unset = (field.metadata.get(key) for key in ("ge", "le", "unset"))
+            if unset is not None and value == unset[0]:
+                continue
             if (low is not None and value < low) or (high is not None and value > high):
                 raise SettingsError(f"{self.env_name(field.name)}={value!r} is out of range: {allowed}")
 
@@ -155,7 +188,31 @@ class ServiceSettings(ServerSettings):
     )
     max_queue_size: int = setting(256, "Items waiting per model; beyond it calls get RESOURCE_EXHAUSTED.", ge=1,
                                    le=1_000_000)
-    warmup_batch_sizes: tuple[int, ...] = setting((), "Batch sizes run at warm-up (empty = 1 and max_batch_size).")
+    warmup_batch_sizes: tuple[int, ...] = setting(
+        (), "Batch sizes run at warm-up (empty = 1 and each model's max batch size; a larger size is cut to it).")
 
-    def effective_warmup_batch_sizes(self) -> tuple[int, ...]:
-        return self.warmup_batch_sizes or tuple(sorted({1, self.max_batch_size}))
+    def batch_policy(self, model: str = "") -> BatchPolicy:
+        """How one model's queue batches: the service-wide max_batch_size, max_batch_delay_ms and max_queue_size,
+        each overridden by the model's own `<model>_max_batch_size`, ... (declared with the `model_*_setting`
+        helpers) where that is not SERVICE_WIDE. No `model`: the service-wide policy."""
+        values = {}
+        for name in _PER_MODEL_BATCHING:
+            value = getattr(self, name)
+            if model:
+                if not hasattr(self, f"{model}_{name}"):
+                    raise TypeError(f"{type(self).__name__} has no setting {model}_{name}: declare "
+                                    f"{model}_max_batch_size, {model}_max_batch_delay_ms and {model}_max_queue_size "
+                                    "with the model_*_setting helpers")
+                own = getattr(self, f"{model}_{name}")
+                value = value if own == SERVICE_WIDE else own
+            values[name] = value
+        return BatchPolicy(max_batch_size=values["max_batch_size"], max_delay_s=values["max_batch_delay_ms"] / 1000,
+                           max_queue_size=values["max_queue_size"], across_calls=self.batch_across_calls)
+
+    def effective_warmup_batch_sizes(self, max_batch_size: int | None = None) -> tuple[int, ...]:
+        """The batch sizes a model whose largest batch is `max_batch_size` (default: the service-wide one) is
+        warmed up with: warmup_batch_sizes, none above that largest batch, or else 1 and that batch."""
+        largest = self.max_batch_size if max_batch_size is None else max_batch_size
+        if self.warmup_batch_sizes:
+            return tuple(sorted({min(size, largest) for size in self.warmup_batch_sizes}))
+        return tuple(sorted({1, largest}))

@@ -10,7 +10,9 @@ from service_runtime.manifest import load_manifest
 from service_runtime.metrics import ServiceMetrics
 from service_runtime.onnx_session import OnnxModel
 from service_runtime.server import ModelService, run_service
-from service_runtime.settings import ServiceSettings, metrics_port_setting, port_setting, setting
+from service_runtime.settings import (ServiceSettings, metrics_port_setting, model_max_batch_delay_ms_setting,
+                                      model_max_batch_size_setting, model_max_queue_size_setting, port_setting,
+                                      setting)
 
 from .model import FaceDetector, FaceEmbedder
 from .servicer import DetectorServicer
@@ -27,6 +29,13 @@ class DetectorSettings(ServiceSettings):
                                   "are scaled down to it, keeping their aspect.", ge=64, le=4096)
     detection_square: bool = setting(False, "Letterbox every frame to a detection_size square instead (the seed's "
                                      "way: the same cost whatever the frame).")
+    # Each model batches on its own terms (-1: the service-wide max_batch_size, max_batch_delay_ms, max_queue_size).
+    detection_max_batch_size: int = model_max_batch_size_setting("detection")
+    detection_max_batch_delay_ms: float = model_max_batch_delay_ms_setting("detection")
+    detection_max_queue_size: int = model_max_queue_size_setting("detection")
+    recognition_max_batch_size: int = model_max_batch_size_setting("recognition")
+    recognition_max_batch_delay_ms: float = model_max_batch_delay_ms_setting("recognition")
+    recognition_max_queue_size: int = model_max_queue_size_setting("recognition")
 
 
 class DetectorService(ModelService):
@@ -41,8 +50,8 @@ class DetectorService(ModelService):
         self.embedder = FaceEmbedder(manifest.get(settings.recognition_model))
         self.servicer = DetectorServicer(
             self.detector, self.embedder,
-            self.new_queue(settings.detection_model, self.detector.run_batch),
-            self.new_queue(settings.recognition_model, self.embedder.run_batch),
+            self.new_queue(settings.detection_model, self.detector.run_batch, settings.batch_policy("detection")),
+            self.new_queue(settings.recognition_model, self.embedder.run_batch, settings.batch_policy("recognition")),
         )
 
     def load_models(self) -> dict[str, OnnxModel]:
