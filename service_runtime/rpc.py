@@ -10,7 +10,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 STATUS_DETAILS_TRAILER = "grpc-status-details-bin"  # the standard trailer for google.rpc.Status details
 REQUEST_ID_PATTERN = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII: safe in metadata and log lines
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
 def checked_request_id(value: str, where: str) -> str:
@@ -194,14 +193,3 @@ def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     if isinstance(code, grpc.StatusCode):
         return code
     return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-
-
-def grpc_method(metrics_attr: str = "metrics") -> Callable[[Handler], Handler]:
-    """Deprecated: does nothing. RpcInterceptor now gives every RPC what this decorator did; it stays only because
-    docs/adding-a-model-service.md and its test's toy service (tests/fixtures/toy_service) still write it.
-    Remove it once they no longer do."""
-
-    def decorate(func: Handler) -> Handler:
-        return func
-
-    return decorate
