@@ -17,7 +17,10 @@ from superwav2lip_client.core import options_proto
 from tests.support.paths import ROOT
 from tests.support.processes import cli, free_port, project_env
 from tests.support.media_factory import decode_all, encode_png, scene, speech_wav, stream_durations, with_marker
-from tests.support.stack import running_stack
+from tests.support.stack import MODULE_LOOP, running_stack, shared_stack
+
+pytestmark = MODULE_LOOP
+stack = shared_stack()
 
 STAGE_ORDER = ["decode", "detect", "track", "lipsync", "enhance", "encode"]
 EXAMPLES = ROOT / "client" / "examples"
@@ -72,21 +75,20 @@ async def test_sync_and_async_clients_give_identical_bytes_and_ordered_progress(
     assert [p.stage for p in async_events[:-1]] == [p.stage for p in progress]
 
 
-async def test_invalid_input_raises_the_sdk_error_with_its_code_and_request_id_without_retrying(dev_models_dir):
-    async with running_stack(dev_models_dir) as stack:
-        address = stack.address("gateway")
-        retry = CountingRetry(max_attempts=4)
+async def test_invalid_input_raises_the_sdk_error_with_its_code_and_request_id_without_retrying(stack):
+    address = stack.address("gateway")
+    retry = CountingRetry(max_attempts=4)
 
-        def sync_call():
-            with Client(address, retry=retry) as client:
-                client.generate(b"this is a text file, not a face", speech_wav(0.5))
+    def sync_call():
+        with Client(address, retry=retry) as client:
+            client.generate(b"this is a text file, not a face", speech_wav(0.5))
 
-        with pytest.raises(SuperWav2LipError) as sync_error:
-            await asyncio.to_thread(sync_call)
-        async with AsyncClient(address, retry=retry) as client:
-            with pytest.raises(SuperWav2LipError) as async_error:
-                await client.generate(b"this is a text file, not a face", speech_wav(0.5))
-        assert await asyncio.to_thread(lambda: Client(address).health()) == "SERVING"
+    with pytest.raises(SuperWav2LipError) as sync_error:
+        await asyncio.to_thread(sync_call)
+    async with AsyncClient(address, retry=retry) as client:
+        with pytest.raises(SuperWav2LipError) as async_error:
+            await client.generate(b"this is a text file, not a face", speech_wav(0.5))
+    assert await asyncio.to_thread(lambda: Client(address).health()) == "SERVING"
     for error in (sync_error.value, async_error.value):
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "face" in error.message and re.fullmatch(r"[0-9a-f]{32}", error.request_id)
@@ -163,7 +165,7 @@ async def test_the_api_key_comes_from_the_argument_or_the_environment(dev_models
         assert await asyncio.to_thread(calls) == ["UNAUTHENTICATED", "UNAUTHENTICATED", "ok", 0]
 
 
-async def test_every_example_runs_against_the_stack(dev_models_dir, tmp_path):
+async def test_every_example_runs_against_the_stack(stack, tmp_path):
     (tmp_path / "face.png").write_bytes(still())
     (tmp_path / "speech.wav").write_bytes(speech_wav(0.8))
     (tmp_path / "notes.txt").write_text("not a face")
@@ -172,15 +174,14 @@ async def test_every_example_runs_against_the_stack(dev_models_dir, tmp_path):
                  "progress_events.py": [face, speech, "events.mp4"], "avatars.py": [face, speech, "avatar.mp4"],
                  "jobs.py": [face, speech, "job.mp4"], "errors_and_retries.py": [str(tmp_path / "notes.txt"), speech]}
     assert set(arguments) == {path.name for path in EXAMPLES.glob("*.py")}
-    async with running_stack(dev_models_dir) as stack:
-        env = dict(os.environ, SUPERWAV2LIP_ADDRESS=stack.address("gateway"),
-                   PYTHONPATH=os.pathsep.join([str(ROOT / "client")]))
-        for script, args in arguments.items():
-            run = await asyncio.to_thread(subprocess.run, [sys.executable, str(EXAMPLES / script), *args],
-                                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
-            assert run.returncode == 0, f"{script}: {run.stderr}"
-            if script != "errors_and_retries.py":
-                assert "Traceback" not in run.stderr
+    env = dict(os.environ, SUPERWAV2LIP_ADDRESS=stack.address("gateway"),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "client")]))
+    for script, args in arguments.items():
+        run = await asyncio.to_thread(subprocess.run, [sys.executable, str(EXAMPLES / script), *args],
+                                      capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert run.returncode == 0, f"{script}: {run.stderr}"
+        if script != "errors_and_retries.py":
+            assert "Traceback" not in run.stderr
     for name in ("out.mp4", "pair-1.mp4", "pair-2.mp4", "events.mp4", "avatar.mp4", "job.mp4"):
         assert abs(stream_durations((tmp_path / name).read_bytes())["video"] - 0.8) <= 0.04, name
     assert "refused: INVALID_ARGUMENT" in run.stdout and "request id" in run.stdout
@@ -208,24 +209,23 @@ def test_the_client_installs_on_its_own_with_its_stubs_and_types(tmp_path):
     assert run.returncode == 0, run.stderr
 
 
-async def test_cli_exit_codes_json_output_and_models(dev_models_dir, tmp_path):
+async def test_cli_exit_codes_json_output_and_models(stack, tmp_path):
     import json
 
     (tmp_path / "face.png").write_bytes(still())
     (tmp_path / "speech.wav").write_bytes(speech_wav(0.6))
-    async with running_stack(dev_models_dir) as stack:
-        server = f"--server={stack.address('gateway')}"
-        addresses = [server] + [f"--{n}={stack.address(n)}" for n in ("detector", "lipsync", "enhancer")]
-        run = lambda *args: asyncio.to_thread(cli, *args)  # noqa: E731
-        made = await run("generate", "--face", str(tmp_path / "face.png"), "--audio", str(tmp_path / "speech.wav"),
-                         "-o", str(tmp_path / "out.mp4"), "--json", server)
-        refused = await run("generate", "--face", str(tmp_path / "speech.wav"), "--audio",
-                            str(tmp_path / "speech.wav"), "-o", str(tmp_path / "x.mp4"), "--json", server)
-        missing = await run("generate", "--face", str(tmp_path / "nope.png"), "--audio", str(tmp_path / "speech.wav"),
-                            "-o", str(tmp_path / "x.mp4"), server)
-        bad_flag = await run("generate", "--face", "a", "--audio", "b", "-o", "c", "--crop-mode", "square")
-        models = await run("models", "--json", *addresses)
-        unreachable = await run("jobs", "list", f"--server=127.0.0.1:{free_port()}", "--retries", "0")
+    server = f"--server={stack.address('gateway')}"
+    addresses = [server] + [f"--{n}={stack.address(n)}" for n in ("detector", "lipsync", "enhancer")]
+    run = lambda *args: asyncio.to_thread(cli, *args)  # noqa: E731
+    made = await run("generate", "--face", str(tmp_path / "face.png"), "--audio", str(tmp_path / "speech.wav"),
+                     "-o", str(tmp_path / "out.mp4"), "--json", server)
+    refused = await run("generate", "--face", str(tmp_path / "speech.wav"), "--audio",
+                        str(tmp_path / "speech.wav"), "-o", str(tmp_path / "x.mp4"), "--json", server)
+    missing = await run("generate", "--face", str(tmp_path / "nope.png"), "--audio", str(tmp_path / "speech.wav"),
+                        "-o", str(tmp_path / "x.mp4"), server)
+    bad_flag = await run("generate", "--face", "a", "--audio", "b", "-o", "c", "--crop-mode", "square")
+    models = await run("models", "--json", *addresses)
+    unreachable = await run("jobs", "list", f"--server=127.0.0.1:{free_port()}", "--retries", "0")
     assert made.returncode == 0, made.stderr
     summary = json.loads(made.stdout)
     assert summary["frames"] == 15 and summary["output"].endswith("out.mp4") and made.stderr == ""  # no bar

@@ -16,8 +16,11 @@ from gateway.compositing import crop_face
 from gateway.pipeline import LipSyncJob
 
 from tests.support.paths import SHARED_MEDIA, shared_file
-from tests.support.stack import model_clients, running_stack
+from tests.support.stack import MODULE_LOOP, model_clients, running_stack, shared_stack
 from tests.support.media_factory import decode_all, encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
+
+pytestmark = MODULE_LOOP
+stack = shared_stack()
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,11 +53,10 @@ async def test_identity_model_changes_only_the_face_box(identity_models_dir):
         assert not np.array_equal(output[y1:y2, x1:x2], source[y1:y2, x1:x2])  # the face really was replaced
 
 
-async def test_still_image_gives_an_mp4_as_long_as_the_speech(dev_models_dir):
+async def test_still_image_gives_an_mp4_as_long_as_the_speech(stack):
     still = with_marker(scene(321, 241), 120, 90)  # odd size: rounded down to even
     audio = speech_wav(2.3)
-    async with running_stack(dev_models_dir) as stack:
-        mp4, info, progress = await stack.generate(encode_png(still), audio)
+    mp4, info, progress = await stack.generate(encode_png(still), audio)
     frames, rate = decode_all(mp4)
     durations = stream_durations(mp4)
     assert (info.width, info.height) == (320, 240) and frames[0].shape[:2] == (240, 320)
@@ -67,12 +69,11 @@ async def test_still_image_gives_an_mp4_as_long_as_the_speech(dev_models_dir):
 
 
 @pytest.mark.parametrize("fps", [25, 30])
-async def test_video_shorter_than_speech_keeps_its_size_and_rate(dev_models_dir, fps):
+async def test_video_shorter_than_speech_keeps_its_size_and_rate(stack, fps):
     from fractions import Fraction
 
     face = encode_video(marker_frames(12, 256, 192), fps=Fraction(fps))
-    async with running_stack(dev_models_dir) as stack:
-        mp4, info, _ = await stack.generate(face, speech_wav(1.7))
+    mp4, info, _ = await stack.generate(face, speech_wav(1.7))
     frames, rate = decode_all(mp4)
     durations = stream_durations(mp4)
     assert rate == fps and (info.width, info.height) == (256, 192)
@@ -108,28 +109,27 @@ async def expect_error(call, code, *fragments):
         assert fragment in error.value.details()
 
 
-async def test_bad_inputs_get_their_status_codes(dev_models_dir):
+async def test_bad_inputs_get_their_status_codes(stack):
     good_face = encode_png(with_marker(scene(), 100, 80))
     audio = speech_wav(1.0)
     no_face_video = encode_video(marker_frames(6, missing={3, 4}))
-    async with running_stack(dev_models_dir) as stack:
-        await expect_error(stack.generate(b"not media at all" * 10, audio), grpc.StatusCode.INVALID_ARGUMENT, "face")
-        await expect_error(stack.generate(good_face, b"\x01\x02" * 300), grpc.StatusCode.INVALID_ARGUMENT, "audio")
-        await expect_error(stack.generate(good_face, speech_wav(0.005)), grpc.StatusCode.INVALID_ARGUMENT,
-                           "shorter than one Wav2Lip window")
-        # Every frame detected: with detect_every k > 1 a face missing only between two detections is interpolated.
-        await expect_error(stack.generate(no_face_video, audio, detect_every=1), grpc.StatusCode.FAILED_PRECONDITION,
-                           "frame 3")
-        refused = await stack.status_of([gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions(crf=99)),
-                                         gateway_pb2.GenerateChunk(face_chunk=good_face),
-                                         gateway_pb2.GenerateChunk(audio_chunk=audio)])
-        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "crf" in refused.details()
-        # With the keep policy the same clip works, and the frames without a face pass through.
-        mp4, info, _ = await stack.generate(no_face_video, audio, no_face_policy=gateway_pb2.NO_FACE_POLICY_KEEP_FRAME)
-        assert info.frames == 25
-        # The service keeps serving after all of that.
-        mp4, info, _ = await stack.generate(good_face, audio)
-        assert info.frames == 25
+    await expect_error(stack.generate(b"not media at all" * 10, audio), grpc.StatusCode.INVALID_ARGUMENT, "face")
+    await expect_error(stack.generate(good_face, b"\x01\x02" * 300), grpc.StatusCode.INVALID_ARGUMENT, "audio")
+    await expect_error(stack.generate(good_face, speech_wav(0.005)), grpc.StatusCode.INVALID_ARGUMENT,
+                       "shorter than one Wav2Lip window")
+    # Every frame detected: with detect_every k > 1 a face missing only between two detections is interpolated.
+    await expect_error(stack.generate(no_face_video, audio, detect_every=1), grpc.StatusCode.FAILED_PRECONDITION,
+                       "frame 3")
+    refused = await stack.status_of([gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions(crf=99)),
+                                     gateway_pb2.GenerateChunk(face_chunk=good_face),
+                                     gateway_pb2.GenerateChunk(audio_chunk=audio)])
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "crf" in refused.details()
+    # With the keep policy the same clip works, and the frames without a face pass through.
+    mp4, info, _ = await stack.generate(no_face_video, audio, no_face_policy=gateway_pb2.NO_FACE_POLICY_KEEP_FRAME)
+    assert info.frames == 25
+    # The service keeps serving after all of that.
+    mp4, info, _ = await stack.generate(good_face, audio)
+    assert info.frames == 25
 
 
 async def test_a_service_that_is_down_is_named(dev_models_dir):
@@ -173,9 +173,8 @@ async def test_second_request_reloads_no_model_and_leaves_no_temp_files(dev_mode
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_http_style_unary_call_returns_video_mp4(dev_models_dir):
-    async with running_stack(dev_models_dir) as stack:
-        body = await stack.generate_video(encode_png(with_marker(scene(), 100, 80)), speech_wav(1.0))
+async def test_http_style_unary_call_returns_video_mp4(stack):
+    body = await stack.generate_video(encode_png(with_marker(scene(), 100, 80)), speech_wav(1.0))
     assert body.content_type == "video/mp4"
     assert abs(stream_durations(body.data)["video"] - 1.0) <= 1 / 25
 
@@ -247,13 +246,12 @@ def top_level_boxes(data: bytes) -> list[tuple[str, int, int]]:
     return boxes
 
 
-async def test_streamed_output_is_a_fragmented_mp4_with_both_tracks_in_each_fragment(dev_models_dir):
+async def test_streamed_output_is_a_fragmented_mp4_with_both_tracks_in_each_fragment(stack):
     face = encode_video(marker_frames(30))
-    async with running_stack(dev_models_dir) as stack:
-        chunks = [gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions()),
-                  gateway_pb2.GenerateChunk(face_chunk=face), gateway_pb2.GenerateChunk(audio_chunk=speech_wav(5.0))]
-        events = [e async for e in stack.stub.Generate(iter(chunks), timeout=120)]
-        unary = await stack.generate_video(face, speech_wav(5.0))
+    chunks = [gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions()),
+              gateway_pb2.GenerateChunk(face_chunk=face), gateway_pb2.GenerateChunk(audio_chunk=speech_wav(5.0))]
+    events = [e async for e in stack.stub.Generate(iter(chunks), timeout=120)]
+    unary = await stack.generate_video(face, speech_wav(5.0))
     kinds = [e.WhichOneof("event") for e in events]
     lipsync_done = [i for i, e in enumerate(events) if kinds[i] == "progress" and e.progress.stage == "lipsync"]
     assert kinds.index("video_chunk") < lipsync_done[-1] and kinds[-1] == "result"

@@ -31,8 +31,12 @@ from gateway.mp4_boxes import faststart
 from tests.support.paths import ROOT
 from tests.support.processes import service_env, free_port
 from tests.support.media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
-from tests.support.stack import running_stack
+from tests.support.metrics import metric
+from tests.support.stack import MODULE_LOOP, running_stack, shared_stack
 from tests.support.waiting import eventually_async
+
+pytestmark = MODULE_LOOP
+stack = shared_stack()
 
 GOOD_FACE = encode_png(with_marker(scene(), 100, 80))
 
@@ -105,16 +109,15 @@ def playlist(kind: str, fifo, url: str) -> bytes:
 @pytest.mark.parametrize("role", ["face", "audio"])
 @pytest.mark.parametrize("kind", ["ffconcat-relative", "ffconcat-absolute", "ffconcat-subfile", "m3u8-file",
                                   "m3u8-file-url", "m3u8-http"])
-async def test_playlists_naming_files_or_urls_are_refused_unread(dev_models_dir, tmp_path, monkeypatch, role, kind):
+async def test_playlists_naming_files_or_urls_are_refused_unread(stack, tmp_path, monkeypatch, role, kind):
     fifo = tmp_path / "secret.wav"
     os.mkfifo(fifo)
     monkeypatch.chdir(tmp_path)  # where a relative name inside the upload would point
     with counting_http_server() as (url, hits):
         upload = playlist(kind, fifo, url)
         face, audio = (upload, good_audio()) if role == "face" else (GOOD_FACE, upload)
-        async with running_stack(dev_models_dir) as stack:
-            error = await call_status(stack, chunks_of(face, audio, gateway_pb2.GenerateOptions()), timeout=20)
-            assert await gateway_is_serving(stack)
+        error = await call_status(stack, chunks_of(face, audio, gateway_pb2.GenerateOptions()), timeout=20)
+        assert await gateway_is_serving(stack)
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert error.details().startswith(f"{role}: ") and "refused" in error.details()
     assert nobody_opened(fifo), "FFmpeg opened the file named inside the upload"
@@ -221,20 +224,19 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-async def test_bad_input_gets_its_documented_code_and_the_gateway_keeps_serving(dev_models_dir, name):
+async def test_bad_input_gets_its_documented_code_and_the_gateway_keeps_serving(stack, name):
     face, audio, options, extra, code, fragments = BAD_INPUTS[name]
     chunks = chunks_of(face(), audio(), options, *([extra] if extra else []))
-    async with running_stack(dev_models_dir) as stack:
-        error = await call_status(stack, chunks)
-        assert error is not None, f"{name} was accepted"
-        assert error.code() == getattr(grpc.StatusCode, code), (name, error.code(), error.details())
-        for fragment in fragments:
-            assert fragment in error.details(), (name, error.details())
-        assert await gateway_is_serving(stack)
-        assert await call_status(stack, chunks_of(GOOD_FACE, good_audio(), Options())) is None
+    error = await call_status(stack, chunks)
+    assert error is not None, f"{name} was accepted"
+    assert error.code() == getattr(grpc.StatusCode, code), (name, error.code(), error.details())
+    for fragment in fragments:
+        assert fragment in error.details(), (name, error.details())
+    assert await gateway_is_serving(stack)
+    assert await call_status(stack, chunks_of(GOOD_FACE, good_audio(), Options())) is None
 
 
-async def test_options_and_reference_photo_are_checked_before_any_media_is_sent(dev_models_dir):
+async def test_options_and_reference_photo_are_checked_before_any_media_is_sent(stack):
     """The client sends its options and then nothing: the answer must not wait for media."""
     never = asyncio.Event()
 
@@ -242,28 +244,25 @@ async def test_options_and_reference_photo_are_checked_before_any_media_is_sent(
         yield gateway_pb2.GenerateChunk(options=options)
         await never.wait()
 
-    async with running_stack(dev_models_dir) as stack:
-        for options, fragment in ((Options(crf=99), "crf"), (Options(request_id="a\tb"), "request_id"),
-                                  (Options(reference_face=encode_png(scene())), "no face found")):
-            with pytest.raises(grpc.aio.AioRpcError) as error:
-                async for _ in stack.stub.Generate(options_then_silence(options), timeout=20):
-                    pass
-            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.value.details()
-
-
-async def test_a_bad_request_id_header_is_refused(dev_models_dir):
-    async with running_stack(dev_models_dir) as stack:
+    for options, fragment in ((Options(crf=99), "crf"), (Options(request_id="a\tb"), "request_id"),
+                              (Options(reference_face=encode_png(scene())), "no face found")):
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stack.stub.GenerateVideo(gateway_pb2.GenerateVideoRequest(face=GOOD_FACE, audio=good_audio()),
-                                           metadata=(("x-request-id", "y" * 200),), timeout=20)
+            async for _ in stack.stub.Generate(options_then_silence(options), timeout=20):
+                pass
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.value.details()
+
+
+async def test_a_bad_request_id_header_is_refused(stack):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stack.stub.GenerateVideo(gateway_pb2.GenerateVideoRequest(face=GOOD_FACE, audio=good_audio()),
+                                       metadata=(("x-request-id", "y" * 200),), timeout=20)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-request-id" in error.value.details()
 
 
 # --- Admission ----------------------------------------------------------------------------------------------------
 
 def received_bytes(metrics_text: str) -> float:
-    line = next(l for l in metrics_text.splitlines() if l.startswith("swl_gateway_received_bytes_total "))
-    return float(line.split()[-1])
+    return metric(metrics_text, "swl_gateway_received_bytes_total")
 
 
 async def test_past_the_job_limit_callers_get_resource_exhausted_with_a_retry_hint(dev_models_dir):

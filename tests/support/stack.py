@@ -6,6 +6,8 @@ import tempfile
 import urllib.request
 
 import grpc
+import pytest
+import pytest_asyncio
 
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -100,3 +102,18 @@ def model_clients(stack: Stack) -> ModelClients:
     """Clients of the stack's model services for driving a LipSyncJob directly (caller opens and closes)."""
     return ModelClients(stack.address("detector"), stack.address("lipsync"), stack.address("enhancer"),
                         batch_items=8, max_inflight=4, metrics=GatewayMetrics())
+
+
+def shared_stack(models: str = "dev_models_dir", **gateway_overrides):
+    """A fixture `stack`: one in-process stack for a whole module, for tests that do not disturb it (each leaves it
+    serving). The module runs its tests on the module's event loop: `pytestmark = MODULE_LOOP`."""
+
+    @pytest_asyncio.fixture(name="stack", scope="module", loop_scope="module")
+    async def stack_fixture(request):
+        async with running_stack(request.getfixturevalue(models), **gateway_overrides) as stack:
+            yield stack
+
+    return stack_fixture
+
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
