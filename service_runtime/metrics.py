@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -47,12 +52,29 @@ class ServiceMetrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the `/metrics` HTTP endpoint in a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http_server = server
-        return int(server.server_port)
+        self._http_server = metrics_http_server(host, port, self.registry)
+        return int(self._http_server.server_port)
 
     def close(self) -> None:
         server = getattr(self, "_http_server", None)
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # scrapes are not events worth a log line
+        pass
+
+
+def metrics_http_server(host: str, port: int, registry: CollectorRegistry) -> ThreadingWSGIServer:
+    """prometheus_client's WSGI app and server class, served by our own thread: its `start_http_server` polls for
+    shutdown every 0.5 s, which made each service's stop (and each test stack's teardown) wait that long."""
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                     name="metrics-http").start()
+    return server
