@@ -6,6 +6,7 @@ EXTRAS ?= cpu,dev,edge,deploy,ui
 OVERLAY ?= gpu
 KUBECTL ?= kubectl
 NAMESPACE ?= superwav2lip
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 
@@ -43,8 +44,8 @@ lint: install  ## ruff (unused imports and names, syntax) and mypy (service_runt
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: install deps  ## the whole suite (first installs the missing system programs: make deps)
-	$(PY) -m pytest -q -p no:cacheprovider
+test: install deps  ## the whole suite in TEST_WORKERS processes, a test file per worker at a time (first installs the missing system programs: make deps)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 gpu-check: install  ## on a CUDA machine (pip install -e .[gpu]): each model on CUDA and TensorRT vs CPU, latency at batch 1/8/32
 	$(PY) -m tools.gpu_check

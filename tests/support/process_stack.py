@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from superwav2lip_client.services import health
 
 from tools import run_stack
@@ -19,11 +21,13 @@ from tests.support.processes import free_port_block
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """Resident memory now and at its peak (KiB), threads and open file descriptors of a process, from /proc."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {"rss_kb": int(fields["VmRSS"].split()[0]), "peak_kb": int(fields["VmHWM"].split()[0]),
-            "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    """Resident memory now and at its peak (KiB), threads and open file descriptors of a process. psutil has no
+    peak resident memory on Linux, so that one is VmHWM from /proc."""
+    process = psutil.Process(pid)
+    peak_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+    return {"rss_kb": process.memory_info().rss // 1024, "peak_kb": peak_kb, "threads": process.num_threads(),
+            "fds": process.num_fds()}
 
 
 class ProcessStack:
