@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,10 +66,31 @@ def allocator_env(name: str) -> dict[str, str]:
     return env
 
 
+# The gateway's key settings: with neither a tenants file nor API keys it refuses to start unless told to serve
+# anonymously, which a local stack does.
+TENANTS_FILE, API_KEYS, ALLOW_ANONYMOUS = (GatewaySettings.env_name(name)
+                                           for name in ("tenants_file", "api_keys", "allow_anonymous"))
+ANONYMOUS_NOTE = (f"NOTE: the gateway accepts calls without a key ({ALLOW_ANONYMOUS}=true); set {TENANTS_FILE} "
+                  f"(or {API_KEYS}) to require keys.")
+
+
+def names_keys(env: Mapping[str, str]) -> bool:
+    """Whether `env` gives the gateway a tenants file or API keys (then every call but the health check needs a key)."""
+    return bool(env.get(TENANTS_FILE, "").strip() or env.get(API_KEYS, "").replace(",", "").strip())
+
+
+def gateway_needs_no_key(env: Mapping[str, str]) -> bool:
+    """Whether a gateway started with `env` serves calls without a key: no tenants file, no API keys and the
+    anonymous opt-in on (turned off by hand, the gateway refuses to start instead)."""
+    return not names_keys(env) and env.get(ALLOW_ANONYMOUS, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...],
                 base: dict[str, str] | None = None) -> dict[str, str]:
     """The process's environment: `base` (default: this one's) plus the stack's addresses, ports and folders,
-    which settings already in `base` override."""
+    which settings already in `base` override. A gateway given neither SWL_GATEWAY_TENANTS_FILE nor
+    SWL_GATEWAY_API_KEYS gets SWL_GATEWAY_ALLOW_ANONYMOUS=true (a local stack serves without keys); given either,
+    it passes them on and every call but the health check needs a key."""
     entry = registry.get(name)
     prefix = entry.prefix
     index = SERVICES.index(name)
@@ -83,6 +105,8 @@ def service_env(name: str, args: argparse.Namespace, extra_dirs: tuple[str, ...]
         env.setdefault(f"{prefix}DATA_DIR", str(args.logs.parent / "data"))
         if getattr(args, "redis_url", ""):
             env.setdefault(f"{prefix}REDIS_URL", args.redis_url)
+        if not names_keys(env):
+            env.setdefault(ALLOW_ANONYMOUS, "true")
         fields = {f.name for f in dataclasses.fields(entry.settings_class())}
         for other in registry.model_services():
             if f"{other.name}_address" in fields:
@@ -170,9 +194,13 @@ def start_edge(args: argparse.Namespace, processes: dict[str, subprocess.Popen])
 
 
 def start_web_ui(args: argparse.Namespace, processes: dict[str, subprocess.Popen]) -> str:
-    """Starts the web UI (a client of the gateway); returns its URL once it answers."""
+    """Starts the web UI (a client of the gateway); returns its URL once it answers. It is given no API key: each
+    visitor signs in with their own, so one shared key from this environment is not passed on."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]),
                GRADIO_ANALYTICS_ENABLED="False")
+    if env.pop("SWL_WEBUI_API_KEY", "").strip():
+        print("NOTE: SWL_WEBUI_API_KEY is not passed to the web UI: each visitor signs in there with their own key.",
+              flush=True)
     env.setdefault("SWL_WEBUI_HOST", args.host)
     env.setdefault("SWL_WEBUI_PORT", str(args.ui_port))
     env.setdefault("SWL_WEBUI_GATEWAY_ADDRESS", address("gateway", args))
@@ -236,6 +264,8 @@ def main() -> None:
         print(f"redis-server did not start: {error}; see {args.logs / 'redis.log'}", file=sys.stderr, flush=True)
         sys.exit(1)
     addresses = {name: address(name, args) for name in selected}
+    if "gateway" in selected and gateway_needs_no_key(service_env("gateway", args, extra_dirs)):
+        print(ANONYMOUS_NOTE, flush=True)
     processes = {name: start_service(name, args, extra_dirs) for name in selected}
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))

@@ -1,12 +1,20 @@
 """`make run`'s stack runner and the `superwav2lip` CLI, as separate processes on real ports."""
 
+import argparse
+import hashlib
+import json
+import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 
+import psutil
 import redis
+
+from superwav2lip_client.services import health
+from tools import run_stack
 
 from tests.support.paths import ROOT
 from tests.support.processes import cli, free_port_block
@@ -27,25 +35,51 @@ def readme_http_examples() -> str:
     return "\n".join(blocks)
 
 
+KEY_SETTINGS = ("SWL_GATEWAY_TENANTS_FILE", "SWL_GATEWAY_API_KEYS", "SWL_GATEWAY_ALLOW_ANONYMOUS")
+
+
+def launcher_env(**settings: str) -> dict[str, str]:
+    """This environment without any gateway key setting it may carry, plus `settings`."""
+    env = {name: value for name, value in os.environ.items() if name not in KEY_SETTINGS}
+    return {**env, **settings}
+
+
+def start_launcher(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
+    """`make run`'s launcher with `args`; returns it and its output up to its READY line."""
+    runner = subprocess.Popen([sys.executable, "-m", "tools.run_stack", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    output = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = runner.stdout.readline()
+        output.append(line)
+        if line.startswith("READY") or not line:
+            break
+    return runner, output
+
+
+def child_environ(runner: subprocess.Popen, module: str) -> dict[str, str]:
+    """The environment of the launcher's child started as `python -m <module>`."""
+    child = next(p for p in psutil.Process(runner.pid).children() if p.cmdline()[1:3] == ["-m", module])
+    return child.environ()
+
+
 def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
     base, metrics, http = free_port_block(5), free_port_block(4), free_port_block(3)
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "tools.run_stack", "--base-port", str(base), "--metrics-base-port",
-         str(metrics), "--models-dir", str(dev_models_dir), "--logs", str(tmp_path / "logs"),
-         "--extra-model-dirs", "", "--http-port", str(http), "--envoy-admin-port", str(http + 1),
-         "--ui-port", str(http + 2)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-    )
-    output = []
+    runner, output = start_launcher(
+        "--base-port", str(base), "--metrics-base-port", str(metrics), "--models-dir", str(dev_models_dir),
+        "--logs", str(tmp_path / "logs"), "--extra-model-dirs", "", "--http-port", str(http),
+        "--envoy-admin-port", str(http + 1), "--ui-port", str(http + 2),
+        env=launcher_env(SWL_WEBUI_API_KEY="one-key-for-every-visitor"))
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = runner.stdout.readline()
-            output.append(line)
-            if line.startswith("READY") or not line:
-                break
         assert any(l.startswith("READY") for l in output), "".join(output)
         assert any("generated demo weights" in l for l in output)
+        # Without a tenants file or keys, the gateway serves anonymously on purpose, and says so once.
+        assert [l.strip() for l in output if "without a key" in l] == [run_stack.ANONYMOUS_NOTE]
+        assert child_environ(runner, "gateway")["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "true"
+        # The web UI signs each visitor in with their own key: no shared key from this environment reaches it.
+        assert "SWL_WEBUI_API_KEY" not in child_environ(runner, "webui")
+        assert any(l.startswith("NOTE: SWL_WEBUI_API_KEY is not passed") for l in output)
         ui = f"http://127.0.0.1:{http + 2}/"
         assert any(l.startswith("READY") and l.rstrip().endswith(f" ui {ui}") for l in output)  # the UI address
         assert b"Super Wav2Lip" in urllib.request.urlopen(ui, timeout=10).read()
@@ -122,3 +156,55 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
     assert "stopped" in rest
     down = cli("health", *servers)
     assert down.returncode == 4 and "SERVING" not in down.stdout.replace("NOT_SERVING", "")
+
+
+def test_run_stack_serves_the_tenants_file_it_is_given(dev_models_dir, tmp_path):
+    """`SWL_GATEWAY_TENANTS_FILE=t.json make run`: the launcher passes the file on (and no anonymous opt-in), so
+    every call but the health check needs one of its keys. The gateway alone is enough to show it."""
+    key = "acme-key-1"
+    tenants = tmp_path / "t.json"
+    tenants.write_text(json.dumps({"tenants": {"acme": {"keys_sha256": [hashlib.sha256(key.encode()).hexdigest()]}}}))
+    base, metrics = free_port_block(5), free_port_block(4)
+    runner, output = start_launcher(
+        "--services", "gateway", "--base-port", str(base), "--metrics-base-port", str(metrics), "--models-dir",
+        str(dev_models_dir), "--logs", str(tmp_path / "logs"), "--extra-model-dirs", "",
+        env=launcher_env(SWL_GATEWAY_TENANTS_FILE=str(tenants)))
+    server = f"--server=127.0.0.1:{base}"
+    try:
+        assert any(l.startswith("READY") for l in output), "".join(output) + (tmp_path / "logs/gateway.log").read_text()
+        assert not any("without a key" in l for l in output), "".join(output)
+        environ = child_environ(runner, "gateway")
+        assert environ["SWL_GATEWAY_TENANTS_FILE"] == str(tenants) and "SWL_GATEWAY_ALLOW_ANONYMOUS" not in environ
+        assert health(f"127.0.0.1:{base}", timeout=5) == "SERVING"  # the health check needs no key
+        refused = cli("avatar", "list", server)
+        assert refused.returncode == 3 and "UNAUTHENTICATED" in refused.stderr, refused.stdout + refused.stderr
+        wrong = cli("avatar", "list", "--api-key", "not-a-key", server)
+        assert wrong.returncode == 3 and "UNAUTHENTICATED" in wrong.stderr, wrong.stdout + wrong.stderr
+        listed = cli("avatar", "list", "--api-key", key, server)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        rest, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 0, "".join(output) + rest
+
+
+def test_the_launcher_opts_a_gateway_without_keys_into_anonymous_calls_and_nothing_else(tmp_path):
+    """Every caller of run_stack's functions (make run, the process stack of the tests, the benchmarks) gets the
+    opt-in for a gateway given no key setting; a tenants file or API keys pass through instead, and a value set
+    by hand stays."""
+    args = argparse.Namespace(host="127.0.0.1", base_port=40000, metrics_base_port=41000, logs=tmp_path / "logs",
+                              models_dir=tmp_path / "models", redis_url="")
+
+    def gateway(**given: str) -> dict[str, str]:
+        return run_stack.service_env("gateway", args, (), given)
+
+    assert gateway()["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "true" and run_stack.gateway_needs_no_key(gateway())
+    assert gateway(SWL_GATEWAY_TENANTS_FILE="")["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "true"  # empty = not set
+    for given in ({"SWL_GATEWAY_TENANTS_FILE": "/etc/t.json"}, {"SWL_GATEWAY_API_KEYS": "k1,k2"}):
+        env = gateway(**given)
+        assert "SWL_GATEWAY_ALLOW_ANONYMOUS" not in env and env.items() >= given.items()
+        assert not run_stack.gateway_needs_no_key(env)
+    assert gateway(SWL_GATEWAY_ALLOW_ANONYMOUS="false")["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "false"
+    assert not run_stack.gateway_needs_no_key(gateway(SWL_GATEWAY_ALLOW_ANONYMOUS="false"))
+    for name in run_stack.SERVICES[1:]:
+        assert "SWL_GATEWAY_ALLOW_ANONYMOUS" not in run_stack.service_env(name, args, (), {})

@@ -1,0 +1,161 @@
+"""Tenants see only their own: another tenant's avatar, upload or job is NOT_FOUND exactly as a missing one, lists
+hold only the caller's objects, the plan cache is per tenant, and a gateway with no tenant configured refuses to
+start unless told to serve anonymously (issue #25)."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.api import httpbody_pb2
+from superwav2lip.gateway.v1 import gateway_pb2
+
+from gateway.service import GatewayService, GatewaySettings
+from service_runtime.settings import SettingsError
+
+from tests.support.media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
+from tests.support.metrics import metric
+from tests.support.paths import ROOT
+from tests.support.processes import project_env
+from tests.support.stack import MODULE_LOOP, running_stack
+from tests.support.waiting import eventually_async
+
+pytestmark = MODULE_LOOP
+
+ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
+State = gateway_pb2.Job.State
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(dev_models_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tenants")
+    (folder / "tenants.json").write_text(json.dumps({"tenants": {
+        "alice": {"keys_sha256": [digest(ALICE)]}, "bob": {"keys_sha256": [digest(BOB)]}}}))
+    async with running_stack(dev_models_dir, tenants_file=str(folder / "tenants.json"), allow_anonymous=False,
+                             data_dir=str(folder / "data")) as stack:
+        yield stack
+
+
+def as_(key: str) -> dict:
+    return {"metadata": (("x-api-key", key),), "timeout": 60}
+
+
+async def refusal(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        result = call()
+        if hasattr(result, "__aiter__"):
+            async for _ in result:
+                pass
+        else:
+            await result
+    return error.value
+
+
+async def assert_hidden(call_with_id, real_id: str, missing_id: str) -> None:
+    """The other tenant's object gets the answer a missing one gets: NOT_FOUND, the same words."""
+    theirs, missing = await refusal(lambda: call_with_id(real_id)), await refusal(lambda: call_with_id(missing_id))
+    assert theirs.code() == missing.code() == grpc.StatusCode.NOT_FOUND, (theirs.details(), missing.details())
+    assert theirs.details().replace(real_id, "ID") == missing.details().replace(missing_id, "ID")
+
+
+FACE = encode_png(with_marker(scene(), 100, 80))
+
+
+async def test_another_tenants_avatar_is_not_found_listed_or_deleted(stack):
+    avatar = await stack.stub.CreateAvatarFromJson(gateway_pb2.CreateAvatarRequest(
+        face=encode_video(marker_frames(6)), options=gateway_pb2.AvatarOptions(name="alice's presenter")), **as_(ALICE))
+    missing = "a" * len(avatar.avatar_id)
+    stub = stack.stub
+    await assert_hidden(lambda i: stub.GetAvatar(gateway_pb2.GetAvatarRequest(avatar_id=i), **as_(BOB)),
+                        avatar.avatar_id, missing)
+    await assert_hidden(lambda i: stub.DeleteAvatar(gateway_pb2.DeleteAvatarRequest(avatar_id=i), **as_(BOB)),
+                        avatar.avatar_id, missing)
+    await assert_hidden(lambda i: stub.GenerateFromAvatar(gateway_pb2.GenerateFromAvatarRequest(
+        avatar_id=i, audio=httpbody_pb2.HttpBody(data=speech_wav(0.4))), **as_(BOB)), avatar.avatar_id, missing)
+    await assert_hidden(lambda i: stub.SubmitJob(gateway_pb2.SubmitJobRequest(
+        options=gateway_pb2.GenerateOptions(avatar_id=i), audio=speech_wav(0.4)), **as_(BOB)),
+        avatar.avatar_id, missing)
+    bobs = await stub.ListAvatars(gateway_pb2.ListAvatarsRequest(), **as_(BOB))
+    alices = await stub.ListAvatars(gateway_pb2.ListAvatarsRequest(), **as_(ALICE))
+    assert avatar.avatar_id not in [a.avatar_id for a in bobs.avatars]
+    assert avatar.avatar_id in [a.avatar_id for a in alices.avatars]
+    kept = await stub.GetAvatar(gateway_pb2.GetAvatarRequest(avatar_id=avatar.avatar_id), **as_(ALICE))
+    assert kept.name == "alice's presenter"  # bob's delete did nothing
+    video = await stub.GenerateFromAvatar(gateway_pb2.GenerateFromAvatarRequest(
+        avatar_id=avatar.avatar_id, audio=httpbody_pb2.HttpBody(data=speech_wav(0.4))), **as_(ALICE))
+    assert video.content_type == "video/mp4" and video.data
+
+
+async def test_another_tenants_upload_is_not_found(stack):
+    upload = await stack.stub.UploadMedia(gateway_pb2.UploadMediaRequest(
+        media=httpbody_pb2.HttpBody(data=encode_video(marker_frames(6)))), **as_(ALICE))
+    audio = httpbody_pb2.HttpBody(data=speech_wav(0.4))
+    await assert_hidden(lambda i: stack.stub.GenerateFromUpload(gateway_pb2.GenerateFromUploadRequest(
+        face_upload_id=i, audio=audio), **as_(BOB)), upload.upload_id, "b" * len(upload.upload_id))
+    video = await stack.stub.GenerateFromUpload(gateway_pb2.GenerateFromUploadRequest(
+        face_upload_id=upload.upload_id, audio=audio), **as_(ALICE))
+    assert video.data
+
+
+async def test_another_tenants_job_is_not_found_listed_or_cancelled(stack):
+    job = await stack.stub.SubmitJob(gateway_pb2.SubmitJobRequest(face=encode_video(marker_frames(6)),
+                                                                  audio=speech_wav(0.4)), **as_(ALICE))
+    stub, missing = stack.stub, "c" * len(job.job_id)
+
+    async def finished() -> bool:
+        record = await stub.GetJob(gateway_pb2.JobRequest(job_id=job.job_id), **as_(ALICE))
+        assert State.Name(record.state) not in {"FAILED", "CANCELLED"}, record.error_message
+        return State.Name(record.state) == "SUCCEEDED"
+
+    await eventually_async(finished, seconds=60, what="alice's job to succeed")
+    for rpc in (stub.GetJob, stub.GetJobVideo, stub.DeleteJob, stub.WatchJob):
+        await assert_hidden(lambda i, rpc=rpc: rpc(gateway_pb2.JobRequest(job_id=i), **as_(BOB)), job.job_id, missing)
+    bobs = await stub.ListJobs(gateway_pb2.ListJobsRequest(), **as_(BOB))
+    alices = await stub.ListJobs(gateway_pb2.ListJobsRequest(), **as_(ALICE))
+    assert job.job_id not in [j.job_id for j in bobs.jobs] and job.job_id in [j.job_id for j in alices.jobs]
+    video = await stub.GetJobVideo(gateway_pb2.JobRequest(job_id=job.job_id), **as_(ALICE))
+    assert video.data  # bob's DeleteJob removed nothing
+
+
+async def test_the_plan_cache_is_per_tenant(stack):
+    """Bob sending the face Alice sent is planned afresh: a hit would tell him someone had sent it."""
+    face, audio = encode_video(marker_frames(9)), speech_wav(0.4)
+
+    async def lookups(result: str) -> float:
+        return metric(await stack.metrics_text("gateway"), "swl_gateway_plan_cache_lookups_total", result=result)
+
+    request = gateway_pb2.GenerateVideoRequest(face=face, audio=audio)
+    await stack.stub.GenerateVideo(request, **as_(ALICE))
+    hits = await lookups("hit")
+    await stack.stub.GenerateVideo(request, **as_(BOB))
+    assert await lookups("hit") == hits, "bob's request hit the plan alice's request made"
+    await stack.stub.GenerateVideo(request, **as_(ALICE))
+    assert await lookups("hit") == hits + 1
+
+
+async def test_keys_are_required_and_each_names_its_tenant(stack):
+    error = await refusal(lambda: stack.stub.ListJobs(gateway_pb2.ListJobsRequest(), timeout=10))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_gateway_with_no_tenant_refuses_to_start_unless_told_to_serve_anonymously(tmp_path):
+    with pytest.raises(SettingsError, match="SWL_GATEWAY_ALLOW_ANONYMOUS"):
+        GatewayService(GatewaySettings.from_env({}, data_dir=str(tmp_path)))
+    GatewayService(GatewaySettings.from_env({}, data_dir=str(tmp_path), allow_anonymous=True))
+    GatewayService(GatewaySettings.from_env({}, data_dir=str(tmp_path), api_keys=("k",)))
+
+
+def test_the_gateway_process_exits_with_the_reason(tmp_path):
+    (tmp_path / "tenants.json").write_text('{"tenants": {"acme": {"keys_sha256": ["abc"]}}}')
+    for env, words in (({}, "SWL_GATEWAY_ALLOW_ANONYMOUS"),
+                       ({"SWL_GATEWAY_TENANTS_FILE": str(tmp_path / "tenants.json")}, "keys_sha256[0]")):
+        done = subprocess.run([sys.executable, "-m", "gateway"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env=project_env(SWL_GATEWAY_DATA_DIR=str(tmp_path / "data"), **env))
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
