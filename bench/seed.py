@@ -80,7 +80,7 @@ async def _serve_one(models: Path, face: Path, audio: Path, out: Path, enhance: 
             addresses[f"{name}_address"] = f"127.0.0.1:{await servers[-1].start()}"
             await servers[-1].warm_up(run_models=False)
         with tempfile.TemporaryDirectory(prefix="swl-seed-data-") as data:
-            settings = GatewaySettings.from_env(None, data_dir=data, **addresses, **common)
+            settings = GatewaySettings.from_env(None, data_dir=data, allow_anonymous=True, **addresses, **common)
             servers.append(ServiceServer(GatewayService(settings)))
             port = await servers[-1].start()
             await servers[-1].warm_up()

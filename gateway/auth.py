@@ -1,42 +1,24 @@
-"""API keys: when any are configured, every gateway RPC but the health check needs one of them.
+"""API keys: when any tenant is configured, every gateway RPC but the health check needs one of its keys.
 
 The key travels as `x-api-key` (or `authorization: Bearer KEY`) metadata; through Envoy, HTTP headers of the
-same names become that metadata, so HTTP and native gRPC callers are checked in one place. Several keys may
-be valid at once (rotation). Keys are compared in constant time against digests held in memory, and are
-never logged or counted by value."""
+same names become that metadata, so HTTP and native gRPC callers are checked in one place. A tenant may hold
+several keys at once (rotation). Keys are compared in constant time against digests held in memory
+(gateway/tenants.py), and are never logged or counted by value. The caller's tenant is `current_tenant` for the
+whole call; without any tenant configured every call runs as ANONYMOUS."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Iterable
+import contextlib
+import inspect
+from collections.abc import Callable
 
 import grpc
+
+from .tenants import ANONYMOUS, Tenant, TenantRegistry, current_tenant
 
 API_KEY_HEADER = "x-api-key"
 OPEN_METHODS = ("/grpc.health.v1.Health/",)  # probes and Envoy's health checks carry no key
 DENIED = ("missing or wrong API key: send it in the x-api-key header (or as Authorization: Bearer KEY)")
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-class ApiKeys:
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = [_digest(key) for key in keys if key]
-
-    @property
-    def required(self) -> bool:
-        return bool(self._digests)
-
-    def accepts(self, given: str | None) -> bool:
-        """Whether `given` is one of the keys; every key is compared, in constant time, whatever matches."""
-        digest = _digest(given or "")
-        matched = False
-        for expected in self._digests:
-            matched |= hmac.compare_digest(digest, expected)
-        return matched and given is not None
 
 
 def key_from(metadata) -> str | None:
@@ -48,20 +30,69 @@ def key_from(metadata) -> str | None:
     return None
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Answers UNAUTHENTICATED before the handler runs (before any upload is read) when the key is wrong."""
+class TenantInterceptor(grpc.aio.ServerInterceptor):
+    """Answers UNAUTHENTICATED before the handler runs (before any upload is read) when the key is wrong, and
+    runs an accepted call with `current_tenant` set to the key's tenant."""
 
-    def __init__(self, keys: ApiKeys, on_denied=lambda: None) -> None:
-        self._keys = keys
+    def __init__(self, registry: TenantRegistry, on_denied: Callable[[], object] = lambda: None) -> None:
+        self._registry = registry
         self._on_denied = on_denied
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if (handler is None or not self._keys.required or details.method.startswith(OPEN_METHODS)
-                or self._keys.accepts(key_from(details.invocation_metadata))):
+        if handler is None or details.method.startswith(OPEN_METHODS):
             return handler
-        self._on_denied()
-        return _denying(handler)
+        if not self._registry.required:
+            return with_tenant(handler, ANONYMOUS)
+        tenant = self._registry.identify(key_from(details.invocation_metadata))
+        if tenant is None:
+            self._on_denied()
+            return _denying(handler)
+        return with_tenant(handler, tenant)
+
+
+def with_tenant(handler: grpc.RpcMethodHandler, tenant: Tenant) -> grpc.RpcMethodHandler:
+    """`handler` with `current_tenant` set to `tenant` while its behaviour runs. Set in intercept_service, the
+    variable reaches the handler only because grpc.aio (1.85) runs both in one task, which it does not promise
+    (tests/gateway/test_tenants.py records it); set here, it holds for the call and every task the call starts."""
+    codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    behaviour = _behaviour(handler)
+    if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+        # grpc.aio runs a plain function in its thread pool with another context object: not wrapped here, as
+        # the gateway serves none, and refused loudly rather than run wrongly.
+        raise TypeError(f"TenantInterceptor wraps grpc.aio handlers (coroutines, async generators) only, not "
+                        f"{behaviour!r}")
+
+    async def unary_response(request, context):
+        token = current_tenant.set(tenant)
+        try:
+            return await behaviour(request, context)
+        finally:
+            current_tenant.reset(token)
+
+    async def stream_response(request, context):
+        # Set inside the generator, whose body runs in the task serving the call. Not reset: that task ends with
+        # the call, and a generator closed by the loop's finaliser runs in another context, where reset fails.
+        current_tenant.set(tenant)
+        if not inspect.isasyncgenfunction(behaviour):
+            await behaviour(request, context)  # the reader/writer form: it writes with context.write
+            return
+        async with contextlib.aclosing(behaviour(request, context)) as responses:  # its finally blocks run now
+            async for response in responses:
+                yield response
+
+    if handler.response_streaming:
+        factory = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                   else grpc.unary_stream_rpc_method_handler)
+        return factory(stream_response, **codec)
+    factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    return factory(unary_response, **codec)
+
+
+def _behaviour(handler: grpc.RpcMethodHandler):
+    if handler.request_streaming:
+        return handler.stream_stream if handler.response_streaming else handler.stream_unary
+    return handler.unary_stream if handler.response_streaming else handler.unary_unary
 
 
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -81,3 +112,4 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return factory(refuse_stream, **codec)
     factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
     return factory(refuse, **codec)
+

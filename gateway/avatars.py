@@ -1,9 +1,10 @@
 """Avatars: face media planned once and kept, so that later jobs run only the generator.
 
-Media, plan, planning options and preview live in `<data_dir>/avatars/<id>/` (a shared volume across
+Media, plan, planning options and preview live in `<data_dir>/avatars/<tenant>/<id>/` (a shared volume across
 replicas). The metadata goes to Redis when it is configured (so every replica lists the same avatars),
-otherwise to `meta.json` beside the media. Ids are made here and checked against one pattern before any
-path is built from them: no client string becomes a path."""
+otherwise to `meta.json` beside the media. Every place an avatar is kept is named by its tenant, so another
+tenant's avatar is not found exactly as a missing one is. Ids are made here and checked against one pattern
+before any path is built from them: no client string becomes a path."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from .faces import FacePlan
 log = logging.getLogger(__name__)
 
 AVATAR_ID = re.compile(r"av_[0-9a-f]{24}")
-INDEX_KEY = "swl:avatars"  # sorted set of ids by creation time
+INDEX_KEY = "swl:avatars"  # sorted set of every "<tenant>/<id>" by creation time (the count)
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as gateway/tenants.py checks it
 MAX_PAGE = 500
 
 
@@ -88,8 +90,21 @@ class AvatarStore:
         self.root = Path(data_dir) / "avatars"
         self.redis, self.timeout_s = redis, timeout_s
 
-    def _folder(self, avatar_id: str) -> Path:
-        return self.root / check_avatar_id(avatar_id)
+    def _tenant_root(self, tenant: str) -> Path:
+        if not TENANT_NAME.fullmatch(tenant):
+            raise ValueError(f"not a tenant name: {tenant!r}")  # tenant names come from configuration, never a client
+        return self.root / tenant
+
+    def _folder(self, tenant: str, avatar_id: str) -> Path:
+        return self._tenant_root(tenant) / check_avatar_id(avatar_id)
+
+    @staticmethod
+    def _meta_key(tenant: str, avatar_id: str) -> str:
+        return f"swl:avatar:{tenant}:{avatar_id}"
+
+    @staticmethod
+    def _tenant_index(tenant: str) -> str:
+        return f"{INDEX_KEY}:{tenant}"
 
     async def _redis(self, call):
         try:
@@ -98,27 +113,29 @@ class AvatarStore:
             log.warning("avatar index unavailable", extra={"error": f"{type(error).__name__}: {error}"})
             raise Unavailable("the avatar index (Redis) is unavailable; retry shortly") from None
 
-    async def create(self, face: bytes, plan: FacePlan, name: str, planning: gateway_pb2.GenerateOptions,
+    async def create(self, tenant: str, face: bytes, plan: FacePlan, name: str, planning: gateway_pb2.GenerateOptions,
                      preview: bytes) -> AvatarRecord:
         record = AvatarRecord("av_" + secrets.token_hex(12), name[:200], time.time(), plan.size[0], plan.size[1],
                               (plan.fps.numerator, plan.fps.denominator), plan.source_frames, len(face))
         meta = json.dumps(asdict(record))
-        await asyncio.to_thread(self._write, record.avatar_id, face, plan, planning, preview,
+        await asyncio.to_thread(self._write, tenant, record.avatar_id, face, plan, planning, preview,
                                 None if self.redis else meta)
         if self.redis is not None:
             try:
-                await self._redis(self.redis.set(f"swl:avatar:{record.avatar_id}", meta))
-                await self._redis(self.redis.zadd(INDEX_KEY, {record.avatar_id: record.created_unix}))
+                await self._redis(self.redis.set(self._meta_key(tenant, record.avatar_id), meta))
+                await self._redis(self.redis.zadd(self._tenant_index(tenant), {record.avatar_id: record.created_unix}))
+                await self._redis(self.redis.zadd(INDEX_KEY, {f"{tenant}/{record.avatar_id}": record.created_unix}))
             except Unavailable:
-                await asyncio.to_thread(shutil.rmtree, self._folder(record.avatar_id), True)
+                await asyncio.to_thread(shutil.rmtree, self._folder(tenant, record.avatar_id), True)
                 raise
         return record
 
-    def _write(self, avatar_id: str, face: bytes, plan: FacePlan, planning: gateway_pb2.GenerateOptions,
+    def _write(self, tenant: str, avatar_id: str, face: bytes, plan: FacePlan, planning: gateway_pb2.GenerateOptions,
                preview: bytes, meta: str | None) -> None:
         """Writes into a hidden folder and renames it into place, so no replica sees half an avatar."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".{avatar_id}.partial"
+        root = self._tenant_root(tenant)
+        root.mkdir(parents=True, exist_ok=True)
+        staging = root / f".{avatar_id}.partial"
         staging.mkdir()
         (staging / "face").write_bytes(face)
         (staging / "plan.json").write_bytes(plan.to_json())
@@ -126,12 +143,12 @@ class AvatarStore:
         (staging / "preview.jpg").write_bytes(preview)
         if meta is not None:
             (staging / "meta.json").write_text(meta)
-        staging.rename(self._folder(avatar_id))
+        staging.rename(self._folder(tenant, avatar_id))
 
-    async def get(self, avatar_id: str) -> AvatarRecord:
-        folder = self._folder(avatar_id)
+    async def get(self, tenant: str, avatar_id: str) -> AvatarRecord:
+        folder = self._folder(tenant, avatar_id)
         if self.redis is not None:
-            meta = await self._redis(self.redis.get(f"swl:avatar:{avatar_id}"))
+            meta = await self._redis(self.redis.get(self._meta_key(tenant, avatar_id)))
         else:
             meta = await asyncio.to_thread(lambda: (folder / "meta.json").read_bytes()
                                            if (folder / "meta.json").is_file() else None)
@@ -139,14 +156,14 @@ class AvatarStore:
             raise NotFound(f"avatar {avatar_id} does not exist (it may have been deleted)")
         return AvatarRecord.from_json(meta)
 
-    async def preview(self, avatar_id: str) -> bytes:
-        await self.get(avatar_id)
-        return await asyncio.to_thread((self._folder(avatar_id) / "preview.jpg").read_bytes)
+    async def preview(self, tenant: str, avatar_id: str) -> bytes:
+        await self.get(tenant, avatar_id)
+        return await asyncio.to_thread((self._folder(tenant, avatar_id) / "preview.jpg").read_bytes)
 
-    async def load(self, avatar_id: str) -> LoadedAvatar:
+    async def load(self, tenant: str, avatar_id: str) -> LoadedAvatar:
         """The avatar's media, plan and planning options, for a job."""
-        record = await self.get(avatar_id)
-        folder = self._folder(avatar_id)
+        record = await self.get(tenant, avatar_id)
+        folder = self._folder(tenant, avatar_id)
 
         def read():
             planning = gateway_pb2.GenerateOptions.FromString((folder / "planning.pb").read_bytes())
@@ -158,37 +175,45 @@ class AvatarStore:
             raise NotFound(f"avatar {avatar_id}'s media is missing from the data directory") from None
         return LoadedAvatar(record, face, plan, planning)
 
-    async def list(self, page_size: int, page_token: str) -> tuple[list[AvatarRecord], str]:
+    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[AvatarRecord], str]:
         """Newest first; the token is the offset of the next page."""
         size = min(MAX_PAGE, page_size or 50)
         if page_token and not page_token.isdigit():
             raise InvalidArgument("page_token must be the next_page_token of a previous page")
         start = int(page_token or 0)
         if self.redis is not None:
-            ids = await self._redis(self.redis.zrevrange(INDEX_KEY, start, start + size))
-            metas = await self._redis(self.redis.mget([f"swl:avatar:{i.decode()}" for i in ids])) if ids else []
+            ids = await self._redis(self.redis.zrevrange(self._tenant_index(tenant), start, start + size))
+            metas = await self._redis(self.redis.mget([self._meta_key(tenant, i.decode()) for i in ids])) if ids else []
             records = [AvatarRecord.from_json(m) for m in metas if m is not None]
         else:
-            records = await asyncio.to_thread(self._local_records)
+            records = await asyncio.to_thread(self._local_records, self._tenant_root(tenant))
             records = records[start : start + size + 1]
         more = len(records) > size
         return records[:size], str(start + size) if more else ""
 
-    def _local_records(self) -> builtins.list[AvatarRecord]:  # `list` is a method of this class
-        if not self.root.is_dir():
+    @staticmethod
+    def _local_records(root: Path) -> builtins.list[AvatarRecord]:  # `list` is a method of this class
+        if not root.is_dir():
             return []
-        metas = [f / "meta.json" for f in self.root.iterdir() if AVATAR_ID.fullmatch(f.name)]
+        metas = [f / "meta.json" for f in root.iterdir() if AVATAR_ID.fullmatch(f.name)]
         records = [AvatarRecord.from_json(m.read_bytes()) for m in metas if m.is_file()]
         return sorted(records, key=lambda r: r.created_unix, reverse=True)
 
     async def count(self) -> int:
+        """Every tenant's avatars (a metric)."""
         if self.redis is not None:
             return int(await self._redis(self.redis.zcard(INDEX_KEY)))
-        return len(await asyncio.to_thread(self._local_records))
 
-    async def delete(self, avatar_id: str) -> None:
-        await self.get(avatar_id)
+        def local_count() -> int:
+            tenants = [f for f in self.root.iterdir() if f.is_dir()] if self.root.is_dir() else []
+            return sum(len(self._local_records(folder)) for folder in tenants)
+
+        return await asyncio.to_thread(local_count)
+
+    async def delete(self, tenant: str, avatar_id: str) -> None:
+        await self.get(tenant, avatar_id)
         if self.redis is not None:
-            await self._redis(self.redis.delete(f"swl:avatar:{avatar_id}"))
-            await self._redis(self.redis.zrem(INDEX_KEY, avatar_id))
-        await asyncio.to_thread(shutil.rmtree, self._folder(avatar_id), True)
+            await self._redis(self.redis.delete(self._meta_key(tenant, avatar_id)))
+            await self._redis(self.redis.zrem(self._tenant_index(tenant), avatar_id))
+            await self._redis(self.redis.zrem(INDEX_KEY, f"{tenant}/{avatar_id}"))
+        await asyncio.to_thread(shutil.rmtree, self._folder(tenant, avatar_id), True)

@@ -21,7 +21,7 @@ from .limits import MediaLimits
 from .metrics import GatewayMetrics
 from .options import JobOptions, Progress
 from .pipeline import LipSyncJob, plan_avatar
-from .plan_cache import PlanCache
+from .plan_cache import PlanCache, TenantPlanCache
 from .planning import Planner
 
 log = logging.getLogger(__name__)
@@ -42,30 +42,32 @@ class Generation:
             request_id_var.set(checked_request_id(message.request_id, "options.request_id"))
         return JobOptions.from_proto(message)
 
-    async def check(self, message: gateway_pb2.GenerateOptions) -> None:
+    async def check(self, tenant: str, message: gateway_pb2.GenerateOptions) -> None:
         """Options, request id and avatar (its metadata only) of a job that will run later."""
         self.options(message)
         if message.avatar_id:
-            await self.avatars.get(message.avatar_id)
+            await self.avatars.get(tenant, message.avatar_id)
 
-    async def job(self, message: gateway_pb2.GenerateOptions, deadline: JobDeadline,
+    async def job(self, tenant: str, message: gateway_pb2.GenerateOptions, deadline: JobDeadline,
                   progress: Progress | None = None) -> LipSyncJob:
-        """A job for these options; with an avatar id, the avatar's media, plan and planning options are the job's."""
+        """A job for these options; with an avatar id (the tenant's own), the avatar's media, plan and planning
+        options are the job's. Plans are cached per tenant: a hit must not tell one tenant what another sent."""
         options = self.options(message)
-        avatar = await self.avatars.load(message.avatar_id) if message.avatar_id else None
+        avatar = await self.avatars.load(tenant, message.avatar_id) if message.avatar_id else None
         if avatar is not None:
             options = options.with_planning_of(JobOptions.from_proto(avatar.planning))
+        plans = TenantPlanCache(self.plans, tenant) if self.plans is not None else None
         job = LipSyncJob(self.clients, options, self.metrics, chunk_frames=self.settings.chunk_frames,
-                         limits=self.limits, deadline=deadline, progress=progress, plans=self.plans,
+                         limits=self.limits, deadline=deadline, progress=progress, plans=plans,
                          encoder_threads=self.settings.encoder_threads)
         if avatar is not None:
             job.use_avatar(avatar.face, avatar.plan)
         return job
 
-    async def checked_job(self, message: gateway_pb2.GenerateOptions, deadline: JobDeadline,
+    async def checked_job(self, tenant: str, message: gateway_pb2.GenerateOptions, deadline: JobDeadline,
                           progress: Progress | None) -> LipSyncJob:
         """A job whose reference photo is checked (decodable, a face found) before any media is used."""
-        job = await self.job(message, deadline, progress)
+        job = await self.job(tenant, message, deadline, progress)
         async with deadline.enforced():
             await job.prepare_reference()
         return job
@@ -98,12 +100,12 @@ class Generation:
             self.metrics.jobs.labels(code).inc()
             log.info("job finished", extra={"code": code, "seconds": round(time.perf_counter() - started, 3)})
 
-    async def generate(self, options: gateway_pb2.GenerateOptions, face: bytes, audio: bytes,
+    async def generate(self, tenant: str, options: gateway_pb2.GenerateOptions, face: bytes, audio: bytes,
                        deadline: JobDeadline, progress: Progress):
         """One generation from stored inputs (the job runner's call): job built, then run; returns (plan, mp4)."""
-        return await self.run(await self.job(options, deadline, progress), face, audio)
+        return await self.run(await self.job(tenant, options, deadline, progress), face, audio)
 
-    async def create_avatar(self, message: gateway_pb2.AvatarOptions, face: bytes, deadline: JobDeadline,
+    async def create_avatar(self, tenant: str, message: gateway_pb2.AvatarOptions, face: bytes, deadline: JobDeadline,
                             progress: Progress | None) -> AvatarRecord:
         """Plans the face media once and stores it as an avatar."""
         planner = Planner(self.clients, self.options(message.planning), self.metrics,
@@ -111,7 +113,7 @@ class Generation:
                           progress=progress)
         async with deadline.enforced():
             plan, preview = await plan_avatar(planner, face, deadline)
-            record = await self.avatars.create(face, plan, message.name, message.planning, preview)
+            record = await self.avatars.create(tenant, face, plan, message.name, message.planning, preview)
         with contextlib.suppress(ServiceError):
             self.metrics.avatars.set(await self.avatars.count())
         log.info("avatar created", extra={"avatar_id": record.avatar_id, "frames": record.frames})

@@ -36,12 +36,12 @@ WORKER_ERROR_WAIT_S = 1.0  # after an unexpected error, before a worker tries th
 class Generation(Protocol):
     """What the job runner needs of the gateway's generation layer (gateway/generation.py)."""
 
-    async def check(self, options: gateway_pb2.GenerateOptions) -> None:
-        """Refuses options (request id, avatar) that could never run, at submission."""
+    async def check(self, tenant: str, options: gateway_pb2.GenerateOptions) -> None:
+        """Refuses options (request id, the tenant's avatar) that could never run, at submission."""
 
-    async def generate(self, options: gateway_pb2.GenerateOptions, face: bytes, audio: bytes,
+    async def generate(self, tenant: str, options: gateway_pb2.GenerateOptions, face: bytes, audio: bytes,
                        deadline: JobDeadline, progress: Progress):
-        """Runs one generation; returns (plan, mp4 bytes)."""
+        """Runs one generation for the tenant; returns (plan, mp4 bytes)."""
 
 
 class JobRunner:
@@ -142,7 +142,7 @@ class JobRunner:
 
         saved = {"at": 0.0}
         deadline = JobDeadline(self.settings.job_deadline_s, self.settings.job_deadline_per_audio_second_s)
-        plan, mp4 = await self.generation.generate(options, face, audio, deadline, progress)
+        plan, mp4 = await self.generation.generate(record.tenant, options, face, audio, deadline, progress)
         await self.files.write_result(record.job_id, mp4)
         width, height = plan.face.size
         return {"width": width, "height": height, "fps": float(plan.fps), "frames": plan.frames,

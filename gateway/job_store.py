@@ -25,6 +25,11 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 QUEUE, RUNNING, INDEX = "swl:jobs:queue", "swl:jobs:running", "swl:jobs"
 
 
+def tenant_index(tenant: str) -> str:
+    """The sorted set of one tenant's jobs by creation time (INDEX holds every tenant's, for housekeeping)."""
+    return f"{INDEX}:by-tenant:{tenant}"
+
+
 def check_job_id(job_id: str) -> str:
     if not JOB_ID.fullmatch(job_id):
         raise InvalidArgument(f"job_id {job_id[:40]!r} is not a job id (job_ and 24 hex digits)")
@@ -52,6 +57,7 @@ class JobRecord:
     result: dict = field(default_factory=dict)  # ResultInfo fields
     webhook_url: str = ""
     owner: str = ""  # the replica running it
+    tenant: str = ""  # who submitted it: only that tenant sees it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -142,13 +148,13 @@ class MemoryJobStore:
             return True
         return False
 
-    async def recent(self, start: int, count: int) -> list[JobRecord]:
-        ids = list(reversed(self._records))[start : start + count]
-        return [r for r in [await self.load(i) for i in ids] if r is not None]
+    async def recent(self, tenant: str, start: int, count: int) -> list[JobRecord]:
+        ids = [job_id for job_id in reversed(self._records) if self._records[job_id].tenant == tenant]
+        return [r for r in [await self.load(i) for i in ids[start : start + count]] if r is not None]
 
-    async def delete(self, job_id: str) -> None:
-        self._records.pop(job_id, None)
-        await self.unqueue(job_id)
+    async def delete(self, record: JobRecord) -> None:
+        self._records.pop(record.job_id, None)
+        await self.unqueue(record.job_id)
 
     async def known(self) -> set[str]:
         return {job_id for job_id in self._records if await self.load(job_id) is not None}
@@ -186,8 +192,9 @@ class RedisJobStore:
     async def enqueue(self, record: JobRecord) -> None:
         await self.save(record)
         await self._call(self.client.zadd(INDEX, {record.job_id: record.created}))
+        await self._call(self.client.zadd(tenant_index(record.tenant), {record.job_id: record.created}))
         if not await self._call(self._enqueue(keys=[QUEUE], args=[record.job_id, self.max_queue])):
-            await self.delete(record.job_id)
+            await self.delete(record)
             raise queue_full(self.max_queue)
 
     async def claim(self, owner: str, lease_s: float) -> str | None:
@@ -241,18 +248,21 @@ class RedisJobStore:
     async def unqueue(self, job_id: str) -> bool:
         return bool(await self._call(self.client.lrem(QUEUE, 0, job_id)))
 
-    async def recent(self, start: int, count: int) -> list[JobRecord]:
-        ids = [i.decode() for i in await self._call(self.client.zrevrange(INDEX, start, start + count - 1))]
+    async def recent(self, tenant: str, start: int, count: int) -> list[JobRecord]:
+        index = tenant_index(tenant)
+        ids = [i.decode() for i in await self._call(self.client.zrevrange(index, start, start + count - 1))]
         records = [await self.load(i) for i in ids]
         for job_id, record in zip(ids, records):
-            if record is None:  # expired: drop it from the index too
+            if record is None:  # expired: drop it from the indexes too
+                await self._call(self.client.zrem(index, job_id))
                 await self._call(self.client.zrem(INDEX, job_id))
         return [r for r in records if r is not None]
 
-    async def delete(self, job_id: str) -> None:
-        await self._call(self.client.delete(f"swl:job:{job_id}"))
-        await self._call(self.client.zrem(INDEX, job_id))
-        await self.unqueue(job_id)
+    async def delete(self, record: JobRecord) -> None:
+        await self._call(self.client.delete(f"swl:job:{record.job_id}"))
+        await self._call(self.client.zrem(INDEX, record.job_id))
+        await self._call(self.client.zrem(tenant_index(record.tenant), record.job_id))
+        await self.unqueue(record.job_id)
 
     async def known(self) -> set[str]:
         ids = [i.decode() for i in await self._call(self.client.zrange(INDEX, 0, -1))]

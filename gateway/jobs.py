@@ -112,17 +112,17 @@ class Jobs:
     """The job API the servicer calls: each method checks its input and answers from the store and the files."""
 
     def __init__(self, store: JobStore, files: JobFiles, ledger: JobLedger, settings, metrics: GatewayMetrics,
-                 check: Callable[[gateway_pb2.GenerateOptions], Awaitable[None]]) -> None:
+                 check: Callable[[str, gateway_pb2.GenerateOptions], Awaitable[None]]) -> None:
         self.store, self.files, self.ledger, self.settings, self.metrics = store, files, ledger, settings, metrics
         self.limits = MediaLimits.from_settings(settings)
         self._check = check  # the generation layer's check of options (request id, avatar) at submission
 
-    async def submit(self, request: gateway_pb2.SubmitJobRequest) -> JobRecord:
+    async def submit(self, tenant: str, request: gateway_pb2.SubmitJobRequest) -> JobRecord:
         s = self.settings
         check_webhook(request.webhook_url, s.webhook_allowed_hosts, s.webhook_secret)
-        await self._check(request.options)  # options, request id and avatar refused now, not when it runs
+        await self._check(tenant, request.options)  # options, request id and avatar refused now, not when it runs
         self.limits.check_upload(len(request.face) + len(request.audio) + len(request.options.reference_face))
-        record = JobRecord(new_job_id(), webhook_url=request.webhook_url)
+        record = JobRecord(new_job_id(), webhook_url=request.webhook_url, tenant=tenant)
         await self.files.write_inputs(record.job_id, request)
         try:
             await self.store.enqueue(record)
@@ -132,15 +132,16 @@ class Jobs:
         self.metrics.job_events.labels("submitted").inc()
         return record
 
-    async def get(self, job_id: str) -> tuple[JobRecord, int]:
+    async def get(self, tenant: str, job_id: str) -> tuple[JobRecord, int]:
+        """The caller's job; another tenant's is not found, in the same words as a missing one."""
         record = await self.store.load(check_job_id(job_id))
-        if record is None:
+        if record is None or record.tenant != tenant:
             raise NotFound(f"job {job_id} does not exist, or it ended more than {self.settings.job_result_ttl_s:.0f} s "
                            f"ago and its result was deleted ({setting_name('job_result_ttl_s')})")
         return record, await self.store.position(job_id) if record.state == "QUEUED" else 0
 
-    async def video(self, job_id: str) -> bytes:
-        record, _ = await self.get(job_id)
+    async def video(self, tenant: str, job_id: str) -> bytes:
+        record, _ = await self.get(tenant, job_id)
         if record.state != "SUCCEEDED":
             raise FailedPrecondition(f"job {job_id} is {record.state}; its video exists once it has SUCCEEDED")
         try:
@@ -148,11 +149,11 @@ class Jobs:
         except FileNotFoundError:
             raise NotFound(f"job {job_id}'s video is gone from the data directory") from None
 
-    async def delete(self, job_id: str) -> JobRecord:
+    async def delete(self, tenant: str, job_id: str) -> JobRecord:
         """Cancels a queued job at once, a running one within a heartbeat; removes a finished one."""
-        record, _ = await self.get(job_id)
+        record, _ = await self.get(tenant, job_id)
         if record.state in TERMINAL:
-            await self.store.delete(job_id)
+            await self.store.delete(record)
             await self.files.remove(job_id)
             return record
         if record.state == "QUEUED" and await self.store.unqueue(job_id):
@@ -161,10 +162,10 @@ class Jobs:
         await self.store.request_cancel(job_id)  # the running replica sees it within a heartbeat
         return record
 
-    async def recent(self, page_size: int, page_token: str) -> tuple[list[JobRecord], str]:
+    async def recent(self, tenant: str, page_size: int, page_token: str) -> tuple[list[JobRecord], str]:
         size = min(500, page_size or 50)
         if page_token and not page_token.isdigit():
             raise InvalidArgument("page_token must be the next_page_token of a previous page")
         start = int(page_token or 0)
-        records = await self.store.recent(start, size + 1)
+        records = await self.store.recent(tenant, start, size + 1)
         return records[:size], str(start + size) if len(records) > size else ""

@@ -93,3 +93,17 @@ class RedisPlanCache:
         self.metrics.plan_cache_errors.labels(self.backend).inc()
         log.warning("plan cache unavailable; planning afresh",
                     extra={"backend": self.backend, "operation": operation, "error": f"{type(error).__name__}: {error}"})
+
+
+class TenantPlanCache:
+    """One tenant's view of a plan cache: its keys carry the tenant's name, so that whether a face was planned
+    before (a hit) says nothing about what other tenants have sent."""
+
+    def __init__(self, cache: PlanCache, tenant: str) -> None:
+        self.cache, self.prefix, self.backend = cache, f"{tenant}:", cache.backend
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.cache.get(self.prefix + key)
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self.cache.put(self.prefix + key, value)

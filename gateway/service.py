@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,12 @@ import redis.asyncio
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from service_runtime.server import GrpcService, run_service
-from service_runtime.settings import ServerSettings, metrics_port_setting, port_setting, setting
+from service_runtime.logs import configure_logging
+from service_runtime.settings import ServerSettings, SettingsError, metrics_port_setting, port_setting, setting
 
 from .admission import JobSlots
 from .audio import SAMPLE_RATE, melspectrogram
-from .auth import ApiKeyInterceptor, ApiKeys
+from .auth import TenantInterceptor
 from .avatars import AvatarStore
 from .clients import ModelClients
 from .generation import Generation
@@ -28,6 +30,7 @@ from .limits import http_body_limit_bytes
 from .metrics import GatewayMetrics
 from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
 from .servicer import GatewayServicer
+from .tenants import TenantRegistry, TenantsFileError, TenantsWatcher
 from .uploads import UploadStore
 from .webhooks import WebhookSender
 
@@ -107,8 +110,16 @@ class GatewaySettings(ServerSettings):
     webhook_max_attempts: int = setting(5, "Deliveries tried per webhook before giving up.", ge=1, le=50)
     webhook_backoff_s: float = setting(1.0, "Wait before the second delivery; it doubles after each failure.",
                                        ge=0.01, le=3600)
+    # Tenants: who may call, what each may use, and what each sees (docs/tenants.md).
+    tenants_file: str = setting(
+        "", "JSON or YAML file of tenants (their key digests, quotas, webhook secret and hosts); reloaded on SIGHUP "
+            "and when it changes. With it (or api_keys) every call but the health check needs a key.")
     api_keys: tuple[str, ...] = setting(
-        (), "Comma-separated API keys; when set, every call but the health check needs one (x-api-key header).")
+        (), "Comma-separated API keys of one tenant, `default` (a shorthand for a tenants file); x-api-key header.")
+    allow_anonymous: bool = setting(
+        False, "Serve calls without a key when no tenant is configured (`make run` sets it); without it, a gateway "
+               "with neither tenants_file nor api_keys refuses to start. Ignored once tenants are configured.")
+    tenants_poll_s: float = setting(2.0, "How often the tenants file is checked for a change.", ge=0.05, le=3600)
 
     def __repr__(self) -> str:  # API keys are secrets: never in logs or tracebacks
         hidden = ("api_keys", "webhook_secret")
@@ -152,10 +163,11 @@ class GatewayService(GrpcService):
                               settings.upload_ttl_s)
         self.servicer = GatewayServicer(self.generation, self.jobs, avatars, uploads, self.slots, self.metrics,
                                         settings)
-        self.api_keys = ApiKeys(settings.api_keys)
+        self.tenants = tenant_registry(settings)
+        self.tenants_watcher = TenantsWatcher(self.tenants, poll_s=settings.tenants_poll_s) if self.tenants.path else None
 
     def interceptors(self):
-        return [ApiKeyInterceptor(self.api_keys, self.metrics.unauthenticated.inc)]
+        return [TenantInterceptor(self.tenants, self.metrics.unauthenticated.inc)]
 
     @property
     def max_message_bytes(self) -> int:
@@ -170,6 +182,8 @@ class GatewayService(GrpcService):
         await asyncio.to_thread(melspectrogram, noise)
         log.info("mel warmed up")
         self.job_runner.start()
+        if self.tenants_watcher is not None:
+            await self.tenants_watcher.start(self.supervisor.spawn)
 
     def register(self, server) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
@@ -177,6 +191,8 @@ class GatewayService(GrpcService):
     async def close(self) -> None:
         """Stops the job workers, then the channels and Redis; no step may hold shutdown up (a Redis command
         cancelled mid-flight has left redis-py's close waiting forever)."""
+        if self.tenants_watcher is not None:
+            await self.tenants_watcher.stop()
         for step in (self.job_runner.stop(), self.clients.close(),
                      self.redis.aclose() if self.redis is not None else asyncio.sleep(0)):
             try:
@@ -184,6 +200,18 @@ class GatewayService(GrpcService):
             except TimeoutError:
                 log.warning("shutdown step timed out", extra={"step": getattr(step, "__qualname__", repr(step)),
                                                               "seconds": CLOSE_STEP_S})
+
+
+def tenant_registry(settings: GatewaySettings) -> TenantRegistry:
+    """The configured tenants; fails closed: with none, the gateway starts only when told to serve anonymously."""
+    tenants = TenantRegistry.from_settings(settings.tenants_file or None, settings.api_keys)
+    if not tenants.required and not settings.allow_anonymous:
+        raise SettingsError(
+            "no tenant is configured, so anyone could call this gateway: set SWL_GATEWAY_TENANTS_FILE (or "
+            "SWL_GATEWAY_API_KEYS), or SWL_GATEWAY_ALLOW_ANONYMOUS=true to serve without keys on purpose")
+    if not tenants.required:
+        log.warning("serving without API keys: SWL_GATEWAY_ALLOW_ANONYMOUS is set and no tenant is configured")
+    return tenants
 
 
 def keep_large_buffers_returnable() -> None:
@@ -201,4 +229,10 @@ def keep_large_buffers_returnable() -> None:
 
 def main() -> None:
     keep_large_buffers_returnable()
-    run_service(GatewayService(GatewaySettings.from_env()))
+    configure_logging()  # so that a configuration mistake is a JSON line too; run_service applies log_level
+    try:
+        service = GatewayService(GatewaySettings.from_env())
+    except (SettingsError, TenantsFileError) as error:  # a configuration mistake: one line, no traceback
+        log.error("cannot start: %s", error, extra={"service": "gateway"})
+        sys.exit(2)
+    run_service(service)

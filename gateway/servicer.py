@@ -22,6 +22,7 @@ from .job_store import TERMINAL
 from .jobs import Jobs
 from .metrics import GatewayMetrics
 from .options import Progress
+from .tenants import tenant_of_call
 from .pipeline import LipSyncJob
 from .uploads import UploadStore
 
@@ -45,7 +46,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                        progress) -> tuple[LipSyncJob, bytes, bytes]:
         """Options first, checked with the reference photo before any media is read; then the media."""
         first = await self._first(requests, "Generate")
-        job = await self.generation.checked_job(first.options, deadline, progress)
+        job = await self.generation.checked_job(caller(), first.options, deadline, progress)
         parts = await self._upload(requests, len(first.options.reference_face))
         return job, parts["face_chunk"], parts["audio_chunk"]
 
@@ -78,7 +79,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _prepared(self, options: gateway_pb2.GenerateOptions, context, progress, *media: bytes) -> LipSyncJob:
         """A job for media that arrived in one message: options and reference photo checked, upload counted."""
-        job = await self.generation.checked_job(options, self._deadline(context), progress)
+        job = await self.generation.checked_job(caller(), options, self._deadline(context), progress)
         received = sum(map(len, media)) + len(options.reference_face)
         self.limits.check_upload(received)
         self.metrics.received_bytes.inc(received)
@@ -143,14 +144,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def UploadMedia(self, request: gateway_pb2.UploadMediaRequest, context) -> gateway_pb2.UploadMediaResponse:
         data = request.media.data
         self.limits.check_upload(len(data))
-        upload_id = await self.uploads.add(data)
+        upload_id = await self.uploads.add(caller(), data)
         self.metrics.uploads_bytes.set(self.uploads.held_bytes)
         return gateway_pb2.UploadMediaResponse(upload_id=upload_id, size_bytes=len(data),
                                                expires_in_seconds=int(self.uploads.ttl_s))
 
     async def GenerateFromUpload(self, request: gateway_pb2.GenerateFromUploadRequest,
                                  context) -> httpbody_pb2.HttpBody:
-        face = await self.uploads.get(request.face_upload_id)
+        face = await self.uploads.get(caller(), request.face_upload_id)
         return await self._unary(request.options, face, request.audio.data, context)
 
     # --- Avatars ---------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.generation.options(first.options.planning)  # refused before the media is read
             parts = await self._upload(request_iterator, len(first.options.planning.reference_face))
             events, progress = progress_queue()
-            task = asyncio.create_task(self.generation.create_avatar(first.options, parts["face_chunk"],
+            task = asyncio.create_task(self.generation.create_avatar(caller(), first.options, parts["face_chunk"],
                                                                       self._deadline(context), progress))
             async for update in while_running(task, events):
                 yield gateway_pb2.CreateAvatarEvent(progress=update)
@@ -170,21 +171,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def CreateAvatarFromJson(self, request: gateway_pb2.CreateAvatarRequest, context) -> gateway_pb2.Avatar:
         with self.slots.slot():
             self.limits.check_upload(len(request.face) + len(request.options.planning.reference_face))
-            record = await self.generation.create_avatar(request.options, request.face, self._deadline(context), None)
+            record = await self.generation.create_avatar(caller(), request.options, request.face,
+                                                         self._deadline(context), None)
         return record.message()
 
     async def GetAvatar(self, request: gateway_pb2.GetAvatarRequest, context) -> gateway_pb2.Avatar:
-        record = await self.avatars.get(request.avatar_id)
-        return record.message(await self.avatars.preview(request.avatar_id))
+        record = await self.avatars.get(caller(), request.avatar_id)
+        return record.message(await self.avatars.preview(caller(), request.avatar_id))
 
     async def ListAvatars(self, request: gateway_pb2.ListAvatarsRequest, context) -> gateway_pb2.ListAvatarsResponse:
         if request.page_size < 0:
             raise InvalidArgument("page_size must be positive (at most 500)")
-        records, token = await self.avatars.list(request.page_size, request.page_token)
+        records, token = await self.avatars.list(caller(), request.page_size, request.page_token)
         return gateway_pb2.ListAvatarsResponse(avatars=[r.message() for r in records], next_page_token=token)
 
     async def DeleteAvatar(self, request: gateway_pb2.DeleteAvatarRequest, context) -> empty_pb2.Empty:
-        await self.avatars.delete(request.avatar_id)
+        await self.avatars.delete(caller(), request.avatar_id)
         with contextlib.suppress(ServiceError):
             self.metrics.avatars.set(await self.avatars.count())
         return empty_pb2.Empty()
@@ -199,27 +201,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # --- Asynchronous jobs -----------------------------------------------------------------------------------
 
     async def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context) -> gateway_pb2.Job:
-        record = await self.jobs.submit(request)
+        record = await self.jobs.submit(caller(), request)
         return record.message(await self.jobs.store.position(record.job_id))
 
     async def GetJob(self, request: gateway_pb2.JobRequest, context) -> gateway_pb2.Job:
-        record, position = await self.jobs.get(request.job_id)
+        record, position = await self.jobs.get(caller(), request.job_id)
         return record.message(position)
 
     async def GetJobVideo(self, request: gateway_pb2.JobRequest, context) -> httpbody_pb2.HttpBody:
-        return httpbody_pb2.HttpBody(content_type="video/mp4", data=await self.jobs.video(request.job_id))
+        return httpbody_pb2.HttpBody(content_type="video/mp4", data=await self.jobs.video(caller(), request.job_id))
 
     async def DeleteJob(self, request: gateway_pb2.JobRequest, context) -> gateway_pb2.Job:
-        return (await self.jobs.delete(request.job_id)).message()
+        return (await self.jobs.delete(caller(), request.job_id)).message()
 
     async def ListJobs(self, request: gateway_pb2.ListJobsRequest, context) -> gateway_pb2.ListJobsResponse:
-        records, token = await self.jobs.recent(max(0, request.page_size), request.page_token)
+        records, token = await self.jobs.recent(caller(), max(0, request.page_size), request.page_token)
         return gateway_pb2.ListJobsResponse(jobs=[r.message() for r in records], next_page_token=token)
 
     async def WatchJob(self, request: gateway_pb2.JobRequest, context):
-        last = None
+        last, tenant = None, caller()
         while True:
-            record, position = await self.jobs.get(request.job_id)
+            record, position = await self.jobs.get(tenant, request.job_id)
             message = record.message(position)
             if message != last:
                 yield message
@@ -227,6 +229,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if record.state in TERMINAL:
                 return
             await asyncio.sleep(0.25)
+
+
+def caller() -> str:
+    """The calling tenant's name (the tenant interceptor in gateway/auth.py sets it for every call)."""
+    return tenant_of_call().name
 
 
 def progress_queue() -> tuple[asyncio.Queue, Progress]:

@@ -1,8 +1,8 @@
 """Raw media uploads kept for a while in the data directory (shared by replicas), by an unguessable id.
 
 An upload made through one replica is used through any other that shares the data directory, which a load
-balancer in front of several gateways needs. The id is the only key (a capability) and is checked against
-one pattern before it becomes a file name."""
+balancer in front of several gateways needs. Uploads live in `<folder>/<tenant>/<id>`: another tenant's id
+is not found, exactly as a missing one. The id is checked against one pattern before it becomes a file name."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from service_runtime.errors import InvalidArgument, NotFound, ResourceExhausted
 from .limits import setting_name
 
 UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{24}")
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as gateway/tenants.py checks it
 
 
 class UploadStore:
@@ -25,30 +26,35 @@ class UploadStore:
         self.folder, self.max_bytes, self.ttl_s = Path(folder), max_bytes, ttl_s
         self.held_bytes = 0  # what the uploads held at the last scan (a metric)
 
-    async def add(self, data: bytes) -> str:
+    def _tenant_folder(self, tenant: str) -> Path:
+        if not TENANT_NAME.fullmatch(tenant):
+            raise ValueError(f"not a tenant name: {tenant!r}")  # tenant names come from configuration, never a client
+        return self.folder / tenant
+
+    async def add(self, tenant: str, data: bytes) -> str:
         if not data:
             raise InvalidArgument("media: the upload has no bytes")
-        return await asyncio.to_thread(self._add, data)
+        return await asyncio.to_thread(self._add, self._tenant_folder(tenant), data)
 
-    def _add(self, data: bytes) -> str:
+    def _add(self, folder: Path, data: bytes) -> str:
         held = self._expire()
         if held + len(data) > self.max_bytes:
             raise ResourceExhausted(
                 f"the upload store is full ({held >> 20} of {self.max_bytes >> 20} MiB, "
                 f"{setting_name('upload_store_mb')}); retry once earlier uploads expire", retry_after_s=self.ttl_s / 10)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         upload_id = secrets.token_urlsafe(18)
-        partial = self.folder / f".{upload_id}.partial"
+        partial = folder / f".{upload_id}.partial"
         partial.write_bytes(data)
-        partial.rename(self.folder / upload_id)  # no replica ever reads half an upload
+        partial.rename(folder / upload_id)  # no replica ever reads half an upload
         self.held_bytes = held + len(data)
         return upload_id
 
-    async def get(self, upload_id: str) -> bytes:
-        return await asyncio.to_thread(self._get, upload_id)
+    async def get(self, tenant: str, upload_id: str) -> bytes:
+        return await asyncio.to_thread(self._get, self._tenant_folder(tenant), upload_id)
 
-    def _get(self, upload_id: str) -> bytes:
-        path = self.folder / upload_id if UPLOAD_ID.fullmatch(upload_id) else None
+    def _get(self, folder: Path, upload_id: str) -> bytes:
+        path = folder / upload_id if UPLOAD_ID.fullmatch(upload_id) else None
         try:
             if path is not None and path.stat().st_mtime + self.ttl_s >= time.time():
                 return path.read_bytes()
@@ -58,11 +64,12 @@ class UploadStore:
                        f"{self.ttl_s:.0f} s, {setting_name('upload_ttl_s')}); upload the media again")
 
     def _expire(self) -> int:
-        """Deletes uploads past their time; returns the bytes the others hold."""
+        """Deletes every tenant's uploads past their time; returns the bytes the others hold."""
         if not self.folder.is_dir():
             return 0
         held, now = 0, time.time()
-        for entry in os.scandir(self.folder):
+        entries = [entry for tenant in os.scandir(self.folder) if tenant.is_dir() for entry in _scan(tenant.path)]
+        for entry in entries:
             try:
                 stat = entry.stat()
                 if stat.st_mtime + self.ttl_s < now:
@@ -73,3 +80,10 @@ class UploadStore:
                 continue
         self.held_bytes = held
         return held
+
+
+def _scan(folder: str) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(folder))
+    except FileNotFoundError:  # another replica removed it
+        return []

@@ -101,7 +101,7 @@ async def test_avatar_frames_equal_those_of_the_original_upload(identity_models_
         avatar, progress = await create_avatar(stack.stub, face, padding=gateway_pb2.Padding(bottom=14))
         assert avatar.frames == 16 and (avatar.width, avatar.height) == (320, 240)
         assert [p.stage for p in progress].count("detect") >= 1
-        loaded = await stack.servers["gateway"].service.servicer.avatars.load(avatar.avatar_id)
+        loaded = await stack.servers["gateway"].service.servicer.avatars.load("anonymous", avatar.avatar_id)
         clients = model_clients(stack)
         clients.open()
         try:

@@ -40,6 +40,9 @@ from tests.support.waiting import eventually_async
 PLAN = SimpleNamespace(face=SimpleNamespace(size=(64, 48)), fps=25.0, frames=10, speech=SimpleNamespace(seconds=0.4))
 
 
+TENANT = "acme"
+
+
 class FakeGeneration:
     """Stands for the gateway's generation layer: `failures` are raised by the next runs, in order."""
 
@@ -47,10 +50,10 @@ class FakeGeneration:
         self.failures = list(failures)
         self.runs = 0
 
-    async def check(self, options) -> None:
+    async def check(self, tenant, options) -> None:
         return None
 
-    async def generate(self, options, face: bytes, audio: bytes, deadline, progress):
+    async def generate(self, tenant, options, face: bytes, audio: bytes, deadline, progress):
         self.runs += 1
         await progress("lipsync", 1, 2)
         if self.failures:
@@ -73,10 +76,10 @@ class JobsUnderTest:
         self.runner = JobRunner(self.store, self.files, ledger, generation, s, metrics, JobSlots(4), self.supervisor)
 
     async def submit(self, request):
-        return await self.api.submit(request)
+        return await self.api.submit(TENANT, request)
 
     async def get(self, job_id: str):
-        return await self.api.get(job_id)
+        return await self.api.get(TENANT, job_id)
 
     def start(self) -> None:
         self.runner.start()
@@ -399,4 +402,4 @@ async def test_a_cancel_call_with_the_store_down_gets_unavailable_at_once(tmp_pa
     jobs = make_jobs(tmp_path, FakeGeneration(), store, job_workers=0)
     job = await jobs.submit(request())
     with pytest.raises(Unavailable, match="job store"):
-        await asyncio.wait_for(jobs.api.delete(job.job_id), 5)
+        await asyncio.wait_for(jobs.api.delete(TENANT, job.job_id), 5)

@@ -16,7 +16,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 from gateway.service import GatewayService, GatewaySettings
 from service_runtime.settings import SettingsError
 
-from tests.support.media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
+from tests.support.media_factory import encode_video, marker_frames, speech_wav
 from tests.support.metrics import metric
 from tests.support.paths import ROOT
 from tests.support.processes import project_env
@@ -65,13 +65,16 @@ async def assert_hidden(call_with_id, real_id: str, missing_id: str) -> None:
     assert theirs.details().replace(real_id, "ID") == missing.details().replace(missing_id, "ID")
 
 
-FACE = encode_png(with_marker(scene(), 100, 80))
+def missing_like(object_id: str) -> str:
+    """A well-formed id of the same kind (av_..., job_...) that names nothing."""
+    kind, _, number = object_id.rpartition("_")
+    return f"{kind}_{'0' * len(number)}"
 
 
 async def test_another_tenants_avatar_is_not_found_listed_or_deleted(stack):
     avatar = await stack.stub.CreateAvatarFromJson(gateway_pb2.CreateAvatarRequest(
         face=encode_video(marker_frames(6)), options=gateway_pb2.AvatarOptions(name="alice's presenter")), **as_(ALICE))
-    missing = "a" * len(avatar.avatar_id)
+    missing = missing_like(avatar.avatar_id)
     stub = stack.stub
     await assert_hidden(lambda i: stub.GetAvatar(gateway_pb2.GetAvatarRequest(avatar_id=i), **as_(BOB)),
                         avatar.avatar_id, missing)
@@ -107,7 +110,7 @@ async def test_another_tenants_upload_is_not_found(stack):
 async def test_another_tenants_job_is_not_found_listed_or_cancelled(stack):
     job = await stack.stub.SubmitJob(gateway_pb2.SubmitJobRequest(face=encode_video(marker_frames(6)),
                                                                   audio=speech_wav(0.4)), **as_(ALICE))
-    stub, missing = stack.stub, "c" * len(job.job_id)
+    stub, missing = stack.stub, missing_like(job.job_id)
 
     async def finished() -> bool:
         record = await stub.GetJob(gateway_pb2.JobRequest(job_id=job.job_id), **as_(ALICE))

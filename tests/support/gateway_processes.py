@@ -45,7 +45,7 @@ def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = N
     """A second gateway as its own process, on the same model services, Redis and data directory."""
     port = free_port()
     env = project_env(SWL_GATEWAY_HOST="127.0.0.1", SWL_GATEWAY_PORT=str(port), SWL_GATEWAY_METRICS_PORT="-1",
-                      SWL_GATEWAY_REDIS_URL=redis_url, SWL_GATEWAY_DATA_DIR=str(data_dir),
+                      SWL_GATEWAY_REDIS_URL=redis_url, SWL_GATEWAY_ALLOW_ANONYMOUS="true", SWL_GATEWAY_DATA_DIR=str(data_dir),
                       SWL_GATEWAY_DETECTOR_ADDRESS=stack.address("detector"),
                       SWL_GATEWAY_LIPSYNC_ADDRESS=stack.address("lipsync"),
                       SWL_GATEWAY_ENHANCER_ADDRESS=stack.address("enhancer"), **(extra or {}))

@@ -39,7 +39,7 @@ class ProcessStack:
             models_dir=models_dir, logs=folder / "logs", redis_port=0, redis_url="")
         self.args.redis_port = self.args.base_port + len(run_stack.SERVICES)
         self.args.logs.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "SWL_GATEWAY_GRACE_PERIOD_S": "10", **(env or {})}
+        self.env = {**os.environ, "SWL_GATEWAY_GRACE_PERIOD_S": "10", "SWL_GATEWAY_ALLOW_ANONYMOUS": "true", **(env or {})}
         self.processes: dict[str, subprocess.Popen] = {}
         self.redis: subprocess.Popen | None = None
 

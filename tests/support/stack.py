@@ -87,6 +87,7 @@ async def running_stack(models_dir, down: str | None = None, overrides=None, ext
             servers[name] = server
             addresses[name] = f"127.0.0.1:{server.port}"
         data_dir = gateway_overrides.pop("data_dir", None) or stack.enter_context(tempfile.TemporaryDirectory())
+        gateway_overrides.setdefault("allow_anonymous", True)  # the tests that need keys pass api_keys or tenants_file
         settings = GatewaySettings.from_env({}, host="127.0.0.1", port=0, metrics_port=0, grace_period_s=1.0,
                                             data_dir=data_dir,
                                             detector_address=addresses["detector"],
