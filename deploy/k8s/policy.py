@@ -180,7 +180,100 @@ def settings_problems(objects: Objects) -> list[str]:
             if env["name"].startswith("SWL_") and env["name"] not in known]
 
 
+# The gateway's key settings (gateway/service.py GatewaySettings; settings_problems proves each is one).
+TENANTS_FILE, API_KEYS, ALLOW_ANONYMOUS = ("SWL_GATEWAY_TENANTS_FILE", "SWL_GATEWAY_API_KEYS",
+                                           "SWL_GATEWAY_ALLOW_ANONYMOUS")
+FALSE_VALUES = {"0", "false", "no", "off"}  # how service_runtime/settings.py reads a false bool
+KEYS_HINT = (f"give it {TENANTS_FILE} in the required Secret gateway-tenants mounted as a directory, or "
+             f"{API_KEYS} from a required Secret (deploy/k8s/README.md#api-keys)")
+
+
+def _secret_volume_problem(path: str, container: dict, spec: dict) -> str | None:
+    """Why the tenants file at `path` may be missing or never updated, or None: it must lie in a volume of a
+    required Secret mounted as a directory (a subPath mount never sees the Secret's updates)."""
+    mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        return f"{TENANTS_FILE} {path} is on no mounted volume: mount the tenants Secret's folder there"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    if "subPath" in mount or "subPathExpr" in mount:
+        return (f"the tenants volume {mount['name']} is mounted with a subPath, which the kubelet never updates: "
+                "keys would not rotate; mount the folder")
+    volume: dict = next((v for v in spec.get("volumes", []) if v["name"] == mount["name"]), {})
+    secret = volume.get("secret")
+    if secret is None:
+        return f"{TENANTS_FILE} {path} is on volume {mount['name']}, which is not a Secret volume"
+    if secret.get("optional") is True:
+        return (f"Secret {secret.get('secretName')} (volume {mount['name']}) is optional: without it the pod would "
+                "start with no tenants file; remove optional")
+    inside = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    items = secret.get("items")
+    if items is not None and inside not in {item["path"] for item in items}:
+        return f"{TENANTS_FILE} {path}: no item of Secret {secret.get('secretName')} is mounted as {inside}"
+    return None
+
+
+def _api_keys_problem(entry: dict) -> str | None:
+    if "valueFrom" not in entry:
+        return f"{API_KEYS} is written in the manifest: put the keys in a Secret (secretKeyRef)"
+    reference = entry["valueFrom"].get("secretKeyRef")
+    if reference is None:
+        return f"{API_KEYS} must come from a Secret (secretKeyRef)"
+    if reference.get("optional") is True:
+        return (f"{API_KEYS} comes from Secret {reference.get('name')} key {reference.get('key')}, which is optional: "
+                "without it the gateway would have no keys; remove optional")
+    return None
+
+
+def anonymous_access_problems(objects: Objects) -> list[str]:
+    """The gateway never serves without keys: SWL_GATEWAY_ALLOW_ANONYMOUS is not set (or set to false), and
+    SWL_GATEWAY_TENANTS_FILE lies in a required Secret mounted as a directory, or SWL_GATEWAY_API_KEYS comes from a
+    required Secret. envFrom is refused on the gateway: what it sets cannot be seen here."""
+    gateways = [w for w in workloads(objects) if component(w) == "gateway"]
+    if not gateways:
+        return ["no gateway workload (app.kubernetes.io/component: gateway) to check for API keys"]
+    problems = []
+    for workload in gateways:
+        spec = pod_spec(workload)
+        containers = [c for c in spec["containers"] if c["name"] == "gateway"
+                      or any(e["name"].startswith("SWL_GATEWAY_") for e in c.get("env", []))]
+        if not containers:
+            problems.append(f"{name_of(workload)}: no gateway container to check for API keys")
+        for container in containers:
+            where = f"{name_of(workload)} container {container['name']}"
+            env = {entry["name"]: entry for entry in container.get("env", [])}  # the last of a name wins
+            if container.get("envFrom"):
+                problems.append(f"{where}: envFrom may set {ALLOW_ANONYMOUS} unseen by this check; set the "
+                                "gateway's settings one by one under env")
+            if ALLOW_ANONYMOUS in env:
+                entry = env[ALLOW_ANONYMOUS]
+                value = entry.get("value", "")
+                if "valueFrom" in entry or value.strip().lower() not in FALSE_VALUES:
+                    shown = " from a reference" if "valueFrom" in entry else f"={value!r}"
+                    problems.append(f"{where}: {ALLOW_ANONYMOUS}{shown} lets the gateway serve calls without a key; "
+                                    f"remove it and {KEYS_HINT}")
+            found: list[str] = []  # problems with the key sources
+            sources = 0
+            if TENANTS_FILE in env:
+                entry = env[TENANTS_FILE]
+                if "valueFrom" in entry:
+                    found.append(f"{TENANTS_FILE} must be a literal path into the mounted tenants Secret")
+                elif entry.get("value", "").strip():
+                    problem = _secret_volume_problem(entry["value"].strip(), container, spec)
+                    found += [problem] if problem else []
+                    sources += problem is None
+            if API_KEYS in env:
+                problem = _api_keys_problem(env[API_KEYS])
+                found += [problem] if problem else []
+                sources += problem is None
+            problems += [f"{where}: {problem}" for problem in found]
+            if not sources and not found:
+                problems.append(f"{where}: no tenants file or API keys, so the gateway would serve without keys or "
+                                f"not start; {KEYS_HINT}")
+    return problems
+
+
 def all_problems(objects: Objects, gpu: bool) -> list[str]:
     checks: list[Callable[[Objects], list[str]]] = [container_problems, grpc_port_problems, image_problems,
-                                                    rollout_problems, envoy_config_problems, settings_problems]
+                                                    rollout_problems, envoy_config_problems, settings_problems,
+                                                    anonymous_access_problems]
     return gpu_limit_problems(objects, gpu) + [problem for check in checks for problem in check(objects)]

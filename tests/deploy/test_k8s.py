@@ -3,6 +3,7 @@ project's policies; the policies themselves shown to catch what they forbid; had
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -246,3 +247,185 @@ def test_the_cuda12_images_set_only_arguments_the_dockerfile_declares_and_extras
         assert "12." in arguments["CUDA_IMAGE"] and "cu12" in arguments["TENSORRT_LIBS"]
         assert arguments["GPU_EXTRA"] in extras and "1.26" in extras[arguments["GPU_EXTRA"]][0]
         assert image.build_command(images.REGISTRY).count("--build-arg") == len(arguments)
+
+
+# ---- the gateway never serves without keys (issue #25: fail closed)
+
+TENANTS_DIR = "/etc/superwav2lip/tenants"
+
+
+def gateway_env(objects):
+    return {e["name"]: e for e in container(find(objects, "Deployment", "gateway"))["env"]}
+
+
+def test_the_key_settings_the_policy_reads_are_the_gateways():
+    from deploy.settings_catalog import variable_names
+
+    assert {policy.TENANTS_FILE, policy.API_KEYS, policy.ALLOW_ANONYMOUS} <= variable_names()
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_every_overlay_reads_its_tenants_from_a_required_secret_mounted_as_a_folder(rendered, overlay):
+    objects = rendered[overlay]
+    gateway = find(objects, "Deployment", "gateway")
+    env = gateway_env(objects)
+    assert env["SWL_GATEWAY_TENANTS_FILE"]["value"] == f"{TENANTS_DIR}/tenants.json"
+    assert "SWL_GATEWAY_ALLOW_ANONYMOUS" not in env and "SWL_GATEWAY_API_KEYS" not in env
+    mount = next(m for m in container(gateway)["volumeMounts"] if m["name"] == "tenants")
+    assert mount == {"name": "tenants", "mountPath": TENANTS_DIR, "readOnly": True}  # no subPath: it updates
+    volume = next(v for v in policy.pod_spec(gateway)["volumes"] if v["name"] == "tenants")
+    assert volume["secret"]["secretName"] == "gateway-tenants" and "optional" not in volume["secret"]
+    assert volume["secret"]["items"] == [{"key": "tenants.json", "path": "tenants.json"}]
+    assert volume["secret"]["defaultMode"] == 0o440  # the gateway reads it as its group (fsGroup 10001)
+    assert policy.pod_spec(gateway)["securityContext"]["fsGroup"] == 10001
+    assert policy.anonymous_access_problems(objects) == []
+
+
+def set_env(name, **entry):
+    def change(deployment):
+        env = container(deployment)["env"]
+        env[:] = [e for e in env if e["name"] != name] + ([{"name": name, **entry}] if entry else [])
+    return change
+
+
+def tenants_volume(deployment):
+    return next(v for v in policy.pod_spec(deployment)["volumes"] if v["name"] == "tenants")
+
+
+def tenants_mount(deployment):
+    return next(m for m in container(deployment)["volumeMounts"] if m["name"] == "tenants")
+
+
+SECRET_KEYS = {"secretKeyRef": {"name": "gateway-api-keys", "key": "keys"}}
+ANONYMOUS_VIOLATIONS = {
+    "anonymous allowed": (set_env("SWL_GATEWAY_ALLOW_ANONYMOUS", value="true"),
+                          "SWL_GATEWAY_ALLOW_ANONYMOUS='true' lets the gateway serve calls without a key"),
+    "anonymous allowed as yes": (set_env("SWL_GATEWAY_ALLOW_ANONYMOUS", value=" Yes"), "without a key"),
+    "anonymous from a config map": (set_env("SWL_GATEWAY_ALLOW_ANONYMOUS",
+                                            valueFrom={"configMapKeyRef": {"name": "flags", "key": "anonymous"}}),
+                                    "SWL_GATEWAY_ALLOW_ANONYMOUS from a reference"),
+    "settings hidden in envFrom": (lambda d: container(d).update({"envFrom": [{"configMapRef": {"name": "x"}}]}),
+                                   "envFrom may set SWL_GATEWAY_ALLOW_ANONYMOUS"),
+    "tenants secret optional": (lambda d: tenants_volume(d)["secret"].update({"optional": True}),
+                                "Secret gateway-tenants (volume tenants) is optional"),
+    "no tenants file": (set_env("SWL_GATEWAY_TENANTS_FILE"), "no tenants file or API keys"),
+    "empty tenants file": (set_env("SWL_GATEWAY_TENANTS_FILE", value=""), "no tenants file or API keys"),
+    "tenants file off the volume": (set_env("SWL_GATEWAY_TENANTS_FILE", value="/data/tenants.json"),
+                                    "is on volume data, which is not a Secret volume"),
+    "tenants file on no volume": (set_env("SWL_GATEWAY_TENANTS_FILE", value="/etc/tenants.json"),
+                                  "/etc/tenants.json is on no mounted volume"),
+    "tenants file not the mounted item": (set_env("SWL_GATEWAY_TENANTS_FILE", value=f"{TENANTS_DIR}/t.yaml"),
+                                          "no item of Secret gateway-tenants is mounted as t.yaml"),
+    "tenants mounted with subPath": (lambda d: tenants_mount(d).update({"subPath": "tenants.json"}),
+                                     "mounted with a subPath, which the kubelet never updates"),
+    "api keys optional, no file": (lambda d: (set_env("SWL_GATEWAY_TENANTS_FILE")(d), set_env(
+        "SWL_GATEWAY_API_KEYS", valueFrom={"secretKeyRef": {**SECRET_KEYS["secretKeyRef"], "optional": True}})(d)),
+        "Secret gateway-api-keys key keys, which is optional"),
+    "api keys in the manifest": (set_env("SWL_GATEWAY_API_KEYS", value="k1,k2"),
+                                 "SWL_GATEWAY_API_KEYS is written in the manifest"),
+}
+
+
+@pytest.mark.parametrize("violation", sorted(ANONYMOUS_VIOLATIONS))
+def test_the_policy_refuses_a_gateway_that_could_serve_without_keys(rendered, violation):
+    change, expected = ANONYMOUS_VIOLATIONS[violation]
+    for overlay in OVERLAY_NAMES:
+        objects = mutated(rendered[overlay], "Deployment", "gateway", change)
+        problems = policy.all_problems(objects, gpu=overlay.startswith("gpu"))
+        assert any(problem.startswith("Deployment/gateway container gateway: ") and expected in problem
+                   for problem in problems), problems
+
+
+def test_the_policy_accepts_keys_from_a_required_secret_and_an_explicit_false(rendered):
+    plain_keys = mutated(rendered["cpu"], "Deployment", "gateway",
+                         lambda d: (set_env("SWL_GATEWAY_TENANTS_FILE")(d),
+                                    set_env("SWL_GATEWAY_API_KEYS", valueFrom=SECRET_KEYS)(d)))
+    assert policy.anonymous_access_problems(plain_keys) == []
+    turned_off = mutated(rendered["cpu"], "Deployment", "gateway",
+                         set_env("SWL_GATEWAY_ALLOW_ANONYMOUS", value="false"))
+    assert policy.anonymous_access_problems(turned_off) == []
+    no_gateway = [obj for obj in rendered["cpu"] if obj["metadata"]["name"] != "gateway"]
+    assert policy.anonymous_access_problems(no_gateway) == [
+        "no gateway workload (app.kubernetes.io/component: gateway) to check for API keys"]
+
+
+def overlay_copy(folder, name, source="cpu", components=(), patch=""):
+    """A kustomization `folder/name` built on a shipped overlay, as a user's own overlay would be."""
+    (folder / name).mkdir(parents=True)
+    k8s = os.path.relpath(validate.K8S, folder / name)
+    text = f"apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {k8s}/overlays/{source}\n"
+    text += "".join(f"components:\n  - {k8s}/components/{c}\n" for c in components)
+    if patch:
+        text += "patches:\n  - patch: |-\n" + "".join(f"      {line}\n" for line in patch.strip().splitlines())
+    (folder / name / "kustomization.yaml").write_text(text)
+    return folder / name
+
+
+GATEWAY_PATCH = """
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: gateway
+spec:
+  template:
+    spec:
+"""
+
+
+def test_make_k8s_validate_names_the_overlay_the_object_and_the_problem_of_a_gateway_open_to_anyone(tmp_path):
+    """Overlays patched as someone might to "just try it": the anonymous opt-in, or the Secret made optional. The
+    plain API keys component passes."""
+    anonymous = overlay_copy(tmp_path, "cpu-anonymous", patch=GATEWAY_PATCH + """
+      containers:
+        - name: gateway
+          env:
+            - name: SWL_GATEWAY_ALLOW_ANONYMOUS
+              value: "true"
+""")
+    optional = overlay_copy(tmp_path, "gpu-optional-tenants", source="gpu", patch=GATEWAY_PATCH + """
+      volumes:
+        - name: tenants
+          secret:
+            secretName: gateway-tenants
+            optional: true
+""")
+    plain_keys = overlay_copy(tmp_path, "cpu-api-keys", components=("api-keys",))
+    result = subprocess.run([sys.executable, "-m", "deploy.k8s.validate", "--overlay", str(anonymous), "--overlay",
+                             str(optional), "--overlay", str(plain_keys)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    reports, current = {}, ""  # overlay -> (result, its problem lines)
+    for line in result.stdout.splitlines()[1:]:
+        if line.startswith("    "):
+            reports[current][1].append(line.strip())
+        else:
+            current = line.split()[0]
+            reports[current] = (line.split()[-1], [])
+    assert reports["cpu-anonymous"] == ("FAILED", [
+        "Deployment/gateway container gateway: SWL_GATEWAY_ALLOW_ANONYMOUS='true' lets the gateway serve calls "
+        f"without a key; remove it and {policy.KEYS_HINT}"])
+    assert reports["gpu-optional-tenants"] == ("FAILED", [
+        "Deployment/gateway container gateway: Secret gateway-tenants (volume tenants) is optional: without it the "
+        "pod would start with no tenants file; remove optional"])
+    assert reports["cpu-api-keys"] == ("ok", []) and reports["hadolint"] == ("ok", [])
+
+
+def test_the_api_keys_component_takes_plain_keys_from_a_required_secret_instead_of_the_file(tmp_path):
+    objects = [obj for obj in yaml.safe_load_all(validate.render(overlay_copy(tmp_path, "cpu-api-keys",
+                                                                              components=("api-keys",)))) if obj]
+    gateway = find(objects, "Deployment", "gateway")
+    env = gateway_env(objects)
+    assert env["SWL_GATEWAY_API_KEYS"]["valueFrom"] == SECRET_KEYS and "SWL_GATEWAY_TENANTS_FILE" not in env
+    assert all(m["name"] != "tenants" for m in container(gateway)["volumeMounts"])
+    assert all(v["name"] != "tenants" for v in policy.pod_spec(gateway)["volumes"])
+    assert policy.all_problems(objects, gpu=False) == []
+
+
+def test_the_readmes_tenants_file_is_one_the_gateway_reads(tmp_path):
+    from gateway.tenants import read_tenants_file
+
+    readme = (validate.K8S / "README.md").read_text()
+    example = readme.split("<!-- tenants-example")[1].split("```json\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "tenants.json").write_text(example)
+    (tenant,) = read_tenants_file(tmp_path / "tenants.json")
+    assert tenant.name == "acme" and len(tenant.key_digests) == 1
+    assert "--from-file=tenants.json=" in readme and 'printf %s "$KEY" | sha256sum' in readme
