@@ -118,8 +118,7 @@ class Jobs:
         self._check = check  # the generation layer's check of options (request id, avatar) at submission
 
     async def submit(self, tenant: str, request: gateway_pb2.SubmitJobRequest) -> JobRecord:
-        s = self.settings
-        check_webhook(request.webhook_url, s.webhook_allowed_hosts, s.webhook_secret)
+        check_webhook(request.webhook_url, self.ledger.webhooks.terms.of(tenant))
         await self._check(tenant, request.options)  # options, request id and avatar refused now, not when it runs
         self.limits.check_upload(len(request.face) + len(request.audio) + len(request.options.reference_face))
         record = JobRecord(new_job_id(), webhook_url=request.webhook_url, tenant=tenant)

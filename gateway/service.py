@@ -32,7 +32,7 @@ from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
 from .servicer import GatewayServicer
 from .tenants import TenantRegistry, TenantsFileError, TenantsWatcher
 from .uploads import UploadStore
-from .webhooks import WebhookSender
+from .webhooks import TenantWebhooks, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,11 @@ class GatewaySettings(ServerSettings):
                                        "job to the others.", ge=0.5, le=3600)
     job_max_attempts: int = setting(3, "Runs a job gets when replicas die under it; then it FAILS (ABORTED).", ge=1,
                                     le=100)
-    webhook_secret: str = setting("", "Key of the HMAC-SHA256 signature on webhooks (needed to accept a webhook_url).")
+    webhook_secret: str = setting("", "Key of the HMAC-SHA256 signature on webhooks (needed to accept a webhook_url) "
+                                      "of the `default` and `anonymous` tenants; a tenants file gives each its own.")
     webhook_allowed_hosts: tuple[str, ...] = setting(
-        (), "Hosts (or host:port) webhooks may be sent to; empty = none, so jobs cannot probe internal networks.")
+        (), "Hosts (or host:port) webhooks of the `default` and `anonymous` tenants may be sent to; empty = none, so "
+            "jobs cannot probe internal networks. A tenants file gives each tenant its own.")
     webhook_max_attempts: int = setting(5, "Deliveries tried per webhook before giving up.", ge=1, le=50)
     webhook_backoff_s: float = setting(1.0, "Wait before the second delivery; it doubles after each failure.",
                                        ge=0.01, le=3600)
@@ -135,6 +137,7 @@ class GatewayService(GrpcService):
 
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
         super().__init__(settings, metrics or GatewayMetrics())
+        self.tenants = tenant_registry(settings)
         self.clients = ModelClients(settings.detector_address, settings.lipsync_address, settings.enhancer_address,
                                     batch_items=settings.rpc_batch_items, max_inflight=settings.max_inflight_rpcs,
                                     metrics=self.metrics, detection_jpeg_quality=settings.detection_jpeg_quality)
@@ -155,7 +158,8 @@ class GatewayService(GrpcService):
         self.slots = JobSlots(settings.max_concurrent_jobs)
         self.generation = Generation(self.clients, self.metrics, settings, plans=plans, avatars=avatars)
         files = JobFiles(Path(settings.data_dir))
-        ledger = JobLedger(store, files, settings, self.metrics, WebhookSender(settings, self.metrics))
+        webhooks = WebhookSender(settings, self.metrics, TenantWebhooks(self.tenants, settings))
+        ledger = JobLedger(store, files, settings, self.metrics, webhooks)
         self.jobs = Jobs(store, files, ledger, settings, self.metrics, check=self.generation.check)
         self.job_runner = JobRunner(store, files, ledger, self.generation, settings, self.metrics, self.slots,
                                     self.supervisor)
@@ -163,7 +167,6 @@ class GatewayService(GrpcService):
                               settings.upload_ttl_s)
         self.servicer = GatewayServicer(self.generation, self.jobs, avatars, uploads, self.slots, self.metrics,
                                         settings)
-        self.tenants = tenant_registry(settings)
         self.tenants_watcher = TenantsWatcher(self.tenants, poll_s=settings.tenants_poll_s) if self.tenants.path else None
 
     def interceptors(self):

@@ -10,6 +10,7 @@ import logging
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 
 from service_runtime.errors import FailedPrecondition, InvalidArgument
 from service_runtime.supervision import cancel_and_wait
@@ -17,6 +18,7 @@ from service_runtime.supervision import cancel_and_wait
 from .job_store import JobRecord
 from .limits import setting_name
 from .metrics import GatewayMetrics
+from .tenants import ANONYMOUS, DEFAULT_TENANT, TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +31,48 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-def check_webhook(url: str, allowed_hosts: tuple[str, ...], secret: str) -> str:
+@dataclass(frozen=True)
+class WebhookTerms:
+    """Where one tenant's webhooks may go and the secret they are signed with."""
+
+    hosts: tuple[str, ...]
+    secret: str
+    source: str  # where a person changes them, for messages
+
+
+class TenantWebhooks:
+    """Each tenant's webhook terms, read at every use so that a tenants-file reload applies at once. Tenants of the
+    file have their own (`webhook_hosts`, `webhook_secret`), and none when the file gives none: one tenant must
+    never sign with a secret another holds. Only the gateway's own tenants (`default` of SWL_GATEWAY_API_KEYS,
+    and `anonymous`) use the gateway's settings."""
+
+    def __init__(self, tenants: TenantRegistry, settings) -> None:
+        self.tenants, self.settings = tenants, settings
+
+    def of(self, tenant: str) -> WebhookTerms:
+        if tenant in (DEFAULT_TENANT, ANONYMOUS.name):
+            return WebhookTerms(self.settings.webhook_allowed_hosts, self.settings.webhook_secret,
+                                f"{setting_name('webhook_allowed_hosts')} and {setting_name('webhook_secret')}")
+        found = self.tenants.tenant(tenant)
+        if found is None:  # removed from the file since: its webhooks go nowhere
+            return WebhookTerms((), "", "the tenants file")
+        return WebhookTerms(found.webhook_hosts, found.webhook_secret,
+                            f"webhook_hosts and webhook_secret of tenant {tenant} in the tenants file")
+
+
+def check_webhook(url: str, terms: WebhookTerms) -> str:
+    """The URL, if this tenant may have its webhooks sent there; the refusal does not list the allowed hosts."""
     if not url:
         return url
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise InvalidArgument("webhook_url must be an http(s) URL with a host and no user name")
     host = parts.hostname.lower()
-    if host not in allowed_hosts and f"{host}:{parts.port}" not in allowed_hosts:
-        raise InvalidArgument(f"webhook_url host {host!r} is not on this gateway's allow-list "
-                              f"({setting_name('webhook_allowed_hosts')}: {', '.join(allowed_hosts) or 'empty'})")
-    if not secret:
-        raise FailedPrecondition(f"this gateway has no webhook secret ({setting_name('webhook_secret')}); "
-                                 "it cannot sign webhooks")
+    if host not in terms.hosts and f"{host}:{parts.port}" not in terms.hosts:
+        raise InvalidArgument(f"webhook_url host {host[:100]!r} is not on your webhook allow-list ({terms.source})")
+    if not terms.secret:
+        raise FailedPrecondition(f"no webhook secret is configured for you ({terms.source}); webhooks cannot be "
+                                 "signed")
     return url
 
 
@@ -54,8 +85,8 @@ class WebhookSender:
     """POSTs a finished job's signed outcome to its webhook, retrying with exponential back-off; each delivery is
     a task of its own, tracked so that a stop cancels it and any error is logged with the job id."""
 
-    def __init__(self, settings, metrics: GatewayMetrics) -> None:
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, settings, metrics: GatewayMetrics, terms: TenantWebhooks) -> None:
+        self.settings, self.metrics, self.terms = settings, metrics, terms
         self._opener = urllib.request.build_opener(_NoRedirects)
         self._tasks: set[asyncio.Task] = set()
 
@@ -79,7 +110,7 @@ class WebhookSender:
             timestamp = str(int(time.time()))
             request = urllib.request.Request(record.webhook_url, data=body, method="POST", headers={
                 "content-type": "application/json", TIMESTAMP_HEADER: timestamp,
-                SIGNATURE_HEADER: sign(self.settings.webhook_secret, timestamp, body)})
+                SIGNATURE_HEADER: sign(self.terms.of(record.tenant).secret, timestamp, body)})
             try:
                 await asyncio.to_thread(self._opener.open, request, None, 10)
                 self.metrics.webhook_attempts.labels("delivered").inc()

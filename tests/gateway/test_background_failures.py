@@ -25,7 +25,8 @@ from gateway.job_runner import JobRunner
 from gateway.jobs import JobFiles, JobLedger, Jobs
 from gateway.metrics import GatewayMetrics
 from gateway.service import GatewaySettings
-from gateway.webhooks import WebhookSender
+from gateway.tenants import TenantRegistry
+from gateway.webhooks import TenantWebhooks, WebhookSender
 from service_runtime.batching import BatchingQueue
 from service_runtime.errors import Unavailable
 from service_runtime.images import encode_image
@@ -70,7 +71,7 @@ class JobsUnderTest:
         metrics = GatewayMetrics()
         self.store = store or MemoryJobStore(10, s.job_result_ttl_s)
         self.files = JobFiles(tmp_path)
-        ledger = JobLedger(self.store, self.files, s, metrics, WebhookSender(s, metrics))
+        ledger = JobLedger(self.store, self.files, s, metrics, WebhookSender(s, metrics, TenantWebhooks(TenantRegistry(), s)))
         self.api = Jobs(self.store, self.files, ledger, s, metrics, check=generation.check)
         self.supervisor = Supervisor()
         self.runner = JobRunner(self.store, self.files, ledger, generation, s, metrics, JobSlots(4), self.supervisor)

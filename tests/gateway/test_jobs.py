@@ -2,11 +2,8 @@
 bounded, cancellable, expiring, and announced by signed webhooks to a real HTTP receiver."""
 
 import asyncio
-import contextlib
-import http.server
 import json
 import signal
-import threading
 import time
 
 import grpc
@@ -16,6 +13,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 from gateway.webhooks import sign
 
 from tests.support.media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
+from tests.support.webhook_receiver import webhook_receiver
 from tests.support.stack import running_stack
 from tests.support.gateway_processes import RedisServer, gateway_process, wait_serving
 
@@ -118,29 +116,6 @@ async def test_results_past_their_ttl_are_gone_with_their_files(dev_models_dir, 
         while (tmp_path / "jobs" / job.job_id).exists():
             assert time.monotonic() < deadline, "the expired job's files were not deleted"
             await asyncio.sleep(0.2)
-
-
-@contextlib.contextmanager
-def webhook_receiver(fail_first: int):
-    """A real HTTP server on loopback: answers 500 to the first `fail_first` posts, then 200."""
-    received = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers["content-length"]))
-            received.append((dict(self.headers), body))
-            self.send_response(500 if len(received) <= fail_first else 200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    finally:
-        server.shutdown()
 
 
 async def test_webhooks_are_signed_retried_and_restricted_to_the_allow_list(dev_models_dir, tmp_path):

@@ -14,6 +14,7 @@ from google.api import httpbody_pb2
 from superwav2lip.gateway.v1 import gateway_pb2
 
 from gateway.service import GatewayService, GatewaySettings
+from gateway.webhooks import sign
 from service_runtime.settings import SettingsError
 
 from tests.support.media_factory import encode_video, marker_frames, speech_wav
@@ -22,10 +23,12 @@ from tests.support.paths import ROOT
 from tests.support.processes import project_env
 from tests.support.stack import MODULE_LOOP, running_stack
 from tests.support.waiting import eventually_async
+from tests.support.webhook_receiver import webhook_receiver
 
 pytestmark = MODULE_LOOP
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
+ALICE_WEBHOOK_SECRET = "alice's webhook secret"
 State = gateway_pb2.Job.State
 
 
@@ -37,9 +40,12 @@ def digest(key: str) -> str:
 async def stack(dev_models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tenants")
     (folder / "tenants.json").write_text(json.dumps({"tenants": {
-        "alice": {"keys_sha256": [digest(ALICE)]}, "bob": {"keys_sha256": [digest(BOB)]}}}))
+        "alice": {"keys_sha256": [digest(ALICE)], "webhook_secret": ALICE_WEBHOOK_SECRET,
+                  "webhook_hosts": ["127.0.0.1"]},
+        "bob": {"keys_sha256": [digest(BOB)]}}}))
     async with running_stack(dev_models_dir, tenants_file=str(folder / "tenants.json"), allow_anonymous=False,
-                             data_dir=str(folder / "data")) as stack:
+                             data_dir=str(folder / "data"), webhook_secret="the gateway's own secret",
+                             webhook_allowed_hosts=("127.0.0.1",)) as stack:
         yield stack
 
 
@@ -125,6 +131,24 @@ async def test_another_tenants_job_is_not_found_listed_or_cancelled(stack):
     assert job.job_id not in [j.job_id for j in bobs.jobs] and job.job_id in [j.job_id for j in alices.jobs]
     video = await stub.GetJobVideo(gateway_pb2.JobRequest(job_id=job.job_id), **as_(ALICE))
     assert video.data  # bob's DeleteJob removed nothing
+
+
+async def test_webhooks_go_only_to_the_tenants_hosts_signed_with_its_own_secret(stack):
+    """Bob has no webhook terms of his own, so the gateway's shared secret and hosts are not his to use; Alice's
+    webhooks are signed with her secret, which no other tenant holds."""
+    with webhook_receiver(fail_first=0) as (url, received):
+        for bobs_url in (url, "http://hooks.bob.example/hook"):
+            error = await refusal(lambda bobs_url=bobs_url: stack.stub.SubmitJob(gateway_pb2.SubmitJobRequest(
+                face=encode_video(marker_frames(6)), audio=speech_wav(0.4), webhook_url=bobs_url), **as_(BOB)))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "allow-list" in error.details()
+        assert "127.0.0.1" not in error.details()  # the refusal does not list the hosts others may use
+        job = await stack.stub.SubmitJob(gateway_pb2.SubmitJobRequest(
+            face=encode_video(marker_frames(6)), audio=speech_wav(0.4), webhook_url=url), **as_(ALICE))
+        await eventually_async(lambda: received, seconds=60, what="alice's webhook")
+    headers, body = received[0]
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert json.loads(body)["job_id"] == job.job_id
+    assert lowered["x-swl-signature"] == sign(ALICE_WEBHOOK_SECRET, lowered["x-swl-timestamp"], body)
 
 
 async def test_the_plan_cache_is_per_tenant(stack):
