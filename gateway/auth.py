@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -34,24 +34,27 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
     """Answers UNAUTHENTICATED before the handler runs (before any upload is read) when the key is wrong, and
     runs an accepted call with `current_tenant` set to the key's tenant."""
 
-    def __init__(self, registry: TenantRegistry, on_denied: Callable[[], object] = lambda: None) -> None:
+    def __init__(self, registry: TenantRegistry, on_denied: Callable[[], object] = lambda: None,
+                 admit: Callable[[Tenant], Awaitable[None]] | None = None) -> None:
         self._registry = registry
         self._on_denied = on_denied
+        self._admit = admit  # per-call admission for the tenant (its requests_per_minute), inside the call
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_METHODS):
             return handler
         if not self._registry.required:
-            return with_tenant(handler, ANONYMOUS)
+            return with_tenant(handler, ANONYMOUS, self._admit)
         tenant = self._registry.identify(key_from(details.invocation_metadata))
         if tenant is None:
             self._on_denied()
             return _denying(handler)
-        return with_tenant(handler, tenant)
+        return with_tenant(handler, tenant, self._admit)
 
 
-def with_tenant(handler: grpc.RpcMethodHandler, tenant: Tenant) -> grpc.RpcMethodHandler:
+def with_tenant(handler: grpc.RpcMethodHandler, tenant: Tenant,
+                admit: Callable[[Tenant], Awaitable[None]] | None = None) -> grpc.RpcMethodHandler:
     """`handler` with `current_tenant` set to `tenant` while its behaviour runs. Set in intercept_service, the
     variable reaches the handler only because grpc.aio (1.85) runs both in one task, which it does not promise
     (tests/gateway/test_tenants.py records it); set here, it holds for the call and every task the call starts."""
@@ -66,6 +69,8 @@ def with_tenant(handler: grpc.RpcMethodHandler, tenant: Tenant) -> grpc.RpcMetho
     async def unary_response(request, context):
         token = current_tenant.set(tenant)
         try:
+            if admit is not None:
+                await admit(tenant)
             return await behaviour(request, context)
         finally:
             current_tenant.reset(token)
@@ -74,6 +79,8 @@ def with_tenant(handler: grpc.RpcMethodHandler, tenant: Tenant) -> grpc.RpcMetho
         # Set inside the generator, whose body runs in the task serving the call. Not reset: that task ends with
         # the call, and a generator closed by the loop's finaliser runs in another context, where reset fails.
         current_tenant.set(tenant)
+        if admit is not None:
+            await admit(tenant)
         if not inspect.isasyncgenfunction(behaviour):
             await behaviour(request, context)  # the reader/writer form: it writes with context.write
             return

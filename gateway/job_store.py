@@ -148,6 +148,10 @@ class MemoryJobStore:
             return True
         return False
 
+    async def queued(self, tenant: str) -> int:
+        """The tenant's jobs waiting in the queue."""
+        return sum(1 for job_id in self._queue if self._records[job_id].tenant == tenant)
+
     async def recent(self, tenant: str, start: int, count: int) -> list[JobRecord]:
         ids = [job_id for job_id in reversed(self._records) if self._records[job_id].tenant == tenant]
         return [r for r in [await self.load(i) for i in ids[start : start + count]] if r is not None]
@@ -247,6 +251,13 @@ class RedisJobStore:
 
     async def unqueue(self, job_id: str) -> bool:
         return bool(await self._call(self.client.lrem(QUEUE, 0, job_id)))
+
+    async def queued(self, tenant: str) -> int:
+        """The tenant's jobs waiting in the queue: one read of the queue and one of its records (the queue is
+        bounded by SWL_GATEWAY_JOB_QUEUE_SIZE)."""
+        ids = [i.decode() for i in await self._call(self.client.lrange(QUEUE, 0, -1))]
+        records = await self._call(self.client.mget([f"swl:job:{i}" for i in ids])) if ids else []
+        return sum(1 for data in records if data is not None and JobRecord.from_json(data).tenant == tenant)
 
     async def recent(self, tenant: str, start: int, count: int) -> list[JobRecord]:
         index = tenant_index(tenant)

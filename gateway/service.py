@@ -29,6 +29,7 @@ from .jobs import JobFiles, JobLedger, Jobs
 from .limits import http_body_limit_bytes
 from .metrics import GatewayMetrics
 from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
+from .quotas import TenantQuotas
 from .servicer import GatewayServicer
 from .tenants import TenantRegistry, TenantsFileError, TenantsWatcher
 from .uploads import UploadStore
@@ -165,12 +166,13 @@ class GatewayService(GrpcService):
                                     self.supervisor)
         uploads = UploadStore(Path(settings.data_dir) / "uploads", settings.upload_store_mb << 20,
                               settings.upload_ttl_s)
-        self.servicer = GatewayServicer(self.generation, self.jobs, avatars, uploads, self.slots, self.metrics,
-                                        settings)
+        self.quotas = TenantQuotas(self.redis, settings.redis_timeout_s)
+        self.servicer = GatewayServicer(self.generation, self.jobs, avatars, uploads, self.slots, self.quotas,
+                                        self.metrics, settings)
         self.tenants_watcher = TenantsWatcher(self.tenants, poll_s=settings.tenants_poll_s) if self.tenants.path else None
 
     def interceptors(self):
-        return [TenantInterceptor(self.tenants, self.metrics.unauthenticated.inc)]
+        return [TenantInterceptor(self.tenants, self.metrics.unauthenticated.inc, admit=self.quotas.admit_request)]
 
     @property
     def max_message_bytes(self) -> int:

@@ -24,6 +24,7 @@ from .metrics import GatewayMetrics
 from .options import Progress
 from .tenants import tenant_of_call
 from .pipeline import LipSyncJob
+from .quotas import TenantQuotas
 from .uploads import UploadStore
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,18 @@ WARNING_TRAILER = "x-swl-warning"
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, generation: Generation, jobs: Jobs, avatars: AvatarStore, uploads: UploadStore,
-                 slots: JobSlots, metrics: GatewayMetrics, settings) -> None:
+                 slots: JobSlots, quotas: TenantQuotas, metrics: GatewayMetrics, settings) -> None:
         self.generation, self.jobs, self.avatars, self.uploads = generation, jobs, avatars, uploads
-        self.slots, self.metrics, self.settings = slots, metrics, settings
+        self.slots, self.quotas, self.metrics, self.settings = slots, quotas, metrics, settings
         self.limits = generation.limits
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """One of this gateway's job slots and one of the caller's running_generations, both taken before any
+        upload is read, both refused at once when none is free."""
+        with self.slots.slot():
+            async with self.quotas.generation(tenant_of_call()):
+                yield
 
     def _deadline(self, context) -> JobDeadline:
         return JobDeadline(self.settings.job_deadline_s, self.settings.job_deadline_per_audio_second_s,
@@ -106,7 +115,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _unary(self, options: gateway_pb2.GenerateOptions, face: bytes, audio: bytes,
                      context) -> httpbody_pb2.HttpBody:
-        with self.slots.slot():
+        async with self._admitted():
             warnings: list[str] = []
 
             async def progress(stage: str, done: int, total: int, message: str = "") -> None:
@@ -120,7 +129,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return httpbody_pb2.HttpBody(content_type="video/mp4", data=mp4)
 
     async def Generate(self, request_iterator, context):
-        with self.slots.slot():  # before a byte of the upload is read
+        async with self._admitted():  # before a byte of the upload is read
             events, progress = progress_queue()
             job, face, audio = await self._receive(request_iterator, self._deadline(context), progress)
             async for event in self._events(job, face, audio, events):
@@ -128,7 +137,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def GenerateEvents(self, request: gateway_pb2.GenerateVideoRequest, context):
         try:
-            with self.slots.slot():
+            async with self._admitted():
                 events, progress = progress_queue()
                 job = await self._prepared(request.options, context, progress, request.face, request.audio)
                 async for event in self._events(job, request.face, request.audio, events):
@@ -157,7 +166,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # --- Avatars ---------------------------------------------------------------------------------------------
 
     async def CreateAvatar(self, request_iterator, context):
-        with self.slots.slot():
+        async with self._admitted():
             first = await self._first(request_iterator, "CreateAvatar")
             self.generation.options(first.options.planning)  # refused before the media is read
             parts = await self._upload(request_iterator, len(first.options.planning.reference_face))
@@ -169,7 +178,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             yield gateway_pb2.CreateAvatarEvent(avatar=task.result().message())
 
     async def CreateAvatarFromJson(self, request: gateway_pb2.CreateAvatarRequest, context) -> gateway_pb2.Avatar:
-        with self.slots.slot():
+        async with self._admitted():
             self.limits.check_upload(len(request.face) + len(request.options.planning.reference_face))
             record = await self.generation.create_avatar(caller(), request.options, request.face,
                                                          self._deadline(context), None)
@@ -201,7 +210,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # --- Asynchronous jobs -----------------------------------------------------------------------------------
 
     async def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context) -> gateway_pb2.Job:
-        record = await self.jobs.submit(caller(), request)
+        tenant = tenant_of_call()
+        self.quotas.check_queued(tenant, await self.jobs.store.queued(tenant.name))
+        record = await self.jobs.submit(tenant.name, request)
         return record.message(await self.jobs.store.position(record.job_id))
 
     async def GetJob(self, request: gateway_pb2.JobRequest, context) -> gateway_pb2.Job:

@@ -1,0 +1,113 @@
+"""Per-tenant quotas (requests per minute, generations running at once, jobs queued), counted across replicas in
+Redis when it is configured, else in this process; past one, the caller gets RESOURCE_EXHAUSTED naming it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from service_runtime.errors import ResourceExhausted, Unavailable
+
+from .tenants import Tenant
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 60  # requests_per_minute counts calls in each clock minute
+SLOT_LEASE_S = 30.0  # a running generation's slot lapses this long after its replica stops renewing it
+MEMORY_WINDOWS_KEPT = 4
+
+# Take a running-generation slot when fewer than the quota are held; lapsed slots (a dead replica's) are dropped.
+_TAKE_SLOT = """redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4]) redis.call('PEXPIRE', KEYS[1], ARGV[5]) return 1"""
+
+
+def quota_exceeded(tenant: Tenant, quota: str, value: int, doing: str, retry_after_s: float | None) -> ResourceExhausted:
+    retry = f"; retry in {retry_after_s:.0f} s" if retry_after_s else ""
+    return ResourceExhausted(f"tenant {tenant.name} has reached its {quota} quota of {value} ({doing}){retry}",
+                             retry_after_s=retry_after_s)
+
+
+class TenantQuotas:
+    def __init__(self, redis=None, timeout_s: float = 0.5, slot_lease_s: float = SLOT_LEASE_S) -> None:
+        self.redis, self.timeout_s, self.slot_lease_s = redis, timeout_s, slot_lease_s
+        self._take_slot = redis.register_script(_TAKE_SLOT) if redis is not None else None
+        self._minute_counts: dict[tuple[str, int], int] = {}
+        self._running: dict[str, int] = {}
+
+    async def _redis(self, call):
+        try:
+            return await asyncio.wait_for(call, self.timeout_s)
+        except Exception as error:  # noqa: BLE001 - any Redis or network failure
+            log.warning("quota counters unavailable", extra={"error": f"{type(error).__name__}: {error}"})
+            raise Unavailable("the quota counters (Redis) are unavailable; retry shortly") from None
+
+    async def admit_request(self, tenant: Tenant) -> None:
+        """Counts one call against requests_per_minute; refuses it past the quota."""
+        now = time.time()
+        window = int(now // WINDOW_S)
+        if self.redis is not None:
+            key = f"swl:quota:rpm:{tenant.name}:{window}"
+            count = await self._redis(self.redis.incr(key))
+            if count == 1:
+                await self._redis(self.redis.expire(key, 2 * WINDOW_S))
+        else:
+            count = self._minute_counts.get((tenant.name, window), 0) + 1
+            self._minute_counts[(tenant.name, window)] = count
+            for old in [k for k in self._minute_counts if k[1] < window - MEMORY_WINDOWS_KEPT]:
+                del self._minute_counts[old]
+        quota = tenant.quotas.requests_per_minute
+        if count > quota:
+            raise quota_exceeded(tenant, "requests_per_minute", quota, "calls in this minute",
+                                 max(1.0, (window + 1) * WINDOW_S - now))
+
+    @contextlib.asynccontextmanager
+    async def generation(self, tenant: Tenant) -> AsyncIterator[None]:
+        """Holds one of the tenant's running_generations while the block runs; refuses at once when none is free."""
+        quota = tenant.quotas.running_generations
+        if self.redis is None:
+            if self._running.get(tenant.name, 0) >= quota:
+                raise quota_exceeded(tenant, "running_generations", quota, "generations running at once", 2.0)
+            self._running[tenant.name] = self._running.get(tenant.name, 0) + 1
+            try:
+                yield
+            finally:
+                self._running[tenant.name] -= 1
+            return
+        key, token = f"swl:quota:running:{tenant.name}", secrets.token_hex(8)
+        if not await self._take(key, token, quota):
+            raise quota_exceeded(tenant, "running_generations", quota, "generations running at once, on every replica",
+                                 2.0)
+        renewal = asyncio.create_task(self._renew(key, token), name=f"quota-slot-{tenant.name}")
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(Unavailable):  # unreleased, the slot lapses with its lease
+                await self._redis(self.redis.zrem(key, token))
+
+    async def _take(self, key: str, token: str, quota: int) -> bool:
+        now = time.time()
+        lease_ms = int(self.slot_lease_s * 1000)
+        assert self._take_slot is not None
+        return bool(await self._redis(self._take_slot(keys=[key], args=[now, now + self.slot_lease_s, quota, token,
+                                                                         2 * lease_ms])))
+
+    async def _renew(self, key: str, token: str) -> None:
+        """Keeps a held slot alive; a failure only shortens it (the lease lapses), so it is logged, never raised."""
+        while True:
+            await asyncio.sleep(self.slot_lease_s / 3)
+            try:
+                await self._redis(self.redis.zadd(key, {token: time.time() + self.slot_lease_s}, xx=True))
+            except Exception:  # noqa: BLE001 - logged; the next renewal tries again
+                log.exception("quota slot not renewed", extra={"key": key})
+
+    def check_queued(self, tenant: Tenant, queued: int) -> None:
+        """Refuses a job submission when the tenant already has its queued_jobs waiting."""
+        quota = tenant.quotas.queued_jobs
+        if queued >= quota:
+            raise quota_exceeded(tenant, "queued_jobs", quota, "jobs submitted and not yet started", 5.0)

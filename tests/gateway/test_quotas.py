@@ -1,0 +1,150 @@
+"""Per-tenant quotas: past one, the caller gets RESOURCE_EXHAUSTED naming the quota and its value, with a retry
+hint; one tenant's flood leaves another's calls admitted; with Redis, two replicas count together (issue #25)."""
+
+import asyncio
+import hashlib
+import json
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.rpc import error_details_pb2, status_pb2
+from superwav2lip.gateway.v1 import gateway_pb2
+
+import redis.asyncio
+from gateway.quotas import TenantQuotas
+from gateway.tenants import Quotas, Tenant
+from service_runtime.errors import ResourceExhausted
+
+from tests.support.gateway_processes import RedisServer
+from tests.support.media_factory import encode_png, scene, speech_wav, with_marker
+from tests.support.stack import MODULE_LOOP, running_stack
+from tests.support.waiting import eventually_async
+
+pytestmark = MODULE_LOOP
+
+FLOODER, NEIGHBOUR, CHATTY = "flooder-key-0001", "neighbour-key-0002", "chatty-key-0003"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(dev_models_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quotas")
+    (folder / "tenants.json").write_text(json.dumps({"tenants": {
+        "flooder": {"keys_sha256": [digest(FLOODER)], "quotas": {"running_generations": 1, "queued_jobs": 1}},
+        "neighbour": {"keys_sha256": [digest(NEIGHBOUR)]},
+        "chatty": {"keys_sha256": [digest(CHATTY)], "quotas": {"requests_per_minute": 3}}}}))
+    async with running_stack(dev_models_dir, tenants_file=str(folder / "tenants.json"), allow_anonymous=False,
+                             data_dir=str(folder / "data"), job_workers=0) as stack:
+        yield stack
+
+
+def as_(key: str, timeout: float = 60) -> dict:
+    return {"metadata": (("x-api-key", key),), "timeout": timeout}
+
+
+def retry_delay_s(error: grpc.aio.AioRpcError) -> float:
+    details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    info = error_details_pb2.RetryInfo()
+    status_pb2.Status.FromString(details).details[0].Unpack(info)
+    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+
+
+async def test_past_requests_per_minute_a_tenant_is_refused_with_a_retry_hint_and_others_are_not(stack):
+    for _ in range(3):
+        await stack.stub.ListJobs(gateway_pb2.ListJobsRequest(), **as_(CHATTY))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stack.stub.ListJobs(gateway_pb2.ListJobsRequest(), **as_(CHATTY))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "requests_per_minute quota of 3" in error.value.details()
+    assert 0 < retry_delay_s(error.value) <= 60
+    await stack.stub.ListJobs(gateway_pb2.ListJobsRequest(), **as_(NEIGHBOUR))  # not counted against chatty
+
+
+async def test_a_tenants_flood_is_refused_past_its_running_quota_while_its_neighbour_is_served(stack):
+    """The flooder holds its one running generation (options sent, upload never finished); its next calls are
+    refused at once, and the neighbour's generation runs to the end meanwhile."""
+    held = asyncio.Event()
+
+    async def options_then_wait():
+        yield gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions())
+        await held.wait()
+
+    holder = stack.stub.Generate(options_then_wait(), **as_(FLOODER))
+    consumer = asyncio.ensure_future(holder.read())
+    try:
+        slots = stack.servers["gateway"].service.slots
+        await eventually_async(lambda: slots.running == 1, what="the flooder's first generation to be admitted")
+        refusals = []
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stack.stub.GenerateVideo(gateway_pb2.GenerateVideoRequest(
+                    face=encode_png(with_marker(scene(), 100, 80)), audio=speech_wav(0.4)), **as_(FLOODER))
+            refusals.append(error.value)
+        assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refusals)
+        assert all("running_generations quota of 1" in e.details() for e in refusals), refusals[0].details()
+        video = await stack.stub.GenerateVideo(gateway_pb2.GenerateVideoRequest(
+            face=encode_png(with_marker(scene(), 100, 80)), audio=speech_wav(0.4)), **as_(NEIGHBOUR))
+        assert video.data
+    finally:
+        holder.cancel()
+        consumer.cancel()
+
+
+async def test_past_queued_jobs_a_submission_is_refused(stack):
+    request = gateway_pb2.SubmitJobRequest(face=encode_png(with_marker(scene(), 100, 80)), audio=speech_wav(0.4))
+    await stack.stub.SubmitJob(request, **as_(FLOODER))  # no worker runs here: it stays queued
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stack.stub.SubmitJob(request, **as_(FLOODER))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queued_jobs quota of 1" in error.value.details()
+    await stack.stub.SubmitJob(request, **as_(NEIGHBOUR))
+
+
+# --- across replicas: two counters on one real redis-server --------------------------------------------------------
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def replicas(tmp_path):
+    server = RedisServer(tmp_path)
+    clients = [redis.asyncio.Redis.from_url(server.url) for _ in range(2)]
+    try:
+        yield [TenantQuotas(client, timeout_s=2.0, slot_lease_s=0.6) for client in clients]
+    finally:
+        for client in clients:
+            await client.aclose()
+        server.stop()
+
+
+async def test_two_replicas_share_the_running_and_per_minute_counts(replicas):
+    a, b = replicas
+    tenant = Tenant("acme", (), quotas=Quotas(running_generations=2, requests_per_minute=4))
+    async with a.generation(tenant), b.generation(tenant):
+        with pytest.raises(ResourceExhausted, match="running_generations quota of 2"):
+            async with a.generation(tenant):
+                pass
+    async with b.generation(tenant):  # both released: free again
+        pass
+    for replica in (a, b, a, b):
+        await replica.admit_request(tenant)
+    with pytest.raises(ResourceExhausted, match="requests_per_minute quota of 4"):
+        await a.admit_request(tenant)
+
+
+async def test_a_dead_replicas_slot_lapses_and_a_live_ones_is_renewed(replicas):
+    a, b = replicas
+    tenant = Tenant("acme", (), quotas=Quotas(running_generations=1))
+    dead = a.generation(tenant)
+    await dead.__aenter__()  # held, then its replica "dies": no release, no renewal
+    next(t for t in asyncio.all_tasks() if t.get_name() == "quota-slot-acme").cancel()
+    with pytest.raises(ResourceExhausted):
+        async with b.generation(tenant):
+            pass
+    await asyncio.sleep(1.0)  # past the 0.6 s lease
+    async with b.generation(tenant):
+        await asyncio.sleep(1.0)  # renewed while held: nobody else gets it
+        with pytest.raises(ResourceExhausted):
+            async with a.generation(tenant):
+                pass
