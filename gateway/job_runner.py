@@ -12,6 +12,8 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from superwav2lip.gateway.v1 import gateway_pb2
@@ -26,11 +28,13 @@ from .job_store import JobRecord, JobStore
 from .jobs import JobFiles, JobLedger
 from .limits import setting_name
 from .options import Progress
+from .quotas import QuotaExceeded
 
 log = logging.getLogger(__name__)
 
 PROGRESS_SAVE_S = 0.5  # a running job's progress reaches the store at most this often
 WORKER_ERROR_WAIT_S = 1.0  # after an unexpected error, before a worker tries the queue again
+QUOTA_WAIT_S = 0.2  # after putting back a job whose tenant runs its quota, before the worker claims again
 
 
 class Generation(Protocol):
@@ -46,9 +50,12 @@ class Generation(Protocol):
 
 class JobRunner:
     def __init__(self, store: JobStore, files: JobFiles, ledger: JobLedger, generation: Generation, settings, metrics,
-                 slots: JobSlots, supervisor: Supervisor) -> None:
+                 slots: JobSlots, supervisor: Supervisor,
+                 tenant_slot: Callable[[str], AbstractAsyncContextManager] = lambda tenant: contextlib.nullcontext()
+                 ) -> None:
         self.store, self.files, self.ledger, self.generation = store, files, ledger, generation
         self.settings, self.metrics, self.slots, self.supervisor = settings, metrics, slots, supervisor
+        self.tenant_slot = tenant_slot  # one of the tenant's running_generations (gateway/quotas.py), or refuses
         self.replica = f"{socket.gethostname()}-{os.getpid()}"
         self._loops: list[asyncio.Task] = []
         self._jobs: set[asyncio.Task] = set()  # one per running job and its heartbeat
@@ -100,6 +107,18 @@ class JobRunner:
         if await self.store.cancel_requested(job_id):
             await self.ledger.cancelled(record)
             return
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                await held.enter_async_context(self.tenant_slot(record.tenant))
+            except QuotaExceeded:  # the tenant runs its quota of generations now: others' jobs go first
+                await self.store.release(job_id)
+                await self.store.requeue_back(job_id)
+                await asyncio.sleep(QUOTA_WAIT_S)
+                return
+            await self._start(job_id, record)
+
+    async def _start(self, job_id: str, record: JobRecord) -> None:
+        """Runs a claimed job to its end, within its tenant's running_generations."""
         record.state, record.started, record.owner = "RUNNING", time.time(), self.replica
         record.attempts += 1
         await self.store.save(record)  # if this fails the lease lapses and housekeeping requeues the job

@@ -125,6 +125,9 @@ class MemoryJobStore:
     async def requeue_front(self, job_id: str) -> None:
         self._queue.insert(0, job_id)
 
+    async def requeue_back(self, job_id: str) -> None:
+        self._queue.append(job_id)
+
     async def save(self, record: JobRecord) -> None:
         self._records[record.job_id] = JobRecord(**asdict(record))  # a copy: later changes need another save
 
@@ -224,6 +227,9 @@ class RedisJobStore:
 
     async def requeue_front(self, job_id: str) -> None:
         await self._call(self.client.lpush(QUEUE, job_id))
+
+    async def requeue_back(self, job_id: str) -> None:
+        await self._call(self.client.rpush(QUEUE, job_id))
 
     async def save(self, record: JobRecord) -> None:
         ttl = int(self.result_ttl_s * 1000) if record.state in TERMINAL else None

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from service_runtime.errors import ResourceExhausted, Unavailable
 
-from .tenants import Tenant
+from .tenants import ANONYMOUS, Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,13 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4]) redis.call('PEXPIRE', KEYS[1], ARGV[5]) return 1"""
 
 
-def quota_exceeded(tenant: Tenant, quota: str, value: int, doing: str, retry_after_s: float | None) -> ResourceExhausted:
+class QuotaExceeded(ResourceExhausted):
+    """A tenant's quota is reached (a ResourceExhausted the job runner tells from the store's)."""
+
+
+def quota_exceeded(tenant: Tenant, quota: str, value: int, doing: str, retry_after_s: float | None) -> QuotaExceeded:
     retry = f"; retry in {retry_after_s:.0f} s" if retry_after_s else ""
-    return ResourceExhausted(f"tenant {tenant.name} has reached its {quota} quota of {value} ({doing}){retry}",
+    return QuotaExceeded(f"tenant {tenant.name} has reached its {quota} quota of {value} ({doing}){retry}",
                              retry_after_s=retry_after_s)
 
 
@@ -111,3 +115,11 @@ class TenantQuotas:
         quota = tenant.quotas.queued_jobs
         if queued >= quota:
             raise quota_exceeded(tenant, "queued_jobs", quota, "jobs submitted and not yet started", 5.0)
+
+
+def quota_holder(tenants: TenantRegistry, name: str) -> Tenant:
+    """The tenant whose quotas a stored job counts against: as configured now; one removed from the tenants file
+    since keeps the default quotas, so its jobs still end."""
+    if name == ANONYMOUS.name:
+        return ANONYMOUS
+    return tenants.tenant(name) or Tenant(name, ())

@@ -148,3 +148,32 @@ async def test_a_dead_replicas_slot_lapses_and_a_live_ones_is_renewed(replicas):
         with pytest.raises(ResourceExhausted):
             async with a.generation(tenant):
                 pass
+
+
+async def test_a_queued_job_waits_while_its_tenant_runs_its_quota_and_others_jobs_overtake_it(dev_models_dir, tmp_path):
+    """The solo tenant's one running generation is held (by a call, as a stand-in); its queued job is not run
+    past the quota, while the neighbour's, submitted after it, runs; once the slot is free, it runs too."""
+    (tmp_path / "tenants.json").write_text(json.dumps({"tenants": {
+        "solo": {"keys_sha256": [digest(FLOODER)], "quotas": {"running_generations": 1}},
+        "neighbour": {"keys_sha256": [digest(NEIGHBOUR)]}}}))
+    async with running_stack(dev_models_dir, tenants_file=str(tmp_path / "tenants.json"), allow_anonymous=False,
+                             data_dir=str(tmp_path / "data"), job_workers=2) as stack:
+        service = stack.servers["gateway"].service
+        request = gateway_pb2.SubmitJobRequest(face=encode_png(with_marker(scene(), 100, 80)), audio=speech_wav(0.4))
+
+        async def state(job, key) -> str:
+            reply = await stack.stub.GetJob(gateway_pb2.JobRequest(job_id=job.job_id), **as_(key, 10))
+            return gateway_pb2.Job.State.Name(reply.state)
+
+        async with service.quotas.generation(service.tenants.tenant("solo")):
+            waiting = await stack.stub.SubmitJob(request, **as_(FLOODER))
+            overtaking = await stack.stub.SubmitJob(request, **as_(NEIGHBOUR))
+            await eventually_async(
+                lambda: _is(state(overtaking, NEIGHBOUR), "SUCCEEDED"), seconds=60, what="the neighbour's job to end")
+            assert await state(waiting, FLOODER) == "QUEUED"
+        await eventually_async(lambda: _is(state(waiting, FLOODER), "SUCCEEDED"), seconds=60,
+                               what="solo's job to run once its slot is free")
+
+
+async def _is(state, wanted: str) -> bool:
+    return await state == wanted
