@@ -151,6 +151,10 @@ class MemoryJobStore:
             return True
         return False
 
+    async def job_ids(self, tenant: str) -> list[str]:
+        """Every job of the tenant the store still holds."""
+        return [job_id for job_id, record in self._records.items() if record.tenant == tenant]
+
     async def queued(self, tenant: str) -> int:
         """The tenant's jobs waiting in the queue."""
         return sum(1 for job_id in self._queue if self._records[job_id].tenant == tenant)
@@ -257,6 +261,10 @@ class RedisJobStore:
 
     async def unqueue(self, job_id: str) -> bool:
         return bool(await self._call(self.client.lrem(QUEUE, 0, job_id)))
+
+    async def job_ids(self, tenant: str) -> list[str]:
+        """Every job of the tenant in its index (expired ones until a listing drops them; their folders are gone)."""
+        return [i.decode() for i in await self._call(self.client.zrange(tenant_index(tenant), 0, -1))]
 
     async def queued(self, tenant: str) -> int:
         """The tenant's jobs waiting in the queue: one read of the queue and one of its records (the queue is

@@ -8,7 +8,10 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
 
 from service_runtime.errors import ResourceExhausted, Unavailable
 
@@ -36,9 +39,20 @@ def quota_exceeded(tenant: Tenant, quota: str, value: int, doing: str, retry_aft
                              retry_after_s=retry_after_s)
 
 
+class StoredBytes(Protocol):
+    async def __call__(self, tenant: str) -> int:
+        """The bytes the tenant keeps on the data volume now."""
+
+
+async def nothing_stored(tenant: str) -> int:
+    return 0
+
+
 class TenantQuotas:
-    def __init__(self, redis=None, timeout_s: float = 0.5, slot_lease_s: float = SLOT_LEASE_S) -> None:
+    def __init__(self, redis=None, timeout_s: float = 0.5, slot_lease_s: float = SLOT_LEASE_S,
+                 stored_bytes: StoredBytes = nothing_stored) -> None:
         self.redis, self.timeout_s, self.slot_lease_s = redis, timeout_s, slot_lease_s
+        self.stored_bytes = stored_bytes
         self._take_slot = redis.register_script(_TAKE_SLOT) if redis is not None else None
         self._minute_counts: dict[tuple[str, int], int] = {}
         self._running: dict[str, int] = {}
@@ -123,3 +137,44 @@ def quota_holder(tenants: TenantRegistry, name: str) -> Tenant:
     if name == ANONYMOUS.name:
         return ANONYMOUS
     return tenants.tenant(name) or Tenant(name, ())
+
+
+async def check_stored(quotas: TenantQuotas, tenant: Tenant, adding: int) -> None:
+    """Refuses a write of `adding` bytes that would take the tenant past its stored_bytes quota."""
+    quota = tenant.quotas.stored_bytes
+    held = await quotas.stored_bytes(tenant.name)
+    if held + adding > quota:
+        raise quota_exceeded(tenant, "stored_bytes", quota, f"{held} bytes of uploads, avatars and job results kept, "
+                             f"{adding} more sent; delete avatars or jobs, or wait for uploads and results to expire",
+                             None)
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of every file under `folder` (0 when it is gone, as another replica may remove it meanwhile)."""
+    total = 0
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        try:
+            total += folder_bytes(Path(entry.path)) if entry.is_dir(follow_symlinks=False) else entry.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
+class DataVolumeUsage:
+    """What a tenant keeps on the shared data volume: its avatars' and uploads' folders, and its jobs' folders
+    (inputs and results), measured when asked: stored_bytes is checked only before a write."""
+
+    def __init__(self, avatars_root: Path, uploads_root: Path, job_folder: Callable[[str], Path],
+                 job_ids: Callable[[str], Awaitable[list[str]]]) -> None:
+        self.avatars_root, self.uploads_root, self.job_folder, self.job_ids = (avatars_root, uploads_root, job_folder,
+                                                                               job_ids)
+
+    async def __call__(self, tenant: str) -> int:
+        ids = await self.job_ids(tenant)
+        return await asyncio.to_thread(lambda: folder_bytes(self.avatars_root / tenant)
+                                       + folder_bytes(self.uploads_root / tenant)
+                                       + sum(folder_bytes(self.job_folder(i)) for i in ids))

@@ -29,7 +29,7 @@ from .jobs import JobFiles, JobLedger, Jobs
 from .limits import http_body_limit_bytes
 from .metrics import GatewayMetrics
 from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
-from .quotas import TenantQuotas, quota_holder
+from .quotas import DataVolumeUsage, TenantQuotas, quota_holder
 from .servicer import GatewayServicer
 from .tenants import TenantRegistry, TenantsFileError, TenantsWatcher
 from .uploads import UploadStore
@@ -162,12 +162,13 @@ class GatewayService(GrpcService):
         webhooks = WebhookSender(settings, self.metrics, TenantWebhooks(self.tenants, settings))
         ledger = JobLedger(store, files, settings, self.metrics, webhooks)
         self.jobs = Jobs(store, files, ledger, settings, self.metrics, check=self.generation.check)
-        self.quotas = TenantQuotas(self.redis, settings.redis_timeout_s)
+        uploads = UploadStore(Path(settings.data_dir) / "uploads", settings.upload_store_mb << 20,
+                              settings.upload_ttl_s)
+        usage = DataVolumeUsage(avatars.root, uploads.folder, files.folder, store.job_ids)
+        self.quotas = TenantQuotas(self.redis, settings.redis_timeout_s, stored_bytes=usage)
         self.job_runner = JobRunner(store, files, ledger, self.generation, settings, self.metrics, self.slots,
                                     self.supervisor, tenant_slot=lambda name: self.quotas.generation(
                                         quota_holder(self.tenants, name)))
-        uploads = UploadStore(Path(settings.data_dir) / "uploads", settings.upload_store_mb << 20,
-                              settings.upload_ttl_s)
         self.servicer = GatewayServicer(self.generation, self.jobs, avatars, uploads, self.slots, self.quotas,
                                         self.metrics, settings)
         self.tenants_watcher = TenantsWatcher(self.tenants, poll_s=settings.tenants_poll_s) if self.tenants.path else None

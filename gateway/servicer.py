@@ -24,7 +24,7 @@ from .metrics import GatewayMetrics
 from .options import Progress
 from .tenants import tenant_of_call
 from .pipeline import LipSyncJob
-from .quotas import TenantQuotas
+from .quotas import TenantQuotas, check_stored
 from .uploads import UploadStore
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def UploadMedia(self, request: gateway_pb2.UploadMediaRequest, context) -> gateway_pb2.UploadMediaResponse:
         data = request.media.data
         self.limits.check_upload(len(data))
+        await check_stored(self.quotas, tenant_of_call(), len(data))
         upload_id = await self.uploads.add(caller(), data)
         self.metrics.uploads_bytes.set(self.uploads.held_bytes)
         return gateway_pb2.UploadMediaResponse(upload_id=upload_id, size_bytes=len(data),
@@ -170,6 +171,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             first = await self._first(request_iterator, "CreateAvatar")
             self.generation.options(first.options.planning)  # refused before the media is read
             parts = await self._upload(request_iterator, len(first.options.planning.reference_face))
+            await check_stored(self.quotas, tenant_of_call(), len(parts["face_chunk"]))
             events, progress = progress_queue()
             task = asyncio.create_task(self.generation.create_avatar(caller(), first.options, parts["face_chunk"],
                                                                       self._deadline(context), progress))
@@ -180,6 +182,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def CreateAvatarFromJson(self, request: gateway_pb2.CreateAvatarRequest, context) -> gateway_pb2.Avatar:
         async with self._admitted():
             self.limits.check_upload(len(request.face) + len(request.options.planning.reference_face))
+            await check_stored(self.quotas, tenant_of_call(), len(request.face))
             record = await self.generation.create_avatar(caller(), request.options, request.face,
                                                          self._deadline(context), None)
         return record.message()
@@ -212,6 +215,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context) -> gateway_pb2.Job:
         tenant = tenant_of_call()
         self.quotas.check_queued(tenant, await self.jobs.store.queued(tenant.name))
+        await check_stored(self.quotas, tenant, len(request.face) + len(request.audio))
         record = await self.jobs.submit(tenant.name, request)
         return record.message(await self.jobs.store.position(record.job_id))
 

@@ -4,10 +4,12 @@ hint; one tenant's flood leaves another's calls admitted; with Redis, two replic
 import asyncio
 import hashlib
 import json
+import os
 
 import grpc
 import pytest
 import pytest_asyncio
+from google.api import httpbody_pb2
 from google.rpc import error_details_pb2, status_pb2
 from superwav2lip.gateway.v1 import gateway_pb2
 
@@ -17,13 +19,13 @@ from gateway.tenants import Quotas, Tenant
 from service_runtime.errors import ResourceExhausted
 
 from tests.support.gateway_processes import RedisServer
-from tests.support.media_factory import encode_png, scene, speech_wav, with_marker
+from tests.support.media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
 from tests.support.stack import MODULE_LOOP, running_stack
 from tests.support.waiting import eventually_async
 
 pytestmark = MODULE_LOOP
 
-FLOODER, NEIGHBOUR, CHATTY = "flooder-key-0001", "neighbour-key-0002", "chatty-key-0003"
+FLOODER, NEIGHBOUR, CHATTY, SMALL = "flooder-key-0001", "neighbour-key-0002", "chatty-key-0003", "small-key-0004"
 
 
 def digest(key: str) -> str:
@@ -36,7 +38,8 @@ async def stack(dev_models_dir, tmp_path_factory):
     (folder / "tenants.json").write_text(json.dumps({"tenants": {
         "flooder": {"keys_sha256": [digest(FLOODER)], "quotas": {"running_generations": 1, "queued_jobs": 1}},
         "neighbour": {"keys_sha256": [digest(NEIGHBOUR)]},
-        "chatty": {"keys_sha256": [digest(CHATTY)], "quotas": {"requests_per_minute": 3}}}}))
+        "chatty": {"keys_sha256": [digest(CHATTY)], "quotas": {"requests_per_minute": 3}},
+        "small": {"keys_sha256": [digest(SMALL)], "quotas": {"stored_bytes": 600_000}}}}))
     async with running_stack(dev_models_dir, tenants_file=str(folder / "tenants.json"), allow_anonymous=False,
                              data_dir=str(folder / "data"), job_workers=0) as stack:
         yield stack
@@ -102,6 +105,29 @@ async def test_past_queued_jobs_a_submission_is_refused(stack):
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queued_jobs quota of 1" in error.value.details()
     await stack.stub.SubmitJob(request, **as_(NEIGHBOUR))
+
+
+async def test_past_stored_bytes_uploads_avatars_and_jobs_are_refused_and_deleting_makes_room(stack):
+    def upload(size: int) -> gateway_pb2.UploadMediaRequest:
+        return gateway_pb2.UploadMediaRequest(media=httpbody_pb2.HttpBody(data=os.urandom(size)))
+
+    await stack.stub.UploadMedia(upload(150_000), **as_(SMALL))
+    avatar = await stack.stub.CreateAvatarFromJson(gateway_pb2.CreateAvatarRequest(
+        face=encode_video(marker_frames(6))), **as_(SMALL))
+    refusals = []
+    for call in (lambda: stack.stub.UploadMedia(upload(250_000), **as_(SMALL)),
+                 lambda: stack.stub.CreateAvatarFromJson(gateway_pb2.CreateAvatarRequest(
+                     face=encode_video(marker_frames(6)) + os.urandom(150_000)), **as_(SMALL)),
+                 lambda: stack.stub.SubmitJob(gateway_pb2.SubmitJobRequest(
+                     face=os.urandom(250_000), audio=speech_wav(0.4)), **as_(SMALL))):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call()
+        refusals.append(error.value)
+    assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refusals)
+    assert all("stored_bytes quota of 600000" in e.details() for e in refusals), refusals[0].details()
+    await stack.stub.UploadMedia(upload(150_000), **as_(NEIGHBOUR))  # another tenant's room is its own
+    await stack.stub.DeleteAvatar(gateway_pb2.DeleteAvatarRequest(avatar_id=avatar.avatar_id), **as_(SMALL))
+    await stack.stub.UploadMedia(upload(250_000), **as_(SMALL))
 
 
 # --- across replicas: two counters on one real redis-server --------------------------------------------------------
