@@ -124,15 +124,16 @@ def free_base_port() -> int:
 
 class Stack:
     """`tools/run_stack.py` in a subprocess, gRPC only (no Envoy, no UI: the clients call the gateway directly),
-    with the gateway's process id for memory readings."""
+    started with `config`'s command line, with the gateway's process id for memory readings."""
 
     def __init__(self, models: Path, logs: Path, env: dict[str, str]) -> None:
-        self.base, metrics = free_base_port(), free_base_port()
-        self.metrics_port = metrics
+        from tools.run_stack import StackConfig  # imports the gateway: only when a stack starts
+
+        self.config = StackConfig(base_port=free_base_port(), metrics_base_port=free_base_port(), models_dir=models,
+                                  logs=logs, extra_model_dirs=(), http_port=0, ui_port=0)
+        self.metrics_port = self.config.metrics_port("gateway")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tools.run_stack", "--base-port", str(self.base),
-             "--metrics-base-port", str(metrics), "--models-dir", str(models), "--logs", str(logs),
-             "--extra-model-dirs", "", "--http-port", "0", "--ui-port", "0"],
+            [sys.executable, "-m", "tools.run_stack", *self.config.argv()],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}, cwd=ROOT)
         for line in self.process.stdout:
             if line.startswith("READY"):
@@ -140,7 +141,7 @@ class Stack:
         else:
             raise RuntimeError("the stack did not start; see " + str(logs))
         threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
-        self.address = f"127.0.0.1:{self.base}"
+        self.address = self.config.address("gateway")
 
     def gateway_pid(self) -> int:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()

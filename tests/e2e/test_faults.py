@@ -67,7 +67,7 @@ def assert_nothing_left(stack: ProcessStack, tmp: Path) -> None:
     beyond what start-up put there (onnxruntime's one telemetry session file, `.ses`, written at import)."""
     for name in run_stack.SERVICES:
         assert stack.health(name) == "SERVING", name
-    partial = [p for p in (stack.args.logs.parent / "data").rglob("*") if p.name.endswith(".partial")]
+    partial = [p for p in stack.config.data_dir.rglob("*") if p.name.endswith(".partial")]
     assert partial == []
     assert leftovers(tmp) == []
 
@@ -186,8 +186,8 @@ def test_jobs_move_to_the_surviving_replica_when_one_is_killed(dev_models_dir, t
     stack = ProcessStack(tmp_path, dev_models_dir, {"TMPDIR": str(tmp_dir)})
     first = stack.address("lipsync")
     stack.env["SWL_GATEWAY_LIPSYNC_ADDRESS"] = f"ipv4:{first},127.0.0.1:{spare_port}"
-    spare = run_stack.start_service("lipsync", stack.args, (), {**stack.env, "SWL_LIPSYNC_PORT": str(spare_port),
-                                                                 "SWL_LIPSYNC_METRICS_PORT": "-1"})
+    spare = run_stack.start_service("lipsync", stack.config, {**stack.env, "SWL_LIPSYNC_PORT": str(spare_port),
+                                                              "SWL_LIPSYNC_METRICS_PORT": "-1"})
     try:
         with stack:
             assert run_stack.wait_serving({"spare": spare}, {"spare": f"127.0.0.1:{spare_port}"}, 60) is None

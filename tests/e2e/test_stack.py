@@ -1,6 +1,5 @@
 """`make run`'s stack runner and the `superwav2lip` CLI, as separate processes on real ports."""
 
-import argparse
 import hashlib
 import json
 import os
@@ -11,6 +10,7 @@ import time
 import urllib.request
 
 import psutil
+import pytest
 import redis
 
 from superwav2lip_client.services import health
@@ -192,11 +192,11 @@ def test_the_launcher_opts_a_gateway_without_keys_into_anonymous_calls_and_nothi
     """Every caller of run_stack's functions (make run, the process stack of the tests, the benchmarks) gets the
     opt-in for a gateway given no key setting; a tenants file or API keys pass through instead, and a value set
     by hand stays."""
-    args = argparse.Namespace(host="127.0.0.1", base_port=40000, metrics_base_port=41000, logs=tmp_path / "logs",
-                              models_dir=tmp_path / "models", redis_url="")
+    config = run_stack.StackConfig(base_port=40000, metrics_base_port=41000, logs=tmp_path / "logs",
+                                   models_dir=tmp_path / "models", extra_model_dirs=())
 
     def gateway(**given: str) -> dict[str, str]:
-        return run_stack.service_env("gateway", args, (), given)
+        return run_stack.service_env("gateway", config, given)
 
     assert gateway()["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "true" and run_stack.gateway_needs_no_key(gateway())
     assert gateway(SWL_GATEWAY_TENANTS_FILE="")["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "true"  # empty = not set
@@ -207,4 +207,40 @@ def test_the_launcher_opts_a_gateway_without_keys_into_anonymous_calls_and_nothi
     assert gateway(SWL_GATEWAY_ALLOW_ANONYMOUS="false")["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "false"
     assert not run_stack.gateway_needs_no_key(gateway(SWL_GATEWAY_ALLOW_ANONYMOUS="false"))
     for name in run_stack.SERVICES[1:]:
-        assert "SWL_GATEWAY_ALLOW_ANONYMOUS" not in run_stack.service_env(name, args, (), {})
+        assert "SWL_GATEWAY_ALLOW_ANONYMOUS" not in run_stack.service_env(name, config, {})
+
+
+def test_the_stack_config_checks_its_values_and_names_the_option():
+    """make run, the process stack of the tests and the benchmarks all start from one StackConfig: a value it
+    cannot take fails at once, naming the field and its flag; derived values are filled in at construction."""
+    for wrong, words in (({"base_port": 70000}, "base_port (--base-port) = 70000 is out of range: 1 to"),
+                         ({"http_port": -1}, "http_port (--http-port) = -1 is out of range: 0 to 65535"),
+                         ({"redis_port": 65536}, "redis_port (--redis-port) = 65536 is out of range"),
+                         ({"ui_port": "7860"}, "ui_port (--ui-port) = '7860' is not an integer"),
+                         ({"ready_timeout": 0}, "ready_timeout (--ready-timeout) = 0 is out of range"),
+                         ({"services": ("gateway", "lipsinc")}, "services (--services): lipsinc; known: gateway,"),
+                         ({"services": ()}, "services (--services): none given"),
+                         ({"tls_cert": "cert.pem"}, "go together: give both or neither")):
+        with pytest.raises(run_stack.StackConfigError) as error:
+            run_stack.StackConfig(**wrong)
+        assert words in str(error.value), (wrong, str(error.value))
+
+    config = run_stack.StackConfig(base_port=40000, services=("lipsync", "gateway"))
+    assert config.services == ("gateway", "lipsync") and config.redis_port == 40000 + len(run_stack.SERVICES)
+    assert config.address("detector") == "127.0.0.1:40001" and config.metrics_port("lipsync") == 9101 + 2
+    alone = run_stack.StackConfig(services=("lipsync",))  # without the gateway: no Redis, edge or UI
+    assert (alone.redis_port, alone.http_port, alone.ui_port) == (0, 0, 0)
+
+
+def test_the_command_line_is_the_stack_config_and_back(tmp_path, capsys):
+    config = run_stack.StackConfig(base_port=40000, metrics_base_port=41000, models_dir=tmp_path / "models",
+                                   logs=tmp_path / "logs", extra_model_dirs=(), http_port=0, ui_port=0,
+                                   redis_port=0, tls_cert="c.pem", tls_key="k.pem")
+    assert run_stack.StackConfig.from_argv(config.argv()) == config
+    assert run_stack.StackConfig.from_argv([]) == run_stack.StackConfig()  # the defaults are the dataclass's
+    given = run_stack.StackConfig.from_argv(["--services", "detector", "--extra-model-dirs", ""])
+    assert given.services == ("detector",) and given.extra_model_dirs == () and given.http_port == 0
+    with pytest.raises(SystemExit) as exit_:
+        run_stack.StackConfig.from_argv(["--metrics-base-port", "0"])
+    assert exit_.value.code == 2
+    assert "metrics_base_port (--metrics-base-port) = 0 is out of range" in capsys.readouterr().err

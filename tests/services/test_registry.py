@@ -97,10 +97,8 @@ def test_a_toy_model_service_added_by_the_guide_starts_under_the_launcher(tmp_pa
 def test_a_service_keeps_the_python_path_it_inherits(tmp_path):
     """On the device the carried wheels are on PYTHONPATH (tools/device/runner.py): every process the launcher
     starts must still find them, after the project's own folders."""
-    import argparse
-
-    args = argparse.Namespace(host="127.0.0.1", base_port=40000, metrics_base_port=41000, logs=tmp_path / "logs",
-                              models_dir=tmp_path / "models", redis_url="")
+    config = run_stack.StackConfig(base_port=40000, metrics_base_port=41000, logs=tmp_path / "logs",
+                                   models_dir=tmp_path / "models", extra_model_dirs=())
     for name in registry.names():
-        env = run_stack.service_env(name, args, (), {"PYTHONPATH": "/tmp/swl-site"})
+        env = run_stack.service_env(name, config, {"PYTHONPATH": "/tmp/swl-site"})
         assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), str(ROOT / "client"), "/tmp/swl-site"]

@@ -3,7 +3,6 @@ same functions `tools/run_stack.py` uses, with each process reachable for faults
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -19,7 +18,6 @@ from tools import run_stack
 from tests.support.processes import free_port_block
 
 
-
 def proc_status(pid: int) -> dict[str, int]:
     """Resident memory now and at its peak (KiB), threads and open file descriptors of a process. psutil has no
     peak resident memory on Linux, so that one is VmHWM from /proc."""
@@ -31,14 +29,16 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 class ProcessStack:
-    """Redis and the four services as in `make run` (no Envoy, no UI); `env` adds settings to every process."""
+    """Redis and the four services as in `make run` (no Envoy, no UI); `env` adds settings to every process.
+    `config` is the launcher's StackConfig they are started with (its redis_url set once Redis is up)."""
 
     def __init__(self, folder: Path, models_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.args = argparse.Namespace(
-            host="127.0.0.1", base_port=free_port_block(5), metrics_base_port=free_port_block(4),
-            models_dir=models_dir, logs=folder / "logs", redis_port=0, redis_url="")
-        self.args.redis_port = self.args.base_port + len(run_stack.SERVICES)
-        self.args.logs.mkdir(parents=True, exist_ok=True)
+        # five ports from the base: the four services, then Redis (the config's default redis_port)
+        self.config = run_stack.StackConfig(
+            base_port=free_port_block(len(run_stack.SERVICES) + 1),
+            metrics_base_port=free_port_block(len(run_stack.SERVICES)), models_dir=models_dir, logs=folder / "logs",
+            extra_model_dirs=(), http_port=0, ui_port=0)
+        self.config.logs.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "SWL_GATEWAY_GRACE_PERIOD_S": "10", "SWL_GATEWAY_ALLOW_ANONYMOUS": "true", **(env or {})}
         self.processes: dict[str, subprocess.Popen] = {}
         self.redis: subprocess.Popen | None = None
@@ -46,7 +46,7 @@ class ProcessStack:
     def __enter__(self) -> "ProcessStack":
         self.start_redis()
         for name in run_stack.SERVICES:
-            self.processes[name] = run_stack.start_service(name, self.args, (), self.env)
+            self.processes[name] = run_stack.start_service(name, self.config, self.env)
         self.wait_serving(*run_stack.SERVICES)
         return self
 
@@ -56,11 +56,16 @@ class ProcessStack:
                 process.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
         run_stack.stop_all(self.processes, self.redis, grace=20)
 
+    @property
+    def args(self) -> run_stack.StackConfig:
+        """The config under its former name, which tests/e2e/soak/test_soak.py still reads."""
+        return self.config
+
     def address(self, name: str = "gateway") -> str:
-        return run_stack.address(name, self.args)
+        return self.config.address(name)
 
     def metrics_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.args.metrics_base_port + run_stack.SERVICES.index(name)}/metrics"
+        return f"http://{self.config.host}:{self.config.metrics_port(name)}/metrics"
 
     def wait_serving(self, *names: str, timeout: float = 120) -> None:
         failed = run_stack.wait_serving({n: self.processes[n] for n in names},
@@ -68,7 +73,7 @@ class ProcessStack:
         assert failed is None, f"{failed} did not become SERVING: {self.log(failed)[-3000:]}"
 
     def log(self, name: str) -> str:
-        return (self.args.logs / f"{name}.log").read_text()
+        return (self.config.logs / f"{name}.log").read_text()
 
     def pid(self, name: str) -> int:
         return self.processes[name].pid
@@ -82,12 +87,12 @@ class ProcessStack:
 
     def restart(self, name: str) -> None:
         """Starts the service again on its port (after a kill) and waits until it is SERVING."""
-        self.processes[name] = run_stack.start_service(name, self.args, (), self.env)
+        self.processes[name] = run_stack.start_service(name, self.config, self.env)
         self.wait_serving(name)
 
     def start_redis(self) -> None:
         """Redis with an append-only file (as the Kubernetes component runs it), so a restart keeps the state."""
-        self.redis = run_stack.start_redis(self.args, persist=True)
+        self.redis, self.config = run_stack.start_redis(self.config, persist=True)
         assert self.redis is not None, "redis-server is not installed: make deps (or apt-get install redis-server)"
 
     def stop_redis(self) -> None:
