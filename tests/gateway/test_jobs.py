@@ -16,19 +16,26 @@ from tests.support.media_factory import encode_png, encode_video, marker_frames,
 from tests.support.webhook_receiver import webhook_receiver
 from tests.support.stack import running_stack
 from tests.support.gateway_processes import RedisServer, gateway_process, wait_serving
+from tests.support.waiting import eventually_async
 
 FACE = encode_png(with_marker(scene(), 100, 80))
 State = gateway_pb2.Job.State
 
 
 async def wait_for(stub, job_id: str, states: set, seconds: float = 60) -> gateway_pb2.Job:
-    deadline = time.monotonic() + seconds
-    while True:
+    """The job once it is in one of `states`; fails naming the state it stayed in."""
+    seen = []
+
+    async def reached() -> gateway_pb2.Job | None:
         job = await stub.GetJob(gateway_pb2.JobRequest(job_id=job_id), timeout=10)
-        if State.Name(job.state) in states:
-            return job
-        assert time.monotonic() < deadline, f"job stayed {State.Name(job.state)}"
-        await asyncio.sleep(0.1)
+        seen.append(State.Name(job.state))
+        return job if seen[-1] in states else None
+
+    try:
+        return await eventually_async(reached, seconds=seconds, every=0.1, what=f"job {job_id} in {sorted(states)}")
+    except AssertionError:
+        raise AssertionError(f"job {job_id} stayed {seen[-1]}, not {' or '.join(sorted(states))}, "
+                             f"for {seconds:g} s") from None
 
 
 def submit_request(face=FACE, seconds: float = 0.8, **fields) -> gateway_pb2.SubmitJobRequest:
@@ -112,10 +119,8 @@ async def test_results_past_their_ttl_are_gone_with_their_files(dev_models_dir, 
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stack.stub.GetJob(gateway_pb2.JobRequest(job_id=job.job_id), timeout=10)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND and "SWL_GATEWAY_JOB_RESULT_TTL_S" in error.value.details()
-        deadline = time.monotonic() + 15
-        while (tmp_path / "jobs" / job.job_id).exists():
-            assert time.monotonic() < deadline, "the expired job's files were not deleted"
-            await asyncio.sleep(0.2)
+        await eventually_async(lambda: not (tmp_path / "jobs" / job.job_id).exists(), seconds=15, every=0.2,
+                               what="the expired job's files deleted")
 
 
 async def test_webhooks_are_signed_retried_and_restricted_to_the_allow_list(dev_models_dir, tmp_path):
@@ -129,10 +134,8 @@ async def test_webhooks_are_signed_retried_and_restricted_to_the_allow_list(dev_
                 assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused
             job = await stack.stub.SubmitJob(submit_request(webhook_url=url), timeout=30)
             await wait_for(stack.stub, job.job_id, {"SUCCEEDED"})
-            deadline = time.monotonic() + 10
-            while len(received) < 2:
-                assert time.monotonic() < deadline, "the webhook was not retried after a 500"
-                await asyncio.sleep(0.05)
+            await eventually_async(lambda: len(received) >= 2, seconds=10,
+                                   what="the webhook retried after a 500 (a second delivery)")
             gateway = await stack.metrics_text("gateway")
     for headers, body in received:
         lowered = {k.lower(): v for k, v in headers.items()}

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from deploy.redis import local as local_redis
 
 from .paths import ROOT, system_binary
 from .processes import free_port, project_env
+from .waiting import eventually_async
 
 
 class RedisServer:
@@ -32,12 +31,17 @@ class RedisServer:
             self.process.wait()
 
 
-async def wait_serving(log_path, process) -> None:
-    """Until a gateway started by `gateway_process` logs that it is SERVING (or dies)."""
-    deadline = time.monotonic() + 60
-    while '"event": "serving"' not in log_path.read_text():
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-        await asyncio.sleep(0.1)
+async def wait_serving(log_path, process, seconds: float = 60) -> None:
+    """Until a gateway started by `gateway_process` logs that it is SERVING; fails at once if it exits. Either
+    failure carries its log."""
+    def serving() -> bool:
+        assert process.poll() is None, f"the gateway exited with {process.returncode} before serving"
+        return '"event": "serving"' in log_path.read_text()
+
+    try:
+        await eventually_async(serving, seconds=seconds, every=0.1, what=f"the gateway serving ({log_path.name})")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; its log:\n{log_path.read_text()}") from None
 
 
 @contextlib.contextmanager

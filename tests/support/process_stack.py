@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -16,6 +15,7 @@ from superwav2lip_client.services import health
 from tools import run_stack
 
 from tests.support.processes import free_port_block
+from tests.support.waiting import eventually
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -106,7 +106,13 @@ class ProcessStack:
         return health(self.address(name), timeout=2.0)
 
     def wait_health(self, name: str, wanted: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while (state := self.health(name)) != wanted:
-            assert time.monotonic() < deadline, f"{name} stayed {state}, not {wanted}"
-            time.sleep(0.1)
+        seen = []
+
+        def reached() -> bool:
+            seen.append(self.health(name))
+            return seen[-1] == wanted
+
+        try:
+            eventually(reached, seconds=timeout, every=0.1, what=f"{name} {wanted}")
+        except AssertionError:
+            raise AssertionError(f"{name} stayed {seen[-1]}, not {wanted}, for {timeout:g} s") from None
