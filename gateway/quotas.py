@@ -68,12 +68,8 @@ class TenantQuotas:
         """Counts one call against requests_per_minute; refuses it past the quota."""
         now = time.time()
         window = int(now // WINDOW_S)
-        if self.redis is not None:
-            key = f"swl:quota:rpm:{tenant.name}:{window}"
-            count = await self._redis(self.redis.incr(key))
-            if count == 1:
-                await self._redis(self.redis.expire(key, 2 * WINDOW_S))
-        else:
+        count = await self._shared_minute_count(tenant, window) if self.redis is not None else None
+        if count is None:
             count = self._minute_counts.get((tenant.name, window), 0) + 1
             self._minute_counts[(tenant.name, window)] = count
             for old in [k for k in self._minute_counts if k[1] < window - MEMORY_WINDOWS_KEPT]:
@@ -83,11 +79,32 @@ class TenantQuotas:
             raise quota_exceeded(tenant, "requests_per_minute", quota, "calls in this minute",
                                  max(1.0, (window + 1) * WINDOW_S - now))
 
+    async def _shared_minute_count(self, tenant: Tenant, window: int) -> int | None:
+        """This minute's calls on every replica, counting this one; None when Redis does not answer: the count
+        is then this process's own (quotas hold per replica while Redis is down, and calls go on)."""
+        key = f"swl:quota:rpm:{tenant.name}:{window}"
+        try:
+            count = await self._redis(self.redis.incr(key))
+            if count == 1:
+                await self._redis(self.redis.expire(key, 2 * WINDOW_S))
+        except Unavailable:
+            return None
+        return int(count)
+
     @contextlib.asynccontextmanager
     async def generation(self, tenant: Tenant) -> AsyncIterator[None]:
-        """Holds one of the tenant's running_generations while the block runs; refuses at once when none is free."""
+        """Holds one of the tenant's running_generations while the block runs; refuses at once when none is free.
+        While Redis does not answer, the slot is counted in this process alone, so generation goes on."""
         quota = tenant.quotas.running_generations
-        if self.redis is None:
+        key, token = f"swl:quota:running:{tenant.name}", secrets.token_hex(8)
+        shared: bool | None = None  # None: counted here alone (no Redis, or it does not answer)
+        if self.redis is not None:
+            with contextlib.suppress(Unavailable):
+                shared = await self._take(key, token, quota)
+        if shared is False:
+            raise quota_exceeded(tenant, "running_generations", quota, "generations running at once, on every replica",
+                                 2.0)
+        if not shared:
             if self._running.get(tenant.name, 0) >= quota:
                 raise quota_exceeded(tenant, "running_generations", quota, "generations running at once", 2.0)
             self._running[tenant.name] = self._running.get(tenant.name, 0) + 1
@@ -96,10 +113,6 @@ class TenantQuotas:
             finally:
                 self._running[tenant.name] -= 1
             return
-        key, token = f"swl:quota:running:{tenant.name}", secrets.token_hex(8)
-        if not await self._take(key, token, quota):
-            raise quota_exceeded(tenant, "running_generations", quota, "generations running at once, on every replica",
-                                 2.0)
         renewal = asyncio.create_task(self._renew(key, token), name=f"quota-slot-{tenant.name}")
         try:
             yield

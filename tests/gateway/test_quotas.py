@@ -133,15 +133,20 @@ async def test_past_stored_bytes_uploads_avatars_and_jobs_are_refused_and_deleti
 # --- across replicas: two counters on one real redis-server --------------------------------------------------------
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def replicas(tmp_path):
+async def redis_server(tmp_path):
     server = RedisServer(tmp_path)
-    clients = [redis.asyncio.Redis.from_url(server.url) for _ in range(2)]
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def replicas(redis_server):
+    clients = [redis.asyncio.Redis.from_url(redis_server.url) for _ in range(2)]
     try:
         yield [TenantQuotas(client, timeout_s=2.0, slot_lease_s=0.6) for client in clients]
     finally:
         for client in clients:
             await client.aclose()
-        server.stop()
 
 
 async def test_two_replicas_share_the_running_and_per_minute_counts(replicas):
@@ -203,3 +208,19 @@ async def test_a_queued_job_waits_while_its_tenant_runs_its_quota_and_others_job
 
 async def _is(state, wanted: str) -> bool:
     return await state == wanted
+
+
+
+async def test_with_redis_down_each_replica_counts_alone_and_calls_go_on(replicas, redis_server):
+    a, _ = replicas
+    tenant = Tenant("acme", (), quotas=Quotas(running_generations=1, requests_per_minute=2))
+    a.timeout_s = 0.3
+    redis_server.stop()
+    await a.admit_request(tenant)
+    await a.admit_request(tenant)
+    with pytest.raises(ResourceExhausted, match="requests_per_minute quota of 2"):
+        await a.admit_request(tenant)
+    async with a.generation(tenant):
+        with pytest.raises(ResourceExhausted, match="running_generations quota of 1"):
+            async with a.generation(tenant):
+                pass
