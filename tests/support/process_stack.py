@@ -56,11 +56,6 @@ class ProcessStack:
                 process.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
         run_stack.stop_all(self.processes, self.redis, grace=20)
 
-    @property
-    def args(self) -> run_stack.StackConfig:
-        """The config under its former name, which tests/e2e/soak/test_soak.py still reads."""
-        return self.config
-
     def address(self, name: str = "gateway") -> str:
         return self.config.address(name)
 

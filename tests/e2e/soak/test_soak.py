@@ -147,12 +147,12 @@ def test_soak(dev_models_dir, tmp_path):
                 (name, baseline[name], after[name], thread_names(stack.pid(name)))
             # A descriptor opened during the soak may only be one more pooled connection to Redis (redis-py opens
             # one when more jobs than ever before touch it at once, and keeps it): at most one per client.
-            grown = [fd for fd in open_files[name] if socket_peer_port(stack.pid(name), fd) != stack.args.redis_port]
+            grown = [fd for fd in open_files[name] if socket_peer_port(stack.pid(name), fd) != stack.config.redis_port]
             assert grown == [], (name, baseline[name], after[name], grown)
             assert after[name]["fds"] <= baseline[name]["fds"] + CLIENTS
             assert stack.health(name) == "SERVING"
         assert set(tmp.iterdir()) == temp_before
-        assert [p for p in (stack.args.logs.parent / "data").rglob("*") if p.name.endswith(".partial")] == []
+        assert [p for p in (stack.config.logs.parent / "data").rglob("*") if p.name.endswith(".partial")] == []
 
 
 def write_report(outcomes, baseline, after, elapsed: float) -> str:
