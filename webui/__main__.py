@@ -1,14 +1,25 @@
 """`python -m webui`: serves the web UI until interrupted."""
 
-from service_runtime.logs import configure_logging
+import logging
+import sys
 
-from .app import build
+from service_runtime.logs import configure_logging
+from service_runtime.settings import SettingsError
+
 from .settings import WebUISettings
+
+log = logging.getLogger("webui")
 
 
 def main() -> None:
-    settings = WebUISettings.from_env()
-    configure_logging("INFO")
+    configure_logging("INFO")  # so that a configuration mistake is a JSON line too
+    try:
+        settings = WebUISettings.from_env()
+    except SettingsError as error:  # a configuration mistake: one line, no traceback
+        log.error("cannot start: %s", error, extra={"service": "webui"})
+        sys.exit(2)
+    from .app import build  # after the settings check: a mistake is reported without waiting for gradio's import
+
     # run_history=False: Gradio would otherwise keep every call's inputs and outputs in the browser's
     # localStorage (whatever a visitor typed among them), for whoever uses that browser next, and offer to upload
     # them to a Hugging Face bucket.

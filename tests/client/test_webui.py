@@ -1,5 +1,8 @@
 """The web UI in a real headless Chromium (Debian's `chromium`, driven by playwright with executable_path; playwright's
-own browser download cannot work here), against the UI process and an in-process stack."""
+own browser download cannot work here), against the UI process and an in-process stack.
+
+The tests that sign in share one stack, which needs API_KEY, and one UI process (each test opens its own browser
+contexts, so each visitor is a fresh session)."""
 
 import asyncio
 import contextlib
@@ -15,11 +18,15 @@ import urllib.request
 from pathlib import Path
 
 import av
+import pytest
+import pytest_asyncio
 
 from tests.support.paths import ROOT, SHARED_MEDIA, SHARED_MODELS, system_binary
 from tests.support.processes import free_port, project_env
 from tests.support.media_factory import encode_png, scene, speech_wav, stream_durations, with_marker
-from tests.support.stack import running_stack
+from tests.support.stack import MODULE_LOOP, running_stack
+from webui.app import NO_AVATAR, SIGN_IN_FIRST, SIGNED_OUT, Backend, Visitor
+from webui.settings import REMOVED_API_KEY, WebUISettings
 
 ARTIFACTS = Path(os.environ.get("SWL_TEST_ARTIFACTS", ROOT / ".run" / "test-artifacts"))
 
@@ -41,14 +48,17 @@ def media_and_models(dev_models_dir: Path, tmp_path: Path) -> tuple[Path, Path, 
     return tmp_path / "face.png", tmp_path / "speech.wav", dev_models_dir
 
 
-API_KEY = "ui-side-secret-4242"
+API_KEY = "visitor-key-a-4242"  # the one key the shared stack accepts; only the visitors type it
+WRONG_KEY = "visitor-key-b-0000"
 
 
 @contextlib.contextmanager
 def web_ui(gateway_address: str, log_path: Path):
     port = free_port()
     env = project_env(SWL_WEBUI_HOST="127.0.0.1", SWL_WEBUI_PORT=str(port), SWL_WEBUI_GATEWAY_ADDRESS=gateway_address,
-                      GRADIO_ANALYTICS_ENABLED="False", SWL_WEBUI_API_KEY=API_KEY)
+                      GRADIO_ANALYTICS_ENABLED="False")
+    env.pop(REMOVED_API_KEY, None)
+    env.pop("SUPERWAV2LIP_API_KEY", None)
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "webui"], cwd=ROOT, env=env, stdout=log, stderr=log)
         try:
@@ -67,6 +77,142 @@ def web_ui(gateway_address: str, log_path: Path):
             process.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def media(dev_models_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(face, speech, models folder) for the module."""
+    return media_and_models(dev_models_dir, tmp_path_factory.mktemp("webui-media"))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(media):
+    async with running_stack(media[2], api_keys=(API_KEY,)) as stack:  # only the visitors know the key
+        yield stack
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def anonymous_stack(dev_models_dir):
+    """A stack whose gateway has no tenant and serves calls without a key (as `make run`'s does)."""
+    async with running_stack(dev_models_dir) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def ui_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("webui-log") / "webui.log"
+
+
+@pytest.fixture(scope="module")
+def ui(stack, ui_log):
+    """The URL of one UI process in front of the shared stack."""
+    with web_ui(stack.address("gateway"), ui_log) as url:
+        yield url
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser():
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=system_binary("chromium"),
+                                                   args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        yield browser
+        await browser.close()
+
+
+# Read by the page before its own scripts: every chunk any script reads from a stream (the queue's event stream,
+# which stays open for as long as the session is busy, carries every handler's outputs) is kept in window.__chunks.
+RECORD_STREAMS = """
+window.__chunks = [];
+const read = ReadableStreamDefaultReader.prototype.read;
+ReadableStreamDefaultReader.prototype.read = async function () {
+    const result = await read.call(this);
+    if (result.value instanceof Uint8Array) window.__chunks.push(new TextDecoder().decode(result.value));
+    else if (typeof result.value === "string") window.__chunks.push(result.value);
+    return result;
+};
+"""
+
+
+class Received:
+    """What a browser context received: the body of every response once it finished, and every chunk its pages
+    read from a stream while it was open."""
+
+    def __init__(self, context) -> None:
+        self.bodies: list[tuple[str, bytes]] = []
+        self._reads: list[asyncio.Future] = []
+        context.on("requestfinished", lambda request: self._reads.append(asyncio.ensure_future(self._read(request))))
+
+    async def _read(self, request) -> None:
+        response = await request.response()
+        if response is not None and not 300 <= response.status < 400:
+            self.bodies.append((request.url, await response.body()))
+
+    async def text(self, page) -> str:
+        await asyncio.gather(*self._reads)
+        finished = "\n".join(body.decode("utf-8", "replace") for _, body in self.bodies)
+        return finished + "\n" + "".join(await page.evaluate("() => window.__chunks"))
+
+
+@contextlib.asynccontextmanager
+async def visitor(browser, url: str, **options):
+    """A new visitor: their own browser context (cookies, storage, Gradio session), on the page; yields (page, what
+    the browser received)."""
+    from playwright.async_api import expect
+
+    context = await browser.new_context(viewport={"width": 1280, "height": 900}, **options)
+    await context.add_init_script(RECORD_STREAMS)
+    received = Received(context)
+    try:
+        page = await context.new_page()
+        await page.goto(url)
+        await expect(page.locator("#sign-in")).to_be_visible(timeout=30_000)
+        yield page, received
+    finally:
+        await context.close()
+
+
+def submit_job(stack, face: Path, speech: Path):
+    """A job submitted with the key through the SDK, as another program of the same tenant would."""
+    from superwav2lip_client import Client
+
+    with Client(stack.address("gateway"), api_key=API_KEY) as client:
+        return client.submit_job(face, speech)
+
+
+async def sign_in(page, key: str, outcome: str) -> str:
+    """Types `key` into the sign-in form and sends it; waits for the page to say `outcome` about the account and
+    returns all it says."""
+    from playwright.async_api import expect
+
+    account = page.locator("#account")
+    await page.locator("#api-key input, #api-key textarea").first.fill(key)
+    await page.locator("#sign-in").click()
+    await expect(account).to_contain_text(outcome, timeout=30_000)
+    return await account.inner_text()
+
+
+async def refused(page) -> None:
+    """The page shows the server's refusal of a call made without a signed-in key."""
+    from playwright.async_api import expect
+
+    await expect(page.get_by_text(SIGN_IN_FIRST).last).to_be_visible(timeout=30_000)
+    await page.evaluate("() => document.querySelectorAll('.toast-close').forEach(b => b.click())")
+    await expect(page.get_by_text(SIGN_IN_FIRST)).to_have_count(0)  # so that the next refusal is a new one
+
+
+async def assert_key_never_reached_the_browser(page, received: Received, key: str) -> None:
+    """Not in the page's HTML, in an input's value, in storage, nor in anything the browser received (the queue's
+    event stream included, which carries every handler's outputs)."""
+    assert key not in await page.content()
+    held = await page.evaluate(
+        "() => [...document.querySelectorAll('input, textarea')].map(e => e.value).join(' ') + "
+        "JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
+    assert key not in held, held
+    text = await received.text(page)
+    assert "Signed in with your key" in text  # the sign-in's outputs were seen: the recording works
+    assert key not in text
+
+
 async def choose_file(page, component: str, path: Path) -> None:
     """Uploads as a person does: click the component's drop zone, pick the file in the chooser."""
     async with page.expect_file_chooser() as chooser:
@@ -74,80 +220,184 @@ async def choose_file(page, component: str, path: Path) -> None:
     await (await chooser.value).set_files(str(path))
 
 
-async def test_the_page_generates_shows_progress_plays_downloads_and_reports_errors(dev_models_dir, tmp_path):
-    from playwright.async_api import async_playwright, expect
+@MODULE_LOOP
+async def test_the_page_generates_shows_progress_plays_downloads_and_reports_errors(media, stack, ui, ui_log,
+                                                                                      browser, tmp_path):
+    from playwright.async_api import expect
 
-    face, speech, models = media_and_models(dev_models_dir, tmp_path)
+    face, speech, _ = media
     seconds = float(av.open(str(speech)).streams.audio[0].duration * av.open(str(speech)).streams.audio[0].time_base)
     (tmp_path / "notes.txt").write_text("this is not a face")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    async with running_stack(models, api_keys=(API_KEY,)) as stack:  # only the UI's server knows the key
-        with web_ui(stack.address("gateway"), tmp_path / "webui.log") as url:
-            async with async_playwright() as playwright:
-                browser = await playwright.chromium.launch(executable_path=system_binary("chromium"),
-                                                           args=["--no-sandbox"])
-                page = await browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-                await page.goto(url)
-                await expect(page.get_by_text("Super Wav2Lip").first).to_be_visible(timeout=30_000)
-                config = await (await page.request.get(url + "config")).text()
-                assert API_KEY not in await page.content() and API_KEY not in config
+    async with visitor(browser, ui, accept_downloads=True) as (page, received):
+        await expect(page.get_by_text("Super Wav2Lip").first).to_be_visible(timeout=30_000)
+        await sign_in(page, API_KEY, "Signed in with your key")
 
-                await choose_file(page, "#face", face)
-                await choose_file(page, "#speech", speech)
-                await expect(page.locator("#speech audio, #speech wave, #speech .waveform-container").first
-                             ).to_be_attached(timeout=30_000)
-                await page.locator("#generate").click()
-                status = page.locator("#status")
-                seen = set()
-                deadline = time.monotonic() + 180
-                while "Done" not in (text := await status.inner_text()):
-                    seen.add(text.split(":")[0])
-                    assert time.monotonic() < deadline, f"no result; status {text!r}"
-                    await asyncio.sleep(0.1)
-                assert seen & {"decode", "detect", "lipsync", "encode"}, seen  # live progress reached the page
-                # generated weights here: the warning stays under the status, with the command that fixes it
-                assert "generated demo weights" in text and "make models" in text, text
+        await choose_file(page, "#face", face)
+        await choose_file(page, "#speech", speech)
+        await expect(page.locator("#speech audio, #speech wave, #speech .waveform-container").first
+                     ).to_be_attached(timeout=30_000)
+        await page.locator("#generate").click()
+        status = page.locator("#status")
+        seen = set()
+        deadline = time.monotonic() + 180
+        while "Done" not in (text := await status.inner_text()):
+            seen.add(text.split(":")[0])
+            assert time.monotonic() < deadline, f"no result; status {text!r}"
+            await asyncio.sleep(0.1)
+        assert seen & {"decode", "detect", "lipsync", "encode"}, seen  # live progress reached the page
+        # generated weights here: the warning stays under the status, with the command that fixes it
+        assert "generated demo weights" in text and "make models" in text, text
 
-                video = page.locator("#result video")
-                await expect(video).to_be_attached(timeout=30_000)
-                assert await video.get_attribute("src")
-                await page.wait_for_function("document.querySelector('#result video').readyState >= 1",
-                                             timeout=30_000)
-                duration = await video.evaluate("v => v.duration")
-                assert abs(duration - seconds) <= 0.1, (duration, seconds)  # the browser can play it
+        video = page.locator("#result video")
+        await expect(video).to_be_attached(timeout=30_000)
+        assert await video.get_attribute("src")
+        await page.wait_for_function("document.querySelector('#result video').readyState >= 1", timeout=30_000)
+        duration = await video.evaluate("v => v.duration")
+        assert abs(duration - seconds) <= 0.1, (duration, seconds)  # the browser can play it
 
-                async with page.expect_download() as download_info:
-                    await page.locator("#download a").first.click()
-                downloaded = Path(await (await download_info.value).path())
-                data = downloaded.read_bytes()
-                assert data[4:8] == b"ftyp" and abs(stream_durations(data)["video"] - seconds) <= 0.04
-                await page.screenshot(path=str(ARTIFACTS / "webui-result.png"), full_page=True)
+        async with page.expect_download() as download_info:
+            await page.locator("#download a").first.click()
+        downloaded = Path(await (await download_info.value).path())
+        data = downloaded.read_bytes()
+        assert data[4:8] == b"ftyp" and abs(stream_durations(data)["video"] - seconds) <= 0.04
+        await page.screenshot(path=str(ARTIFACTS / "webui-result.png"), full_page=True)
 
-                await page.locator("#face button[aria-label='Clear'], #face button[title='Clear']").first.click()
-                await choose_file(page, "#face", tmp_path / "notes.txt")
-                await page.locator("#generate").click()
-                await expect(status).to_contain_text("Failed", timeout=60_000)
-                message = await status.inner_text()
-                await page.screenshot(path=str(ARTIFACTS / "webui-error.png"), full_page=True)
-                assert not await video.count() or not await video.get_attribute("src")  # the old result is gone
+        await page.locator("#face button[aria-label='Clear'], #face button[title='Clear']").first.click()
+        await choose_file(page, "#face", tmp_path / "notes.txt")
+        await page.locator("#generate").click()
+        await expect(status).to_contain_text("Failed", timeout=60_000)
+        message = await status.inner_text()
+        await page.screenshot(path=str(ARTIFACTS / "webui-error.png"), full_page=True)
+        assert not await video.count() or not await video.get_attribute("src")  # the old result is gone
 
-                # Avatars: make one from the face, see it listed and offered on the Generate tab.
-                await page.get_by_role("tab", name="Avatars").click()
-                await choose_file(page, "#avatar-face", face)
-                await page.locator("#avatar-name textarea, #avatar-name input").first.fill("astronaut")
-                await page.get_by_role("button", name="Make avatar").click()
-                await expect(page.locator("#avatar-status")).to_contain_text("Made avatar av_", timeout=60_000)
-                await expect(page.locator("#avatars")).to_contain_text("astronaut", timeout=30_000)
-                from superwav2lip_client import Client
-                job = await asyncio.to_thread(lambda: Client(stack.address("gateway"), api_key=API_KEY).submit_job(
-                    face, speech))
-                await page.get_by_role("tab", name="Recent jobs").click()
-                await page.locator("#refresh-jobs").click()
-                await expect(page.locator("#jobs")).to_contain_text(job.job_id[:16], timeout=30_000)
-                await browser.close()
+        # Avatars: make one from the face, see it listed and offered on the Generate tab.
+        await page.get_by_role("tab", name="Avatars").click()
+        await choose_file(page, "#avatar-face", face)
+        await page.locator("#avatar-name textarea, #avatar-name input").first.fill("astronaut")
+        await page.get_by_role("button", name="Make avatar").click()
+        await expect(page.locator("#avatar-status")).to_contain_text("Made avatar av_", timeout=60_000)
+        await expect(page.locator("#avatars")).to_contain_text("astronaut", timeout=30_000)
+        job = await asyncio.to_thread(submit_job, stack, face, speech)
+        await page.get_by_role("tab", name="Recent jobs").click()
+        await page.locator("#refresh-jobs").click()
+        await expect(page.locator("#jobs")).to_contain_text(job.job_id[:16], timeout=30_000)
+        await assert_key_never_reached_the_browser(page, received, API_KEY)
     assert "INVALID_ARGUMENT" in message and "face" in message and "request id" in message, message
     assert "Traceback" not in message and "File \"" not in message
-    assert "Traceback" not in (tmp_path / "webui.log").read_text()
+    assert "Traceback" not in ui_log.read_text()
+
+
+@MODULE_LOOP
+async def test_each_visitor_acts_with_their_own_key_and_signing_out_forgets_it(media, stack, ui, ui_log, browser):
+    """Two visitors at once, each in their own browser context: one with the gateway's key, one with a wrong key.
+    Only the first signs in and sees the jobs made with that key; the other is refused by the UI's server at every
+    action (the buttons are there: the check is the server's), and signing out forgets the first visitor's key."""
+    from playwright.async_api import expect
+
+    async with contextlib.AsyncExitStack() as visitors:  # the job and both visitors' pages at once
+        job, (right, received), (wrong, _) = await asyncio.gather(
+            asyncio.to_thread(submit_job, stack, *media[:2]), visitors.enter_async_context(visitor(browser, ui)),
+            visitors.enter_async_context(visitor(browser, ui)))
+        await sign_in(wrong, WRONG_KEY, "Wrong key")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await wrong.screenshot(path=str(ARTIFACTS / "webui-wrong-key.png"))
+        await sign_in(wrong, "", "needs an API key")  # a gateway with keys refuses an empty key
+        await expect(wrong.locator("#sign-out")).to_be_hidden()
+        await sign_in(right, API_KEY, "Signed in with your key")
+        await expect(right.locator("#sign-in-form")).to_be_hidden()
+        for page in (wrong, right):
+            await page.get_by_role("tab", name="Recent jobs").click()
+        await expect(right.locator("#jobs")).to_contain_text(job.job_id[:16], timeout=30_000)  # listed at sign-in
+
+        await wrong.locator("#refresh-jobs").click()
+        await refused(wrong)
+        assert job.job_id[:16] not in await wrong.locator("#jobs").inner_text()
+        await wrong.get_by_role("tab", name="Generate").click()
+        await wrong.locator("#generate").click()
+        await refused(wrong)
+
+        await right.locator("#refresh-jobs").click()  # meanwhile, the other session is still signed in
+        await expect(right.locator("#jobs")).to_contain_text(job.job_id[:16], timeout=30_000)
+        await assert_key_never_reached_the_browser(right, received, API_KEY)
+
+        await right.locator("#sign-out").click()
+        await expect(right.locator("#account")).to_have_text(SIGNED_OUT, timeout=30_000)
+        await expect(right.locator("#jobs")).not_to_contain_text(job.job_id[:16])  # what was shown is cleared
+        await right.locator("#refresh-jobs").click()
+        await refused(right)
+        assert job.job_id[:16] not in await right.locator("#jobs").inner_text()
+        await right.get_by_role("tab", name="Avatars").click()
+        await right.locator("#refresh-avatars").click()
+        await refused(right)
+    assert "Traceback" not in ui_log.read_text() and API_KEY not in ui_log.read_text()
+
+
+@MODULE_LOOP
+async def test_the_server_refuses_a_call_from_a_session_that_never_signed_in(ui):
+    """Past the page: Gradio's HTTP API, called directly with a session of its own, is refused the same way."""
+    import json
+
+    def call() -> str:
+        request = urllib.request.Request(ui + "gradio_api/call/jobs", data=json.dumps({"data": []}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        event_id = json.load(urllib.request.urlopen(request, timeout=10))["event_id"]
+        return urllib.request.urlopen(f"{ui}gradio_api/call/jobs/{event_id}", timeout=30).read().decode()
+
+    answer = await asyncio.to_thread(call)
+    assert "event: error" in answer and SIGN_IN_FIRST in answer, answer
+
+
+@MODULE_LOOP
+async def test_the_ui_never_falls_back_to_a_key_of_its_own(stack, monkeypatch):
+    """In-process: the SDK would send SUPERWAV2LIP_API_KEY from the environment for a key of None; the UI passes
+    the visitor's key, so a visitor with no key is refused even when the UI's server has that variable set."""
+    monkeypatch.setenv("SUPERWAV2LIP_API_KEY", API_KEY)
+    backend = Backend(WebUISettings.from_env({}, gateway_address=stack.address("gateway")))
+    refused_visitor, message, jobs = await asyncio.to_thread(backend.sign_in, "")
+    assert refused_visitor is None and "needs an API key" in message and jobs == []
+    signed, message, _ = await asyncio.to_thread(backend.sign_in, f" {API_KEY}\n")  # pasted with blanks
+    assert signed == Visitor(API_KEY) and "Signed in with your key" in message
+    assert API_KEY not in repr(signed)
+
+
+@MODULE_LOOP
+async def test_signing_out_drops_a_generation_still_running(media, stack):
+    """In-process: a generation running when its visitor signs out shows nothing more (no progress, no result) on
+    the tab that sign-out cleared; it ends at its next event."""
+    face, speech, _ = media
+    backend = Backend(WebUISettings.from_env({}, gateway_address=stack.address("gateway")))
+
+    def run() -> list[tuple[str, str | None]]:
+        visitor = Visitor(API_KEY)
+        shown = []
+        for status, video, _ in backend.generate(visitor, str(face), str(speech), NO_AVATAR, "aligned", False, None,
+                                                 0, 10, 0, 0):
+            shown.append((status, video))
+            if len(shown) == 2:  # "Uploading...", then the first progress
+                visitor.sign_out()
+        return shown
+
+    shown = await asyncio.to_thread(run)
+    assert len(shown) == 2 and shown[0][0] == "Uploading..." and shown[1][1] is None, shown
+
+
+@MODULE_LOOP
+async def test_an_empty_key_signs_in_where_the_gateway_accepts_calls_without_one(anonymous_stack):
+    backend = Backend(WebUISettings.from_env({}, gateway_address=anonymous_stack.address("gateway")))
+    signed, message, _ = await asyncio.to_thread(backend.sign_in, "")
+    assert signed == Visitor("") and "this gateway accepts calls without a key" in message, message
+
+
+def test_the_ui_binds_loopback_unless_told_and_refuses_the_removed_shared_key():
+    assert WebUISettings.from_env({}).host == "127.0.0.1"
+    assert WebUISettings.from_env({"SWL_WEBUI_HOST": "0.0.0.0"}).host == "0.0.0.0"
+    env = project_env(SWL_WEBUI_API_KEY="shared-key-of-old")
+    started = subprocess.run([sys.executable, "-m", "webui"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 2, started
+    assert "SWL_WEBUI_API_KEY was removed" in started.stderr and "shared-key-of-old" not in started.stderr
+    assert "Traceback" not in started.stderr
 
 
 @contextlib.contextmanager
@@ -175,24 +425,19 @@ FIRST_FRAME_MEDIA_TIME = """async (src) => {
 }"""
 
 
-async def test_the_browser_presents_the_first_frame_at_zero_in_both_formats(dev_models_dir, tmp_path):
+@MODULE_LOOP
+async def test_the_browser_presents_the_first_frame_at_zero_in_both_formats(anonymous_stack, tmp_path, browser):
     """Chromium plays the streamed (fragmented) and the faststart output; requestVideoFrameCallback reports the first
     frame's presentation time, which must be 0 (the streamed file used to start two frames late)."""
-    from playwright.async_api import async_playwright
-
     from tests.support.flash_and_click import encode_speech, flash_clip
 
     face, speech = flash_clip(), encode_speech("wav")
-    async with running_stack(dev_models_dir, data_dir=str(tmp_path / "data")) as stack:
-        (tmp_path / "streamed.mp4").write_bytes((await stack.generate(face, speech))[0])
-        (tmp_path / "faststart.mp4").write_bytes((await stack.generate_video(face, speech)).data)
+    (tmp_path / "streamed.mp4").write_bytes((await anonymous_stack.generate(face, speech))[0])
+    (tmp_path / "faststart.mp4").write_bytes((await anonymous_stack.generate_video(face, speech)).data)
     with served(tmp_path) as base:
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=system_binary("chromium"),
-                                                       args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
-            page = await browser.new_page()
-            await page.goto(base)
-            media_times = {name: await page.evaluate(FIRST_FRAME_MEDIA_TIME, base + name)
-                           for name in ("streamed.mp4", "faststart.mp4")}
-            await browser.close()
+        page = await browser.new_page()
+        await page.goto(base)
+        media_times = {name: await page.evaluate(FIRST_FRAME_MEDIA_TIME, base + name)
+                       for name in ("streamed.mp4", "faststart.mp4")}
+        await page.close()
     assert all(abs(t) <= 0.001 for t in media_times.values()), media_times
