@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tests.support.paths import ROOT, SHARED_MEDIA, SHARED_MODELS, system_binary
 from tests.support.processes import free_port, project_env
 from tests.support.media_factory import encode_png, scene, speech_wav, stream_durations, with_marker
 from tests.support.stack import MODULE_LOOP, running_stack
+from tests.support.waiting import eventually, eventually_async
 from webui.app import NO_AVATAR, SIGN_IN_FIRST, SIGNED_OUT, Backend, Visitor
 from webui.settings import REMOVED_API_KEY, WebUISettings
 
@@ -61,16 +61,21 @@ def web_ui(gateway_address: str, log_path: Path):
     env.pop("SUPERWAV2LIP_API_KEY", None)
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "webui"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        url = f"http://127.0.0.1:{port}/"
+
+        def answers() -> bool:
+            assert process.poll() is None, f"the web UI exited:\n{log_path.read_text()}"
+            try:
+                urllib.request.urlopen(url, timeout=2)
+            except OSError:
+                return False
+            return True
+
         try:
-            url = f"http://127.0.0.1:{port}/"
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=2)
-                    break
-                except OSError:
-                    assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                    time.sleep(0.5)
+            try:
+                eventually(answers, seconds=90, every=0.1, what=f"the web UI answering on {url}")
+            except AssertionError as error:
+                raise AssertionError(f"{error}\n{log_path.read_text()}") from None
             yield url
         finally:
             process.terminate()
@@ -239,13 +244,18 @@ async def test_the_page_generates_shows_progress_plays_downloads_and_reports_err
                      ).to_be_attached(timeout=30_000)
         await page.locator("#generate").click()
         status = page.locator("#status")
-        seen = set()
-        deadline = time.monotonic() + 180
-        while "Done" not in (text := await status.inner_text()):
-            seen.add(text.split(":")[0])
-            assert time.monotonic() < deadline, f"no result; status {text!r}"
-            await asyncio.sleep(0.1)
-        assert seen & {"decode", "detect", "lipsync", "encode"}, seen  # live progress reached the page
+        seen: list[str] = []  # every status line shown, in order
+
+        async def done() -> str | None:
+            seen.append(await status.inner_text())
+            return seen[-1] if "Done" in seen[-1] else None
+
+        try:
+            text = await eventually_async(done, seconds=180, every=0.1, what="the result")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the last statuses: {seen[-3:]}") from None
+        stages = {line.split(":")[0] for line in seen}
+        assert stages & {"decode", "detect", "lipsync", "encode"}, stages  # live progress reached the page
         # generated weights here: the warning stays under the status, with the command that fixes it
         assert "generated demo weights" in text and "make models" in text, text
 
