@@ -1,13 +1,15 @@
 """The web UI in a real headless Chromium (Debian's `chromium`, driven by playwright with executable_path; playwright's
 own browser download cannot work here), against the UI process and an in-process stack.
 
-The tests that sign in share one stack, which needs API_KEY, and one UI process (each test opens its own browser
-contexts, so each visitor is a fresh session)."""
+The tests that sign in share one stack, whose gateway has two tenants, and one UI process; each test opens its own
+browser contexts, so each visitor is a fresh session."""
 
 import asyncio
 import contextlib
 import functools
+import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -48,8 +50,9 @@ def media_and_models(dev_models_dir: Path, tmp_path: Path) -> tuple[Path, Path, 
     return tmp_path / "face.png", tmp_path / "speech.wav", dev_models_dir
 
 
-API_KEY = "visitor-key-a-4242"  # the one key the shared stack accepts; only the visitors type it
-WRONG_KEY = "visitor-key-b-0000"
+API_KEY = "visitor-key-a-4242"  # tenant alpha's key on the shared stack; only the visitors type it
+OTHER_KEY = "visitor-key-b-4343"  # tenant beta's
+WRONG_KEY = "visitor-key-c-0000"  # no tenant's
 
 
 @contextlib.contextmanager
@@ -89,8 +92,13 @@ def media(dev_models_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(media):
-    async with running_stack(media[2], api_keys=(API_KEY,)) as stack:  # only the visitors know the key
+async def stack(media, tmp_path_factory):
+    """The shared stack: its gateway has two tenants, alpha (API_KEY) and beta (OTHER_KEY)."""
+    tenants = tmp_path_factory.mktemp("tenants") / "tenants.json"
+    tenants.write_text(json.dumps({"tenants": {
+        name: {"keys_sha256": [hashlib.sha256(key.encode()).hexdigest()]}
+        for name, key in (("alpha", API_KEY), ("beta", OTHER_KEY))}}))
+    async with running_stack(media[2], tenants_file=str(tenants)) as stack:
         yield stack
 
 
@@ -176,11 +184,11 @@ async def visitor(browser, url: str, **options):
         await context.close()
 
 
-def submit_job(stack, face: Path, speech: Path):
-    """A job submitted with the key through the SDK, as another program of the same tenant would."""
+def submit_job(stack, face: Path, speech: Path, key: str = API_KEY):
+    """A job submitted with `key` through the SDK, as another program of that key's tenant would."""
     from superwav2lip_client import Client
 
-    with Client(stack.address("gateway"), api_key=API_KEY) as client:
+    with Client(stack.address("gateway"), api_key=key) as client:
         return client.submit_job(face, speech)
 
 
@@ -205,17 +213,17 @@ async def refused(page) -> None:
     await expect(page.get_by_text(SIGN_IN_FIRST)).to_have_count(0)  # so that the next refusal is a new one
 
 
-async def assert_key_never_reached_the_browser(page, received: Received, key: str) -> None:
+async def assert_keys_never_reached_the_browser(page, received: Received, *keys: str) -> None:
     """Not in the page's HTML, in an input's value, in storage, nor in anything the browser received (the queue's
     event stream included, which carries every handler's outputs)."""
-    assert key not in await page.content()
+    html = await page.content()
     held = await page.evaluate(
         "() => [...document.querySelectorAll('input, textarea')].map(e => e.value).join(' ') + "
         "JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
-    assert key not in held, held
     text = await received.text(page)
     assert "Signed in with your key" in text  # the sign-in's outputs were seen: the recording works
-    assert key not in text
+    for key in keys:
+        assert key not in html and key not in held and key not in text, (key, held)
 
 
 async def choose_file(page, component: str, path: Path) -> None:
@@ -292,61 +300,72 @@ async def test_the_page_generates_shows_progress_plays_downloads_and_reports_err
         await page.get_by_role("tab", name="Recent jobs").click()
         await page.locator("#refresh-jobs").click()
         await expect(page.locator("#jobs")).to_contain_text(job.job_id[:16], timeout=30_000)
-        await assert_key_never_reached_the_browser(page, received, API_KEY)
+        await assert_keys_never_reached_the_browser(page, received, API_KEY)
     assert "INVALID_ARGUMENT" in message and "face" in message and "request id" in message, message
     assert "Traceback" not in message and "File \"" not in message
     assert "Traceback" not in ui_log.read_text()
 
 
 @MODULE_LOOP
-async def test_each_visitor_acts_with_their_own_key_and_signing_out_forgets_it(media, stack, ui, ui_log, browser):
-    """Two visitors at once, each in their own browser context: one with the gateway's key, one with a wrong key.
-    Only the first signs in and sees the jobs made with that key; the other is refused by the UI's server at every
-    action (the buttons are there: the check is the server's), and signing out forgets the first visitor's key."""
+async def test_each_visitor_acts_as_their_own_tenant_and_signing_out_forgets_the_key(media, stack, ui, ui_log,
+                                                                                     browser):
+    """Two visitors at once, each in their own browser context. The second tries a wrong key, then an empty one: not
+    signed in, and refused by the UI's server at every action (the buttons are there: the check is the server's).
+    Then each signs in with their own tenant's key and sees their tenant's job and not the other's; signing out
+    forgets the first visitor's key and leaves the second signed in."""
     from playwright.async_api import expect
 
-    async with contextlib.AsyncExitStack() as visitors:  # the job and both visitors' pages at once
-        job, (right, received), (wrong, _) = await asyncio.gather(
-            asyncio.to_thread(submit_job, stack, *media[:2]), visitors.enter_async_context(visitor(browser, ui)),
-            visitors.enter_async_context(visitor(browser, ui)))
-        await sign_in(wrong, WRONG_KEY, "Wrong key")
+    async with contextlib.AsyncExitStack() as visitors:  # the jobs and both visitors' pages at once
+        alpha_job, beta_job, (alpha, alpha_received), (beta, beta_received) = await asyncio.gather(
+            asyncio.to_thread(submit_job, stack, *media[:2], API_KEY),
+            asyncio.to_thread(submit_job, stack, *media[:2], OTHER_KEY),
+            visitors.enter_async_context(visitor(browser, ui)), visitors.enter_async_context(visitor(browser, ui)))
+        alpha_job, beta_job = alpha_job.job_id[:16], beta_job.job_id[:16]
+        await sign_in(beta, WRONG_KEY, "Wrong key")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        await wrong.screenshot(path=str(ARTIFACTS / "webui-wrong-key.png"))
-        await sign_in(wrong, "", "needs an API key")  # a gateway with keys refuses an empty key
-        await expect(wrong.locator("#sign-out")).to_be_hidden()
-        await sign_in(right, API_KEY, "Signed in with your key")
-        await expect(right.locator("#sign-in-form")).to_be_hidden()
-        for page in (wrong, right):
+        await beta.screenshot(path=str(ARTIFACTS / "webui-wrong-key.png"))
+        await sign_in(beta, "", "needs an API key")  # a gateway with tenants refuses an empty key
+        await expect(beta.locator("#sign-out")).to_be_hidden()
+        await sign_in(alpha, API_KEY, "Signed in with your key")
+        await expect(alpha.locator("#sign-in-form")).to_be_hidden()
+        for page in (alpha, beta):
             await page.get_by_role("tab", name="Recent jobs").click()
-        await expect(right.locator("#jobs")).to_contain_text(job.job_id[:16], timeout=30_000)  # listed at sign-in
+        await expect(alpha.locator("#jobs")).to_contain_text(alpha_job, timeout=30_000)  # listed at sign-in
+        assert beta_job not in await alpha.locator("#jobs").inner_text()  # both jobs were made before it
 
-        await wrong.locator("#refresh-jobs").click()
-        await refused(wrong)
-        assert job.job_id[:16] not in await wrong.locator("#jobs").inner_text()
-        await wrong.get_by_role("tab", name="Generate").click()
-        await wrong.locator("#generate").click()
-        await refused(wrong)
+        await beta.locator("#refresh-jobs").click()
+        await refused(beta)
+        assert alpha_job not in await beta.locator("#jobs").inner_text()
+        await beta.get_by_role("tab", name="Generate").click()
+        await beta.locator("#generate").click()
+        await refused(beta)
 
-        await right.locator("#refresh-jobs").click()  # meanwhile, the other session is still signed in
-        await expect(right.locator("#jobs")).to_contain_text(job.job_id[:16], timeout=30_000)
-        await assert_key_never_reached_the_browser(right, received, API_KEY)
+        await sign_in(beta, OTHER_KEY, "Signed in with your key")
+        await beta.get_by_role("tab", name="Recent jobs").click()
+        await expect(beta.locator("#jobs")).to_contain_text(beta_job, timeout=30_000)
+        assert alpha_job not in await beta.locator("#jobs").inner_text()
+        await assert_keys_never_reached_the_browser(alpha, alpha_received, API_KEY, OTHER_KEY)
+        await assert_keys_never_reached_the_browser(beta, beta_received, API_KEY, OTHER_KEY, WRONG_KEY)
 
-        await right.locator("#sign-out").click()
-        await expect(right.locator("#account")).to_have_text(SIGNED_OUT, timeout=30_000)
-        await expect(right.locator("#jobs")).not_to_contain_text(job.job_id[:16])  # what was shown is cleared
-        await right.locator("#refresh-jobs").click()
-        await refused(right)
-        assert job.job_id[:16] not in await right.locator("#jobs").inner_text()
-        await right.get_by_role("tab", name="Avatars").click()
-        await right.locator("#refresh-avatars").click()
-        await refused(right)
-    assert "Traceback" not in ui_log.read_text() and API_KEY not in ui_log.read_text()
+        await alpha.locator("#sign-out").click()
+        await expect(alpha.locator("#account")).to_have_text(SIGNED_OUT, timeout=30_000)
+        await expect(alpha.locator("#jobs")).not_to_contain_text(alpha_job)  # what was shown is cleared
+        await alpha.locator("#refresh-jobs").click()
+        await refused(alpha)
+        assert alpha_job not in await alpha.locator("#jobs").inner_text()
+        await alpha.get_by_role("tab", name="Avatars").click()
+        await alpha.locator("#refresh-avatars").click()
+        await refused(alpha)
+        await beta.locator("#refresh-jobs").click()  # the other session is still signed in
+        await expect(beta.locator("#jobs")).to_contain_text(beta_job, timeout=30_000)
+        assert not await beta.get_by_text(SIGN_IN_FIRST).count()
+    log = ui_log.read_text()
+    assert "Traceback" not in log and not any(key in log for key in (API_KEY, OTHER_KEY, WRONG_KEY))
 
 
 @MODULE_LOOP
 async def test_the_server_refuses_a_call_from_a_session_that_never_signed_in(ui):
     """Past the page: Gradio's HTTP API, called directly with a session of its own, is refused the same way."""
-    import json
 
     def call() -> str:
         request = urllib.request.Request(ui + "gradio_api/call/jobs", data=json.dumps({"data": []}).encode(),
