@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from service_runtime.handlers import behaviour_of, same_shape
+
 from .tenants import ANONYMOUS, Tenant, TenantRegistry, current_tenant
 
 API_KEY_HEADER = "x-api-key"
@@ -58,8 +60,7 @@ def with_tenant(handler: grpc.RpcMethodHandler, tenant: Tenant,
     """`handler` with `current_tenant` set to `tenant` while its behaviour runs. Set in intercept_service, the
     variable reaches the handler only because grpc.aio (1.85) runs both in one task, which it does not promise
     (tests/gateway/test_tenants.py records it); set here, it holds for the call and every task the call starts."""
-    codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    behaviour = _behaviour(handler)
+    behaviour = behaviour_of(handler)
     if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
         # grpc.aio runs a plain function in its thread pool with another context object: not wrapped here, as
         # the gateway serves none, and refused loudly rather than run wrongly.
@@ -88,23 +89,11 @@ def with_tenant(handler: grpc.RpcMethodHandler, tenant: Tenant,
             async for response in responses:
                 yield response
 
-    if handler.response_streaming:
-        factory = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                   else grpc.unary_stream_rpc_method_handler)
-        return factory(stream_response, **codec)
-    factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-    return factory(unary_response, **codec)
-
-
-def _behaviour(handler: grpc.RpcMethodHandler):
-    if handler.request_streaming:
-        return handler.stream_stream if handler.response_streaming else handler.stream_unary
-    return handler.unary_stream if handler.response_streaming else handler.unary_unary
+    return same_shape(handler, stream_response if handler.response_streaming else unary_response)
 
 
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that refuses the call."""
-    codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
     async def refuse(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
@@ -113,10 +102,5 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
         yield  # an async generator, as streaming handlers are
 
-    if handler.response_streaming:
-        factory = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                   else grpc.unary_stream_rpc_method_handler)
-        return factory(refuse_stream, **codec)
-    factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-    return factory(refuse, **codec)
+    return same_shape(handler, refuse_stream if handler.response_streaming else refuse)
 

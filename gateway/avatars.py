@@ -26,6 +26,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from service_runtime.errors import InvalidArgument, NotFound, Unavailable
 
+from .redis_calls import bounded
 from .faces import FacePlan
 
 log = logging.getLogger(__name__)
@@ -107,11 +108,7 @@ class AvatarStore:
         return f"{INDEX_KEY}:{tenant}"
 
     async def _redis(self, call):
-        try:
-            return await asyncio.wait_for(call, self.timeout_s)
-        except Exception as error:  # noqa: BLE001 - any Redis or network failure
-            log.warning("avatar index unavailable", extra={"error": f"{type(error).__name__}: {error}"})
-            raise Unavailable("the avatar index (Redis) is unavailable; retry shortly") from None
+        return await bounded(call, self.timeout_s, "the avatar index")
 
     async def create(self, tenant: str, face: bytes, plan: FacePlan, name: str, planning: gateway_pb2.GenerateOptions,
                      preview: bytes) -> AvatarRecord:

@@ -6,7 +6,6 @@ lease lapsed (its replica died) goes back to the front of the queue, or fails af
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
@@ -16,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 from superwav2lip.gateway.v1 import gateway_pb2
 
-from service_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from service_runtime.errors import InvalidArgument, ResourceExhausted
 
+from .redis_calls import bounded
 from .limits import setting_name
 
 JOB_ID = re.compile(r"job_[0-9a-f]{24}")
@@ -195,10 +195,7 @@ class RedisJobStore:
         return bool(await self._call(self.client.exists(f"swl:job:{job_id}:cancel")))
 
     async def _call(self, call):
-        try:
-            return await asyncio.wait_for(call, self.timeout_s * 4)
-        except Exception as error:  # noqa: BLE001 - any Redis or network failure
-            raise Unavailable(f"the job store (Redis) is unavailable ({type(error).__name__}); retry shortly") from None
+        return await bounded(call, self.timeout_s * 4, "the job store")
 
     async def enqueue(self, record: JobRecord) -> None:
         await self.save(record)

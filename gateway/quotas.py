@@ -15,6 +15,7 @@ from typing import Protocol
 
 from service_runtime.errors import ResourceExhausted, Unavailable
 
+from .redis_calls import bounded
 from .tenants import ANONYMOUS, Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,7 @@ class TenantQuotas:
         self._running: dict[str, int] = {}
 
     async def _redis(self, call):
-        try:
-            return await asyncio.wait_for(call, self.timeout_s)
-        except Exception as error:  # noqa: BLE001 - any Redis or network failure
-            log.warning("quota counters unavailable", extra={"error": f"{type(error).__name__}: {error}"})
-            raise Unavailable("the quota counters (Redis) are unavailable; retry shortly") from None
+        return await bounded(call, self.timeout_s, "the quota counters")
 
     async def admit_request(self, tenant: Tenant) -> None:
         """Counts one call against requests_per_minute; refuses it past the quota."""

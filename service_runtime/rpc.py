@@ -18,6 +18,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from .errors import InvalidArgument, ServiceError
 from .logs import new_request_id, request_id_var
+from .handlers import behaviour_of, same_shape
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -86,41 +87,25 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         return self._wrapped(handler, details.method.rsplit("/", 1)[-1])
 
     def _wrapped(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        behaviour = _behaviour(handler)
+        behaviour = behaviour_of(handler)
         metrics = self._metrics
 
         async def answer(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            rpc = _Rpc(metrics, method, context)
             token = request_id_var.set(new_request_id())  # reset below: this runs in the call's own task
             try:
-                rpc.read_request_id()
-                return await behaviour(request, context)
-            except Exception as error:
-                await rpc.fail(error)
-            except BaseException as error:
-                rpc.ended_by(error)
-                raise
+                async with _Rpc(metrics, method, context).handled():
+                    return await behaviour(request, context)
             finally:
-                rpc.record()
                 request_id_var.reset(token)
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             # Not reset here: a stream abandoned by its consumer is closed by the loop's finaliser in another
             # context, where a reset fails; the call's task, whose context this is, ends with the call anyway.
-            rpc = _Rpc(metrics, method, context)
             request_id_var.set(new_request_id())
-            try:
-                rpc.read_request_id()
+            async with _Rpc(metrics, method, context).handled():
                 async with contextlib.aclosing(behaviour(request, context)) as responses:  # its finally runs now
                     async for response in responses:
                         yield response
-            except Exception as error:
-                await rpc.fail(error)
-            except BaseException as error:
-                rpc.ended_by(error)
-                raise
-            finally:
-                rpc.record()
 
         if inspect.isasyncgenfunction(behaviour):
             wrapper: Callable[..., Any] = stream
@@ -131,23 +116,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             # is refused loudly here rather than served without its request id, metrics and error mapping.
             raise TypeError(f"RpcInterceptor wraps grpc.aio handlers (coroutines, async generators) only, not "
                             f"{behaviour!r} ({method})")
-        factory = _FACTORIES[handler.request_streaming, handler.response_streaming]
-        return factory(wrapper, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
-
-
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    if handler.request_streaming:
-        return handler.stream_stream if handler.response_streaming else handler.stream_unary
-    return handler.unary_stream if handler.response_streaming else handler.unary_unary
+        return same_shape(handler, wrapper)
 
 
 class _Rpc:
@@ -158,8 +127,19 @@ class _Rpc:
         self.code = grpc.StatusCode.OK
         self.started = time.perf_counter()
 
-    def read_request_id(self) -> None:
-        request_id_var.set(request_id_from(self.context))  # a bad header: InvalidArgument, answered by fail()
+    @contextlib.asynccontextmanager
+    async def handled(self) -> AsyncIterator[None]:
+        """The call's request id read, its errors answered with their status, and its outcome counted."""
+        try:
+            request_id_var.set(request_id_from(self.context))  # a bad header: InvalidArgument, answered by fail()
+            yield
+        except Exception as error:
+            await self.fail(error)
+        except BaseException as error:
+            self.ended_by(error)
+            raise
+        finally:
+            self.record()
 
     async def fail(self, error: Exception) -> NoReturn:
         """Ends the call with `error`'s status (raises what grpc.aio expects of an aborted handler)."""

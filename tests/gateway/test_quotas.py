@@ -2,8 +2,6 @@
 hint; one tenant's flood leaves another's calls admitted; with Redis, two replicas count together (issue #25)."""
 
 import asyncio
-import hashlib
-import json
 import os
 
 import grpc
@@ -20,6 +18,7 @@ from service_runtime.errors import ResourceExhausted
 
 from tests.support.gateway_processes import RedisServer
 from tests.support.media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
+from tests.support.tenants import tenants_file
 from tests.support.stack import MODULE_LOOP, running_stack
 from tests.support.waiting import eventually_async
 
@@ -28,19 +27,13 @@ pytestmark = MODULE_LOOP
 FLOODER, NEIGHBOUR, CHATTY, SMALL = "flooder-key-0001", "neighbour-key-0002", "chatty-key-0003", "small-key-0004"
 
 
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(dev_models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("quotas")
-    (folder / "tenants.json").write_text(json.dumps({"tenants": {
-        "flooder": {"keys_sha256": [digest(FLOODER)], "quotas": {"running_generations": 1, "queued_jobs": 1}},
-        "neighbour": {"keys_sha256": [digest(NEIGHBOUR)]},
-        "chatty": {"keys_sha256": [digest(CHATTY)], "quotas": {"requests_per_minute": 3}},
-        "small": {"keys_sha256": [digest(SMALL)], "quotas": {"stored_bytes": 600_000}}}}))
-    async with running_stack(dev_models_dir, tenants_file=str(folder / "tenants.json"), allow_anonymous=False,
+    path = tenants_file(folder, flooder={"key": FLOODER, "quotas": {"running_generations": 1, "queued_jobs": 1}},
+                        neighbour={"key": NEIGHBOUR}, chatty={"key": CHATTY, "quotas": {"requests_per_minute": 3}},
+                        small={"key": SMALL, "quotas": {"stored_bytes": 600_000}})
+    async with running_stack(dev_models_dir, tenants_file=str(path), allow_anonymous=False,
                              data_dir=str(folder / "data"), job_workers=0) as stack:
         yield stack
 
@@ -184,10 +177,9 @@ async def test_a_dead_replicas_slot_lapses_and_a_live_ones_is_renewed(replicas):
 async def test_a_queued_job_waits_while_its_tenant_runs_its_quota_and_others_jobs_overtake_it(dev_models_dir, tmp_path):
     """The solo tenant's one running generation is held (by a call, as a stand-in); its queued job is not run
     past the quota, while the neighbour's, submitted after it, runs; once the slot is free, it runs too."""
-    (tmp_path / "tenants.json").write_text(json.dumps({"tenants": {
-        "solo": {"keys_sha256": [digest(FLOODER)], "quotas": {"running_generations": 1}},
-        "neighbour": {"keys_sha256": [digest(NEIGHBOUR)]}}}))
-    async with running_stack(dev_models_dir, tenants_file=str(tmp_path / "tenants.json"), allow_anonymous=False,
+    path = tenants_file(tmp_path, solo={"key": FLOODER, "quotas": {"running_generations": 1}},
+                        neighbour={"key": NEIGHBOUR})
+    async with running_stack(dev_models_dir, tenants_file=str(path), allow_anonymous=False,
                              data_dir=str(tmp_path / "data"), job_workers=2) as stack:
         service = stack.servers["gateway"].service
         request = gateway_pb2.SubmitJobRequest(face=encode_png(with_marker(scene(), 100, 80)), audio=speech_wav(0.4))

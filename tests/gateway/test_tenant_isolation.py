@@ -2,7 +2,6 @@
 hold only the caller's objects, the plan cache is per tenant, and a gateway with no tenant configured refuses to
 start unless told to serve anonymously (issue #25)."""
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from tests.support.media_factory import encode_video, marker_frames, speech_wav
 from tests.support.metrics import metric
 from tests.support.paths import ROOT
 from tests.support.processes import project_env
+from tests.support.tenants import tenants_file
 from tests.support.stack import MODULE_LOOP, running_stack
 from tests.support.waiting import eventually_async
 from tests.support.webhook_receiver import webhook_receiver
@@ -32,18 +32,12 @@ ALICE_WEBHOOK_SECRET = "alice's webhook secret"
 State = gateway_pb2.Job.State
 
 
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(dev_models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tenants")
-    (folder / "tenants.json").write_text(json.dumps({"tenants": {
-        "alice": {"keys_sha256": [digest(ALICE)], "webhook_secret": ALICE_WEBHOOK_SECRET,
-                  "webhook_hosts": ["127.0.0.1"]},
-        "bob": {"keys_sha256": [digest(BOB)]}}}))
-    async with running_stack(dev_models_dir, tenants_file=str(folder / "tenants.json"), allow_anonymous=False,
+    path = tenants_file(folder, alice={"key": ALICE, "webhook_secret": ALICE_WEBHOOK_SECRET,
+                                       "webhook_hosts": ["127.0.0.1"]}, bob={"key": BOB})
+    async with running_stack(dev_models_dir, tenants_file=str(path), allow_anonymous=False,
                              data_dir=str(folder / "data"), webhook_secret="the gateway's own secret",
                              webhook_allowed_hosts=("127.0.0.1",)) as stack:
         yield stack
