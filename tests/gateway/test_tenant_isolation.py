@@ -3,6 +3,7 @@ hold only the caller's objects, the plan cache is per tenant, and a gateway with
 start unless told to serve anonymously (issue #25)."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -180,3 +181,27 @@ def test_the_gateway_process_exits_with_the_reason(tmp_path):
         done = subprocess.run([sys.executable, "-m", "gateway"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                               env=project_env(SWL_GATEWAY_DATA_DIR=str(tmp_path / "data"), **env))
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+async def test_a_changed_tenants_file_rotates_keys_without_a_restart_and_a_bad_one_keeps_the_old(dev_models_dir,
+                                                                                                 tmp_path, caplog):
+    path = tenants_file(tmp_path, alice={"key": ALICE})
+    async with running_stack(dev_models_dir, tenants_file=str(path), allow_anonymous=False, tenants_poll_s=0.1,
+                             data_dir=str(tmp_path / "data")) as stack:
+        async def accepted(key: str) -> bool:
+            try:
+                await stack.stub.ListJobs(gateway_pb2.ListJobsRequest(), **as_(key))
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+                return False
+            return True
+
+        assert await accepted(ALICE) and not await accepted("alice-new-key")
+        tenants_file(tmp_path, alice={"key": "alice-new-key"})  # the old key removed, the new one added
+        await eventually_async(lambda: accepted("alice-new-key"), what="the new key to be accepted")
+        assert not await accepted(ALICE)
+        caplog.set_level(logging.WARNING, logger="gateway.tenants")
+        path.write_text('{"tenants": {"alice": {"keys_sha256": ["not hex"]}}}')  # a broken edit
+        await eventually_async(lambda: [r for r in caplog.records if r.getMessage() == "tenants file not reloaded"],
+                               what="the broken file to be seen and refused")
+        assert await accepted("alice-new-key")
