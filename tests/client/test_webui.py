@@ -152,16 +152,23 @@ class Received:
 
     def __init__(self, context) -> None:
         self.bodies: list[tuple[str, bytes]] = []
+        self.unread: list[str] = []  # responses whose body could not be read, with why
         self._reads: list[asyncio.Future] = []
         context.on("requestfinished", lambda request: self._reads.append(asyncio.ensure_future(self._read(request))))
 
     async def _read(self, request) -> None:
-        response = await request.response()
-        if response is not None and not 300 <= response.status < 400:
-            self.bodies.append((request.url, await response.body()))
+        from playwright.async_api import Error
+
+        try:
+            response = await request.response()
+            if response is not None and not 300 <= response.status < 400:
+                self.bodies.append((request.url, await response.body()))
+        except Error as error:  # e.g. the context closed under a read at the end of a test
+            self.unread.append(f"{request.url}: {error.message}")
 
     async def text(self, page) -> str:
         await asyncio.gather(*self._reads)
+        assert not self.unread, self.unread  # a body not read could have held anything
         finished = "\n".join(body.decode("utf-8", "replace") for _, body in self.bodies)
         return finished + "\n" + "".join(await page.evaluate("() => window.__chunks"))
 
