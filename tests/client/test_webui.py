@@ -191,12 +191,16 @@ async def visitor(browser, url: str, **options):
         await context.close()
 
 
-def submit_job(stack, face: Path, speech: Path, key: str = API_KEY):
-    """A job submitted with `key` through the SDK, as another program of that key's tenant would."""
+def submit_job(stack, face: Path, speech: Path, key: str = API_KEY, cancel: bool = False):
+    """A job submitted with `key` through the SDK, as another program of that key's tenant would; cancelled at
+    once with `cancel` (it stays listed, and leaves the CPU to the browser)."""
     from superwav2lip_client import Client
 
     with Client(stack.address("gateway"), api_key=key) as client:
-        return client.submit_job(face, speech)
+        job = client.submit_job(face, speech)
+        if cancel:
+            client.cancel_job(job.job_id)
+        return job
 
 
 async def sign_in(page, key: str, outcome: str) -> str:
@@ -324,8 +328,8 @@ async def test_each_visitor_acts_as_their_own_tenant_and_signing_out_forgets_the
 
     async with contextlib.AsyncExitStack() as visitors:  # the jobs and both visitors' pages at once
         alpha_job, beta_job, (alpha, alpha_received), (beta, beta_received) = await asyncio.gather(
-            asyncio.to_thread(submit_job, stack, *media[:2], API_KEY),
-            asyncio.to_thread(submit_job, stack, *media[:2], OTHER_KEY),
+            asyncio.to_thread(submit_job, stack, *media[:2], API_KEY, cancel=True),
+            asyncio.to_thread(submit_job, stack, *media[:2], OTHER_KEY, cancel=True),
             visitors.enter_async_context(visitor(browser, ui)), visitors.enter_async_context(visitor(browser, ui)))
         alpha_job, beta_job = alpha_job.job_id[:16], beta_job.job_id[:16]
         await sign_in(beta, WRONG_KEY, "Wrong key")
