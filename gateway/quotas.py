@@ -16,7 +16,7 @@ from typing import Protocol
 from service_runtime.errors import ResourceExhausted, Unavailable
 
 from .redis_calls import bounded
-from .tenants import ANONYMOUS, Tenant, TenantRegistry
+from .tenants import ANONYMOUS, NO_LIMIT, Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class TenantQuotas:
 
     async def admit_request(self, tenant: Tenant) -> None:
         """Counts one call against requests_per_minute; refuses it past the quota."""
+        quota = tenant.quotas.requests_per_minute
+        if quota >= NO_LIMIT:
+            return
         now = time.time()
         window = int(now // WINDOW_S)
         count = await self._shared_minute_count(tenant, window) if self.redis is not None else None
@@ -71,7 +74,6 @@ class TenantQuotas:
             self._minute_counts[(tenant.name, window)] = count
             for old in [k for k in self._minute_counts if k[1] < window - MEMORY_WINDOWS_KEPT]:
                 del self._minute_counts[old]
-        quota = tenant.quotas.requests_per_minute
         if count > quota:
             raise quota_exceeded(tenant, "requests_per_minute", quota, "calls in this minute",
                                  max(1.0, (window + 1) * WINDOW_S - now))
@@ -93,6 +95,9 @@ class TenantQuotas:
         """Holds one of the tenant's running_generations while the block runs; refuses at once when none is free.
         While Redis does not answer, the slot is counted in this process alone, so generation goes on."""
         quota = tenant.quotas.running_generations
+        if quota >= NO_LIMIT:
+            yield
+            return
         key, token = f"swl:quota:running:{tenant.name}", secrets.token_hex(8)
         shared: bool | None = None  # None: counted here alone (no Redis, or it does not answer)
         if self.redis is not None:
@@ -152,6 +157,8 @@ def quota_holder(tenants: TenantRegistry, name: str) -> Tenant:
 async def check_stored(quotas: TenantQuotas, tenant: Tenant, adding: int) -> None:
     """Refuses a write of `adding` bytes that would take the tenant past its stored_bytes quota."""
     quota = tenant.quotas.stored_bytes
+    if quota >= NO_LIMIT:
+        return
     held = await quotas.stored_bytes(tenant.name)
     if held + adding > quota:
         raise quota_exceeded(tenant, "stored_bytes", quota, f"{held} bytes of uploads, avatars and job results kept, "

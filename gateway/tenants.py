@@ -55,6 +55,13 @@ class Quotas:
 
 
 QUOTA_NAMES = tuple(quota.name for quota in fields(Quotas))
+NO_LIMIT = 1 << 62  # a quota this large is not counted at all
+
+
+def no_quotas() -> Quotas:
+    """The quotas of a gateway's only tenant (anonymous, or SWL_GATEWAY_API_KEYS's `default`): none of its own,
+    since there is no other tenant to keep room for; the gateway's own limits still apply."""
+    return Quotas(**{name: NO_LIMIT for name in QUOTA_NAMES})
 
 
 def quota_problem(value: object) -> str | None:
@@ -75,7 +82,7 @@ class Tenant:
     quotas: Quotas = field(default_factory=Quotas)
 
 
-ANONYMOUS = Tenant("anonymous", ())  # every call's tenant when no tenant is configured
+ANONYMOUS = Tenant("anonymous", (), quotas=no_quotas())  # every call's tenant when no tenant is configured
 RESERVED_NAMES = (ANONYMOUS.name,)
 
 # The tenant of the gRPC call being served; TenantInterceptor sets it for the whole call.
@@ -303,10 +310,10 @@ class TenantRegistry:
 
     @classmethod
     def from_api_keys(cls, keys: Iterable[str]) -> TenantRegistry:
-        """The SWL_GATEWAY_API_KEYS shorthand: one tenant, `default`, with default quotas; no tenant (anonymous
-        mode) when no key is given. The keys are hashed here and not kept."""
+        """The SWL_GATEWAY_API_KEYS shorthand: one tenant, `default`, with no quotas of its own (a tenants file
+        gives quotas); no tenant (anonymous mode) when no key is given. The keys are hashed here and not kept."""
         digests = tuple(dict.fromkeys(key_digest(key) for key in keys if key))
-        return cls(fixed=(Tenant(DEFAULT_TENANT, digests),) if digests else ())
+        return cls(fixed=(Tenant(DEFAULT_TENANT, digests, quotas=no_quotas()),) if digests else ())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TenantRegistry:

@@ -2,6 +2,7 @@
 hint; one tenant's flood leaves another's calls admitted; with Redis, two replicas count together (issue #25)."""
 
 import asyncio
+import contextlib
 import os
 
 import grpc
@@ -12,8 +13,8 @@ from google.rpc import error_details_pb2, status_pb2
 from superwav2lip.gateway.v1 import gateway_pb2
 
 import redis.asyncio
-from gateway.quotas import TenantQuotas
-from gateway.tenants import Quotas, Tenant
+from gateway.quotas import TenantQuotas, check_stored
+from gateway.tenants import ANONYMOUS, DEFAULT_TENANT, Quotas, Tenant, TenantRegistry
 from service_runtime.errors import ResourceExhausted
 
 from tests.support.gateway_processes import RedisServer
@@ -216,3 +217,21 @@ async def test_with_redis_down_each_replica_counts_alone_and_calls_go_on(replica
         with pytest.raises(ResourceExhausted, match="running_generations quota of 1"):
             async with a.generation(tenant):
                 pass
+
+
+async def test_a_gateways_only_tenant_has_no_quotas_of_its_own():
+    """Anonymous (make run, the soak) and SWL_GATEWAY_API_KEYS's tenant: nothing to keep room for, so nothing is
+    counted or measured; the gateway's own limits still apply (the soak runs 8 clients at once)."""
+    async def never_measured(tenant: str) -> int:
+        raise AssertionError("stored bytes measured for a tenant without quotas")
+
+    quotas = TenantQuotas(stored_bytes=never_measured)
+    default = TenantRegistry.from_api_keys(["k"]).tenant(DEFAULT_TENANT)
+    for tenant in (ANONYMOUS, default):
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(20):
+                await held.enter_async_context(quotas.generation(tenant))
+        for _ in range(2000):
+            await quotas.admit_request(tenant)
+        await check_stored(quotas, tenant, 1 << 40)
+        quotas.check_queued(tenant, 10_000)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from gateway.auth import DENIED, TenantInterceptor, with_tenant
-from gateway.tenants import (ANONYMOUS, DEFAULT_TENANT, Quotas, Tenant, TenantRegistry, TenantsFileError,
+from gateway.tenants import (ANONYMOUS, no_quotas, DEFAULT_TENANT, Quotas, Tenant, TenantRegistry, TenantsFileError,
                              TenantsWatcher, current_tenant, tenant_of_call)
 from tests.support.waiting import eventually_async
 
@@ -198,7 +198,7 @@ def test_a_tenants_repr_shows_neither_its_key_digests_nor_its_webhook_secret(tmp
 def test_the_api_keys_shorthand_is_one_default_tenant_that_keeps_no_key():
     registry = TenantRegistry.from_api_keys(["old-key", "", "new-key", "old-key"])
     (tenant,) = registry.tenants
-    assert (tenant.name, tenant.quotas, len(tenant.key_digests)) == (DEFAULT_TENANT, Quotas(), 2)
+    assert (tenant.name, tenant.quotas, len(tenant.key_digests)) == (DEFAULT_TENANT, no_quotas(), 2)
     assert registry.identify("old-key") is tenant and registry.identify("new-key") is tenant
     assert registry.identify("other") is None
     assert b"old-key" not in pickle.dumps(registry) and b"new-key" not in pickle.dumps(registry)
