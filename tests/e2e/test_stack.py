@@ -1,12 +1,11 @@
 """`make run`'s stack runner and the `superwav2lip` CLI, as separate processes on real ports."""
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import psutil
@@ -17,6 +16,7 @@ from superwav2lip_client.services import health
 from tools import run_stack
 
 from tests.support.paths import ROOT
+from tests.support.tenants import tenants_file
 from tests.support.processes import cli, free_port_block
 from tests.support.media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
 
@@ -64,19 +64,25 @@ def child_environ(runner: subprocess.Popen, module: str) -> dict[str, str]:
     return child.environ()
 
 
-def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
+def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path, monkeypatch):
+    """`SWL_GATEWAY_TENANTS_FILE=t.json make run`: the whole stack with a tenant's key, which the CLI and the
+    documents' HTTP examples send (SUPERWAV2LIP_API_KEY)."""
+    key = "acme-key-1"
+    tenants = tenants_file(tmp_path, acme={"key": key})
+    monkeypatch.setenv("SUPERWAV2LIP_API_KEY", key)
     base, metrics, http = free_port_block(5), free_port_block(4), free_port_block(3)
     runner, output = start_launcher(
         "--base-port", str(base), "--metrics-base-port", str(metrics), "--models-dir", str(dev_models_dir),
         "--logs", str(tmp_path / "logs"), "--extra-model-dirs", "", "--http-port", str(http),
         "--envoy-admin-port", str(http + 1), "--ui-port", str(http + 2),
-        env=launcher_env(SWL_WEBUI_API_KEY="one-key-for-every-visitor"))
+        env=launcher_env(SWL_WEBUI_API_KEY="one-key-for-every-visitor", SWL_GATEWAY_TENANTS_FILE=str(tenants)))
     try:
         assert any(l.startswith("READY") for l in output), "".join(output)
         assert any("generated demo weights" in l for l in output)
-        # Without a tenants file or keys, the gateway serves anonymously on purpose, and says so once.
-        assert [l.strip() for l in output if "without a key" in l] == [run_stack.ANONYMOUS_NOTE]
-        assert child_environ(runner, "gateway")["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "true"
+        # The tenants file is passed on, and no anonymous opt-in with it.
+        assert not any("without a key" in l for l in output), "".join(output)
+        environ = child_environ(runner, "gateway")
+        assert environ["SWL_GATEWAY_TENANTS_FILE"] == str(tenants) and "SWL_GATEWAY_ALLOW_ANONYMOUS" not in environ
         # The web UI signs each visitor in with their own key: no shared key from this environment reaches it.
         assert "SWL_WEBUI_API_KEY" not in child_environ(runner, "webui")
         assert any(l.startswith("NOTE: SWL_WEBUI_API_KEY is not passed") for l in output)
@@ -101,8 +107,12 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
                       "-o", str(tmp_path / "bad.mp4"), "--server", f"127.0.0.1:{base}")
         assert refused.returncode == 3 and "INVALID_ARGUMENT" in refused.stderr  # the input was refused
 
-        # The HTTP examples of README.md and docs/http-api.md, as written but for the port.
+        # The HTTP examples of README.md and docs/http-api.md, as written but for the port, with the tenant's key.
         assert any(f"http http://127.0.0.1:{http}" in l for l in output)
+        wrong_key = urllib.request.Request(f"http://127.0.0.1:{http}/v1/avatars", headers={"x-api-key": "wrong"})
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(wrong_key, timeout=10)
+        assert denied.value.code == 401
         script = readme_http_examples().replace("localhost:8080", f"127.0.0.1:{http}")
         (tmp_path / "face.png").write_bytes(encode_png(with_marker(scene(), 100, 80)))
         shell = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
@@ -158,29 +168,21 @@ def test_run_stack_serves_the_cli_and_stops_cleanly(dev_models_dir, tmp_path):
     assert down.returncode == 4 and "SERVING" not in down.stdout.replace("NOT_SERVING", "")
 
 
-def test_run_stack_serves_the_tenants_file_it_is_given(dev_models_dir, tmp_path):
-    """`SWL_GATEWAY_TENANTS_FILE=t.json make run`: the launcher passes the file on (and no anonymous opt-in), so
-    every call but the health check needs one of its keys. The gateway alone is enough to show it."""
-    key = "acme-key-1"
-    tenants = tmp_path / "t.json"
-    tenants.write_text(json.dumps({"tenants": {"acme": {"keys_sha256": [hashlib.sha256(key.encode()).hexdigest()]}}}))
+def test_run_stack_without_keys_serves_anonymously_and_says_so(dev_models_dir, tmp_path, monkeypatch):
+    """Plain `make run`: no tenants file or keys, so the launcher opts the gateway into calls without a key, on
+    purpose, and says so once. The gateway alone is enough to show it."""
+    monkeypatch.delenv("SUPERWAV2LIP_API_KEY", raising=False)
     base, metrics = free_port_block(5), free_port_block(4)
     runner, output = start_launcher(
         "--services", "gateway", "--base-port", str(base), "--metrics-base-port", str(metrics), "--models-dir",
-        str(dev_models_dir), "--logs", str(tmp_path / "logs"), "--extra-model-dirs", "",
-        env=launcher_env(SWL_GATEWAY_TENANTS_FILE=str(tenants)))
+        str(dev_models_dir), "--logs", str(tmp_path / "logs"), "--extra-model-dirs", "", env=launcher_env())
     server = f"--server=127.0.0.1:{base}"
     try:
         assert any(l.startswith("READY") for l in output), "".join(output) + (tmp_path / "logs/gateway.log").read_text()
-        assert not any("without a key" in l for l in output), "".join(output)
-        environ = child_environ(runner, "gateway")
-        assert environ["SWL_GATEWAY_TENANTS_FILE"] == str(tenants) and "SWL_GATEWAY_ALLOW_ANONYMOUS" not in environ
-        assert health(f"127.0.0.1:{base}", timeout=5) == "SERVING"  # the health check needs no key
-        refused = cli("avatar", "list", server)
-        assert refused.returncode == 3 and "UNAUTHENTICATED" in refused.stderr, refused.stdout + refused.stderr
-        wrong = cli("avatar", "list", "--api-key", "not-a-key", server)
-        assert wrong.returncode == 3 and "UNAUTHENTICATED" in wrong.stderr, wrong.stdout + wrong.stderr
-        listed = cli("avatar", "list", "--api-key", key, server)
+        assert [l.strip() for l in output if "without a key" in l] == [run_stack.ANONYMOUS_NOTE]
+        assert child_environ(runner, "gateway")["SWL_GATEWAY_ALLOW_ANONYMOUS"] == "true"
+        assert health(f"127.0.0.1:{base}", timeout=5) == "SERVING"
+        listed = cli("avatar", "list", server)  # no key: served
         assert listed.returncode == 0, listed.stdout + listed.stderr
     finally:
         runner.send_signal(signal.SIGTERM)

@@ -29,7 +29,7 @@ from tests.support.webhook_receiver import webhook_receiver
 pytestmark = MODULE_LOOP
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
-ALICE_WEBHOOK_SECRET = "alice's webhook secret"
+ALICE_WEBHOOK_SECRET, BOB_WEBHOOK_SECRET = "alice's webhook secret", "bob's webhook secret"
 State = gateway_pb2.Job.State
 
 
@@ -37,7 +37,7 @@ State = gateway_pb2.Job.State
 async def stack(dev_models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tenants")
     path = tenants_file(folder, alice={"key": ALICE, "webhook_secret": ALICE_WEBHOOK_SECRET,
-                                       "webhook_hosts": ["127.0.0.1"]}, bob={"key": BOB})
+                                       "webhook_hosts": ["127.0.0.1"]}, bob={"key": BOB, "webhook_secret": BOB_WEBHOOK_SECRET})
     async with running_stack(dev_models_dir, tenants_file=str(path), allow_anonymous=False,
                              data_dir=str(folder / "data"), webhook_secret="the gateway's own secret",
                              webhook_allowed_hosts=("127.0.0.1",)) as stack:
@@ -129,8 +129,8 @@ async def test_another_tenants_job_is_not_found_listed_or_cancelled(stack):
 
 
 async def test_webhooks_go_only_to_the_tenants_hosts_signed_with_its_own_secret(stack):
-    """Bob has no webhook terms of his own, so the gateway's shared secret and hosts are not his to use; Alice's
-    webhooks are signed with her secret, which no other tenant holds."""
+    """Bob has a secret but no hosts of his own, and the gateway's shared secret and hosts are not his to use;
+    Alice's webhooks are signed with her secret: they verify with it, and not with Bob's or the gateway's."""
     with webhook_receiver(fail_first=0) as (url, received):
         for bobs_url in (url, "http://hooks.bob.example/hook"):
             error = await refusal(lambda bobs_url=bobs_url: stack.stub.SubmitJob(gateway_pb2.SubmitJobRequest(
@@ -144,6 +144,8 @@ async def test_webhooks_go_only_to_the_tenants_hosts_signed_with_its_own_secret(
     lowered = {k.lower(): v for k, v in headers.items()}
     assert json.loads(body)["job_id"] == job.job_id
     assert lowered["x-swl-signature"] == sign(ALICE_WEBHOOK_SECRET, lowered["x-swl-timestamp"], body)
+    for other in (BOB_WEBHOOK_SECRET, "the gateway's own secret"):
+        assert lowered["x-swl-signature"] != sign(other, lowered["x-swl-timestamp"], body)
 
 
 async def test_the_plan_cache_is_per_tenant(stack):
@@ -176,7 +178,7 @@ def test_a_gateway_with_no_tenant_refuses_to_start_unless_told_to_serve_anonymou
 
 def test_the_gateway_process_exits_with_the_reason(tmp_path):
     (tmp_path / "tenants.json").write_text('{"tenants": {"acme": {"keys_sha256": ["abc"]}}}')
-    for env, words in (({}, "SWL_GATEWAY_ALLOW_ANONYMOUS"),
+    for env, words in (({}, "SWL_GATEWAY_TENANTS_FILE (or SWL_GATEWAY_API_KEYS), or SWL_GATEWAY_ALLOW_ANONYMOUS"),
                        ({"SWL_GATEWAY_TENANTS_FILE": str(tmp_path / "tenants.json")}, "keys_sha256[0]")):
         done = subprocess.run([sys.executable, "-m", "gateway"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                               env=project_env(SWL_GATEWAY_DATA_DIR=str(tmp_path / "data"), **env))
