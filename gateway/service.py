@@ -19,6 +19,7 @@ from service_runtime.settings import ServerSettings, SettingsError, metrics_port
 
 from .admission import JobSlots
 from .audio import SAMPLE_RATE, melspectrogram
+from .audit import AuditInterceptor
 from .auth import TenantInterceptor
 from .avatars import AvatarStore
 from .clients import ModelClients
@@ -174,7 +175,9 @@ class GatewayService(GrpcService):
         self.tenants_watcher = TenantsWatcher(self.tenants, poll_s=settings.tenants_poll_s) if self.tenants.path else None
 
     def interceptors(self):
-        return [TenantInterceptor(self.tenants, self.metrics.unauthenticated.inc, admit=self.quotas.admit_request)]
+        # In this order: the tenant is known (and its requests counted) before the audit line is written.
+        return [TenantInterceptor(self.tenants, self.metrics.unauthenticated.inc, admit=self.quotas.admit_request),
+                AuditInterceptor()]
 
     @property
     def max_message_bytes(self) -> int:

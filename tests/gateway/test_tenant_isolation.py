@@ -15,6 +15,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from gateway.service import GatewayService, GatewaySettings
 from gateway.webhooks import sign
+from service_runtime.logs import JsonFormatter
 from service_runtime.settings import SettingsError
 
 from tests.support.media_factory import encode_video, marker_frames, speech_wav
@@ -207,3 +208,24 @@ async def test_a_changed_tenants_file_rotates_keys_without_a_restart_and_a_bad_o
         await eventually_async(lambda: [r for r in caplog.records if r.getMessage() == "tenants file not reloaded"],
                                what="the broken file to be seen and refused")
         assert await accepted("alice-new-key")
+
+
+async def test_the_audit_log_has_a_line_per_change_and_download_with_tenant_object_and_outcome_and_no_key(
+        stack, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    traced = {"metadata": (("x-api-key", ALICE), ("x-request-id", "audit-req-1")), "timeout": 60}
+    upload = await stack.stub.UploadMedia(gateway_pb2.UploadMediaRequest(
+        media=httpbody_pb2.HttpBody(data=encode_video(marker_frames(6)))), **traced)
+    avatar = await stack.stub.CreateAvatarFromJson(gateway_pb2.CreateAvatarRequest(
+        face=encode_video(marker_frames(6))), **as_(ALICE))
+    await refusal(lambda: stack.stub.DeleteAvatar(gateway_pb2.DeleteAvatarRequest(avatar_id=avatar.avatar_id),
+                                                  **as_(BOB)))
+    await stack.stub.ListAvatars(gateway_pb2.ListAvatarsRequest(), **as_(ALICE))  # reads only: no line
+    lines = [(r.tenant, r.method, r.action, r.object_id, r.outcome, r.request_id)
+             for r in caplog.records if r.name == "gateway.audit"]
+    assert lines[0] == ("alice", "UploadMedia", "create", upload.upload_id, "OK", "audit-req-1")
+    assert lines[1][:5] == ("alice", "CreateAvatarFromJson", "create", avatar.avatar_id, "OK")
+    assert lines[2][:5] == ("bob", "DeleteAvatar", "delete", avatar.avatar_id, "NOT_FOUND")
+    assert len(lines) == 3
+    formatted = "".join(JsonFormatter().format(r) for r in caplog.records)
+    assert ALICE not in formatted and BOB not in formatted
