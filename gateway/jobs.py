@@ -14,7 +14,7 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from service_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .job_store import TERMINAL, JobRecord, JobStore, check_job_id, new_job_id
+from .job_store import JOB_ID, TERMINAL, JobRecord, JobStore, check_job_id, new_job_id
 from .limits import MediaLimits, setting_name
 from .metrics import GatewayMetrics
 from .webhooks import WebhookSender, check_webhook
@@ -31,6 +31,10 @@ class JobFiles:
         self.root = Path(data_dir) / "jobs"
 
     def folder(self, job_id: str) -> Path:
+        """The job's folder. Ids also come back from Redis, which is not trusted with paths: anything but a job id
+        (an absolute path, `..`) is refused here, before any path is built from it."""
+        if not JOB_ID.fullmatch(job_id):
+            raise ValueError(f"{job_id[:40]!r} is not a job id; no folder is named by it")
         return self.root / job_id
 
     async def write_inputs(self, job_id: str, request: gateway_pb2.SubmitJobRequest) -> None:

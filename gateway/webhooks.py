@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from service_runtime.errors import FailedPrecondition, InvalidArgument
+from service_runtime.errors import FailedPrecondition, InvalidArgument, ServiceError
 from service_runtime.supervision import cancel_and_wait
 
 from .job_store import JobRecord
@@ -64,11 +64,15 @@ def check_webhook(url: str, terms: WebhookTerms) -> str:
     """The URL, if this tenant may have its webhooks sent there; the refusal does not list the allowed hosts."""
     if not url:
         return url
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # parsed here: a port out of range or not a number raises ValueError
+    except ValueError as error:
+        raise InvalidArgument(f"webhook_url is not a valid URL: {error}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise InvalidArgument("webhook_url must be an http(s) URL with a host and no user name")
     host = parts.hostname.lower()
-    if host not in terms.hosts and f"{host}:{parts.port}" not in terms.hosts:
+    if host not in terms.hosts and f"{host}:{port}" not in terms.hosts:
         raise InvalidArgument(f"webhook_url host {host[:100]!r} is not on your webhook allow-list ({terms.source})")
     if not terms.secret:
         raise FailedPrecondition(f"no webhook secret is configured for you ({terms.source}); webhooks cannot be "
@@ -106,6 +110,12 @@ class WebhookSender:
                            "status": record.error_status or "OK", "message": record.error_message,
                            "video_path": f"/v1/jobs/{record.job_id}/video" if record.state == "SUCCEEDED" else ""
                            }).encode()
+        try:  # again now: the record came back from the store, and the tenant's hosts may have changed
+            check_webhook(record.webhook_url, self.terms.of(record.tenant))
+        except ServiceError as error:
+            self.metrics.webhook_attempts.labels("refused").inc()
+            log.warning("webhook not sent", extra={"job_id": record.job_id, "error": error.message})
+            return False
         for attempt in range(self.settings.webhook_max_attempts):
             timestamp = str(int(time.time()))
             request = urllib.request.Request(record.webhook_url, data=body, method="POST", headers={

@@ -1,0 +1,53 @@
+"""What the gateway takes from clients and from Redis before it acts on it: a webhook URL, checked at submission
+and again at delivery, and a job id before it names a folder (issue #26's first findings)."""
+
+import pytest
+
+from gateway.job_store import JobRecord
+from gateway.jobs import JobFiles
+from gateway.metrics import GatewayMetrics
+from gateway.service import GatewaySettings
+from gateway.tenants import Tenant, TenantRegistry
+from gateway.webhooks import TenantWebhooks, WebhookSender, WebhookTerms, check_webhook
+from service_runtime.errors import InvalidArgument
+
+from tests.support.webhook_receiver import webhook_receiver
+
+TERMS = WebhookTerms(("hooks.example", "127.0.0.1:9000"), "secret", "the tenants file")
+
+
+@pytest.mark.parametrize("url", ["http://hooks.example:99999/hook", "http://hooks.example:-1/hook",
+                                 "http://hooks.example:http/hook", "http://[::1/hook"])
+def test_a_malformed_url_is_invalid_argument_not_a_crash(url):
+    with pytest.raises(InvalidArgument, match="webhook_url"):
+        check_webhook(url, TERMS)
+
+
+def test_a_host_allowed_with_a_port_is_allowed_only_on_that_port():
+    assert check_webhook("http://127.0.0.1:9000/hook", TERMS)
+    with pytest.raises(InvalidArgument, match="allow-list"):
+        check_webhook("http://127.0.0.1:9001/hook", TERMS)
+
+
+async def test_delivery_checks_the_url_again_against_the_tenants_terms_now():
+    """A record read back from Redis is not trusted, and a tenant's hosts may have changed since submission:
+    a URL no longer allowed gets no POST."""
+    settings = GatewaySettings.from_env({}, allow_anonymous=True, webhook_max_attempts=2, webhook_backoff_s=0.01)
+    registry = TenantRegistry([Tenant("acme", (), webhook_secret="s", webhook_hosts=("hooks.example",))])
+    sender = WebhookSender(settings, GatewayMetrics(), TenantWebhooks(registry, settings))
+    with webhook_receiver(fail_first=0) as (url, received):
+        record = JobRecord("job_" + "0" * 24, state="SUCCEEDED", webhook_url=url, tenant="acme")
+        assert await sender.deliver(record) is False
+    assert received == []
+
+
+async def test_a_job_id_from_the_store_never_names_a_folder_outside_the_jobs_folder(tmp_path):
+    """Ids come back from Redis, which a bug or an intruder may have written: only a real job id becomes a path."""
+    victim = tmp_path / "data"
+    victim.mkdir()
+    (victim / "keep").write_text("another tenant's video")
+    files = JobFiles(tmp_path / "volume")
+    for claimed in (str(victim), "../data", "job_" + "0" * 23 + "/", ""):
+        with pytest.raises(ValueError, match="not a job id"):
+            await files.remove(claimed)
+    assert (victim / "keep").read_text() == "another tenant's video"
