@@ -2,7 +2,6 @@
 
 import asyncio
 import base64
-import contextlib
 import http.client
 import io
 import json
@@ -19,31 +18,12 @@ from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from deploy.envoy import local
 from deploy.envoy.render import EdgeConfig, render
 
-from tests.support.processes import free_port
+from tests.support.envoy import envoy_in_front
 from tests.support.media_factory import assert_same_video, encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
 from tests.support.stack import running_stack
 
 FACE = encode_png(with_marker(scene(), 100, 80))
 
-
-
-@contextlib.asynccontextmanager
-async def envoy_in_front(stack, folder, *, tls: tuple[str, str] | None = None, max_upload_mb: int = 512):
-    """Yields the edge's base URL once /healthz says the gateway is SERVING."""
-    port = free_port()
-    config = EdgeConfig(listen_host="127.0.0.1", listen_port=port, admin_port=free_port(),
-                        gateway_port=stack.servers["gateway"].port, max_upload_mb=max_upload_mb,
-                        tls_cert=tls and tls[0], tls_key=tls and tls[1])
-    scheme = "https" if tls else "http"
-    context = ssl.create_default_context(cafile=tls[0]) if tls else None
-    with open(folder / "envoy.log", "w") as log:
-        process = local.start(config, folder, log)
-    try:
-        await asyncio.to_thread(local.wait_healthy, f"{scheme}://127.0.0.1:{port}", process, 60, context)
-        yield f"{scheme}://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
