@@ -38,6 +38,7 @@ class FaceSource:
         # A cancelled job closes the source while a worker thread may still be decoding: FFmpeg must not
         # see both at once.
         self._lock = threading.Lock()
+        self._limits = limits
         size = picture_size(data)
         self.is_still = size is not None
         self._still: np.ndarray | None
@@ -150,6 +151,7 @@ class FaceSource:
         """BGR, upright, even-sized, and the size of the first frame (a stream may change size midway)."""
         if self._last is not None and self._last[0] is frame:
             return self._last[1]
+        self._limits.check_frame("face", frame.width, frame.height)  # before the frame's pixels are made
         pixels: np.ndarray = frame.to_ndarray(format="bgr24")
         quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as the display matrix says
         if quarter_turns:

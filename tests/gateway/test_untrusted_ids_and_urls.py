@@ -1,16 +1,21 @@
 """What the gateway takes from clients and from Redis before it acts on it: a webhook URL, checked at submission
-and again at delivery, and a job id before it names a folder (issue #26's first findings)."""
+and again at delivery, a job id before it names a folder, and each frame's size before it is decoded (issue #26's first findings)."""
 
+import av
+import numpy as np
 import pytest
 
+from gateway.face_source import FaceSource
 from gateway.job_store import JobRecord
 from gateway.jobs import JobFiles
+from gateway.limits import MediaLimits
 from gateway.metrics import GatewayMetrics
 from gateway.service import GatewaySettings
 from gateway.tenants import Tenant, TenantRegistry
 from gateway.webhooks import TenantWebhooks, WebhookSender, WebhookTerms, check_webhook
 from service_runtime.errors import InvalidArgument
 
+from tests.support.media_factory import encode_video
 from tests.support.webhook_receiver import webhook_receiver
 
 TERMS = WebhookTerms(("hooks.example", "127.0.0.1:9000"), "secret", "the tenants file")
@@ -51,3 +56,14 @@ async def test_a_job_id_from_the_store_never_names_a_folder_outside_the_jobs_fol
         with pytest.raises(ValueError, match="not a job id"):
             await files.remove(claimed)
     assert (victim / "keep").read_text() == "another tenant's video"
+
+
+def test_a_frame_larger_than_the_limit_midway_is_refused_before_it_is_converted():
+    """A stream may change size midway (a second segment, a new SPS): each decoded frame's size is checked before
+    it becomes pixels, not only the header's and the first frame's (an 8K frame is 100 MB as BGR)."""
+    limits = MediaLimits(max_frame_pixels=320 * 240)
+    source = FaceSource(encode_video([np.full((240, 320, 3), 90, np.uint8)] * 5), 25.0, limits)
+    grown = av.VideoFrame.from_ndarray(np.zeros((480, 640, 3), np.uint8), format="bgr24")
+    with pytest.raises(InvalidArgument, match="640x480"):
+        source._pixels(grown)
+    source.close()
