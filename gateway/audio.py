@@ -38,6 +38,8 @@ class Speech:
         return len(self.samples) / SAMPLE_RATE
 
 
+BUDGET_RATE = 48_000  # the highest rate whose speech may be as long as max_audio_seconds
+
 def decode_speech(data: bytes, limits: MediaLimits = MediaLimits()) -> Speech:
     """Mono 16 kHz float32 as `librosa.load(path, sr=16000)` gives it: the mean of the channels, resampled with
     librosa's default (soxr HQ). Decoding stops as soon as the speech passes the length limit."""
@@ -94,7 +96,9 @@ def _decode_mono(container, stream, rate: int, limits: MediaLimits) -> np.ndarra
     # Same rate and layout: an exact sample-format conversion. Packed, not planar: PyAV reads planar frames of 8
     # or more channels past FFmpeg's data pointers and crashes the process (found by `make fuzz`).
     to_float = av.AudioResampler(format="flt")
-    budget = int(limits.max_audio_seconds * rate)
+    # Samples held, not seconds, are what costs memory: past BUDGET_RATE the length allowed shrinks, so a file
+    # declaring a huge rate holds no more than the longest speech at 48 kHz would.
+    budget = int(limits.max_audio_seconds * min(rate, BUDGET_RATE))
     parts, total = [], 0
     try:
         for frame in container.decode(stream):
@@ -104,6 +108,10 @@ def _decode_mono(container, stream, rate: int, limits: MediaLimits) -> np.ndarra
                 total += len(parts[-1])
             if total > budget:
                 limits.check_audio_seconds(total / rate)
+                raise InvalidArgument(
+                    f"audio: at {rate} Hz, more than {budget / rate:.1f} s of sound is refused (the limit of "
+                    f"{limits.max_audio_seconds:g} s holds for {BUDGET_RATE} Hz or less, and shrinks above it); "
+                    "send it at 48 kHz or less")
     except (av.FFmpegError, ValueError) as error:
         raise InvalidArgument(f"audio: FFmpeg cannot decode it ({error.__class__.__name__})") from None
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)

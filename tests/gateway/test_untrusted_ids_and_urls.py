@@ -1,10 +1,14 @@
 """What the gateway takes from clients and from Redis before it acts on it: a webhook URL, checked at submission
 and again at delivery, a job id before it names a folder, and each frame's size before it is decoded (issue #26's first findings)."""
 
+import io
+
 import av
 import numpy as np
 import pytest
+import soundfile
 
+from gateway.audio import decode_speech
 from gateway.face_source import FaceSource
 from gateway.job_store import JobRecord
 from gateway.jobs import JobFiles
@@ -67,3 +71,16 @@ def test_a_frame_larger_than_the_limit_midway_is_refused_before_it_is_converted(
     with pytest.raises(InvalidArgument, match="640x480"):
         source._pixels(grown)
     source.close()
+
+
+def test_speech_at_a_high_declared_rate_gets_no_more_decoded_samples_than_48_khz_would():
+    """The decode budget was the length limit times the rate the file declares: a 384 kHz FLAC held 24x the
+    samples of the same length at 16 kHz. Past 48 kHz the length limit shrinks so the samples held stay the same."""
+    limits = MediaLimits(max_audio_seconds=2.0)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(192_000 * 1, np.float32) + 0.1, 192_000, format="FLAC")  # 1 s at 192 kHz
+    with pytest.raises(InvalidArgument, match="192000 Hz"):
+        decode_speech(buffer.getvalue(), limits)
+    ordinary = io.BytesIO()
+    soundfile.write(ordinary, np.zeros(48_000, np.float32) + 0.1, 48_000, format="FLAC")  # 1 s at 48 kHz: fine
+    assert decode_speech(ordinary.getvalue(), limits).seconds == pytest.approx(1.0)
