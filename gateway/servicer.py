@@ -30,6 +30,9 @@ from .uploads import UploadStore
 log = logging.getLogger(__name__)
 
 WARNING_TRAILER = "x-swl-warning"
+# Events (progress, mp4 fragments) waiting for a streaming client: a client that reads slowly holds back its own
+# job rather than making the gateway keep the whole video for it.
+EVENTS_QUEUED = 8
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -253,7 +256,7 @@ def caller() -> str:
 
 def progress_queue() -> tuple[asyncio.Queue, Progress]:
     """A queue of progress messages and the callback a job puts them in with."""
-    events: asyncio.Queue = asyncio.Queue()
+    events: asyncio.Queue = asyncio.Queue(EVENTS_QUEUED)
 
     async def progress(stage: str, done: int, total: int, message: str = "") -> None:
         await events.put(gateway_pb2.Progress(stage=stage, done=done, total=total, message=message))

@@ -1,6 +1,7 @@
 """What the gateway takes from clients and from Redis before it acts on it: a webhook URL, checked at submission
 and again at delivery, a job id before it names a folder, and each frame's size before it is decoded (issue #26's first findings)."""
 
+import asyncio
 import io
 
 import av
@@ -15,6 +16,7 @@ from gateway.jobs import JobFiles
 from gateway.limits import MediaLimits
 from gateway.metrics import GatewayMetrics
 from gateway.service import GatewaySettings
+from gateway.servicer import EVENTS_QUEUED, progress_queue
 from gateway.tenants import Tenant, TenantRegistry
 from gateway.webhooks import TenantWebhooks, WebhookSender, WebhookTerms, check_webhook
 from service_runtime.errors import InvalidArgument
@@ -84,3 +86,18 @@ def test_speech_at_a_high_declared_rate_gets_no_more_decoded_samples_than_48_khz
     ordinary = io.BytesIO()
     soundfile.write(ordinary, np.zeros(48_000, np.float32) + 0.1, 48_000, format="FLAC")  # 1 s at 48 kHz: fine
     assert decode_speech(ordinary.getvalue(), limits).seconds == pytest.approx(1.0)
+
+
+async def test_a_client_that_stops_reading_holds_back_its_job_not_the_whole_video_in_the_gateway():
+    """The events toward a streaming client (progress, video fragments) wait in a bounded queue: once it is full,
+    the job waits for the client, instead of the gateway keeping every fragment of the video for it."""
+    events, progress = progress_queue()
+
+    async def job() -> None:
+        for number in range(100):
+            await events.put(b"fragment %d" % number)  # as Generation.run's on_video does
+
+    running = asyncio.ensure_future(job())
+    await asyncio.sleep(0.2)  # far longer than 100 puts take when nothing holds them back
+    assert not running.done() and events.qsize() == EVENTS_QUEUED
+    running.cancel()
