@@ -81,6 +81,12 @@ class GatewaySettings(ServerSettings):
     max_reference_face_pixels: int = setting(4096 * 4096, "Largest reference photo, in pixels.", ge=1024,
                                              le=1 << 28)
     # The HTTP edge: raw uploads and API keys.
+    upload_idle_timeout_s: float = setting(
+        30.0, "Longest wait for the next message of a streamed upload (Generate, CreateAvatar); past it the call "
+              "ends with DEADLINE_EXCEEDED and frees its job slot, so slow clients cannot hold the slots.", ge=0.1,
+        le=3600)
+    upload_timeout_s: float = setting(
+        600.0, "Longest a streamed upload may take in all, from its first message.", ge=1, le=86400)
     upload_ttl_s: float = setting(600.0, "Seconds a raw upload (POST /v1/uploads) is kept for generation.", ge=1,
                                   le=86400)
     upload_store_mb: int = setting(2048, "Disk for raw uploads in the data directory, in MiB; beyond it uploads get "

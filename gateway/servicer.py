@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from service_runtime.errors import InvalidArgument, ServiceError
+from service_runtime.errors import DeadlineExceeded, InvalidArgument, ServiceError
 
 from .admission import JobSlots
 from .avatars import AvatarStore
@@ -20,6 +21,7 @@ from .deadline import JobDeadline
 from .generation import Generation
 from .job_store import TERMINAL
 from .jobs import Jobs
+from .limits import setting_name
 from .metrics import GatewayMetrics
 from .options import Progress
 from .tenants import tenant_of_call
@@ -62,9 +64,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         parts = await self._upload(requests, len(first.options.reference_face))
         return job, parts["face_chunk"], parts["audio_chunk"]
 
-    @staticmethod
-    async def _first(requests: AsyncIterator, rpc: str):
-        first = await anext(requests, None)
+    async def _next(self, requests: AsyncIterator, started: float):
+        """The stream's next message (None at its end), within the upload's idle and total read deadlines."""
+        s = self.settings
+        left = s.upload_timeout_s - (time.monotonic() - started)
+        wait, setting = ((s.upload_idle_timeout_s, "upload_idle_timeout_s") if s.upload_idle_timeout_s < left
+                         else (max(0.0, left), "upload_timeout_s"))
+        try:
+            return await asyncio.wait_for(anext(requests, None), wait)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the upload stalled: {'no message for' if setting == 'upload_idle_timeout_s' else 'not done after'} "
+                f"{getattr(s, setting):g} s ({setting_name(setting)}); send the media faster, or in one message"
+            ) from None
+
+    async def _first(self, requests: AsyncIterator, rpc: str):
+        first = await self._next(requests, time.monotonic())
         if first is None:
             raise InvalidArgument("the request stream was empty: send the options, then the media bytes")
         if first.WhichOneof("payload") != "options":
@@ -74,8 +89,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _upload(self, requests: AsyncIterator, received: int) -> dict[str, bytes]:
         """The media chunks of a stream, joined by kind (`face_chunk`, `audio_chunk`)."""
         parts: dict[str, list[bytes]] = {"face_chunk": [], "audio_chunk": []}
-        number = 1
-        async for chunk in requests:
+        number, started = 1, time.monotonic()
+        while (chunk := await self._next(requests, started)) is not None:
             number += 1
             kind = chunk.WhichOneof("payload")
             if kind == "options":

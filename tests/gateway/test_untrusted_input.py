@@ -348,3 +348,27 @@ async def test_a_model_service_that_never_answers_ends_in_deadline_exceeded(dev_
     finally:
         process.kill()
         process.wait()
+
+
+async def test_a_client_that_drips_its_upload_loses_its_slot_at_the_read_deadline(dev_models_dir):
+    """A job slot is taken before the upload is read; a stream that then sends nothing (or too slowly) is ended
+    with DEADLINE_EXCEEDED naming the setting, and its slot is free again for the next caller."""
+    async with running_stack(dev_models_dir, max_concurrent_jobs=1, upload_idle_timeout_s=0.5,
+                             upload_timeout_s=2.0) as stack:
+        never = asyncio.Event()
+
+        async def options_then_drip(pause: float):
+            yield gateway_pb2.GenerateChunk(options=gateway_pb2.GenerateOptions())
+            while True:
+                await asyncio.sleep(pause)
+                yield gateway_pb2.GenerateChunk(face_chunk=b"\0")
+                if never.is_set():
+                    return
+
+        for pause, setting in ((5.0, "UPLOAD_IDLE_TIMEOUT_S"), (0.2, "UPLOAD_TIMEOUT_S")):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in stack.stub.Generate(options_then_drip(pause), timeout=30):
+                    pass
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.value.details()
+            assert setting in error.value.details()
+        assert await call_status(stack, chunks_of(GOOD_FACE, good_audio(), Options())) is None  # the slot is free
