@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 DESCRIPTOR = ROOT / "generated" / "superwav2lip_descriptor.pb"
 GATEWAY_SERVICE = "superwav2lip.gateway.v1.Gateway"  # fully qualified, or the transcoder refuses to start
 API = "type.googleapis.com/envoy.extensions"
+HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"  # routed; Health/Watch is not
+# /healthz answers 200 while at least this share of the gateway's hosts is healthy. Envoy truncates the share to
+# a whole percent (so 0.1 is 0, which passes with no host healthy at all); 1% is "any one host" for up to 100.
+MIN_HEALTHY_PERCENT = 1
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,13 @@ def _http_connection_manager(config: EdgeConfig) -> dict:
             "route_config": {"name": "gateway", "virtual_hosts": [{
                 "name": "gateway", "domains": ["*"],
                 # Routes match the path after transcoding: every call is /superwav2lip.gateway.v1.Gateway/...
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "gateway", "timeout": timeout}}],
+                # Nothing else reaches the gateway from outside but the unary health check: no Health/Watch
+                # (a key-less stream held open for ever), no reflection. Any other path: Envoy answers 404
+                # (UNIMPLEMENTED to a gRPC client) without calling the gateway.
+                "routes": [
+                    {"match": {"prefix": f"/{GATEWAY_SERVICE}/"}, "route": {"cluster": "gateway", "timeout": timeout}},
+                    {"match": {"path": HEALTH_CHECK_PATH}, "route": {"cluster": "gateway", "timeout": "5s"}},
+                ],
             }]},
             "http_filters": [_health_check(), _transcoder(config), {
                 "name": "envoy.filters.http.router",
@@ -86,14 +96,15 @@ def _http_connection_manager(config: EdgeConfig) -> dict:
 
 
 def _health_check() -> dict:
-    """GET /healthz: 200 while Envoy's gRPC health checks find the gateway SERVING, 503 otherwise."""
+    """GET /healthz: 200 while Envoy's gRPC health checks find at least one gateway host SERVING, 503 otherwise,
+    so that one slow or draining pod does not take the whole edge out of its load balancer."""
     return {
         "name": "envoy.filters.http.health_check",
         "typed_config": {
             "@type": f"{API}.filters.http.health_check.v3.HealthCheck",
             "pass_through_mode": False,
             "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
-            "cluster_min_healthy_percentages": {"gateway": {"value": 100}},
+            "cluster_min_healthy_percentages": {"gateway": {"value": MIN_HEALTHY_PERCENT}},
         },
     }
 

@@ -1,0 +1,112 @@
+"""The edge's own limits (issue #26), through a real Envoy in front of a tiny gRPC upstream that stands in for the
+gateway: it answers health checks and ListAvatars and records what reached it. No models, no media: cheap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from deploy.envoy import local
+from deploy.envoy.render import EdgeConfig, render
+
+from tests.support.processes import free_port
+
+
+class RecordingGateway(gateway_pb2_grpc.GatewayServicer):
+    """Records the metadata of every call that reaches it."""
+
+    def __init__(self):
+        self.calls: list[dict[str, str]] = []
+
+    async def ListAvatars(self, request, context):
+        self.calls.append(dict(context.invocation_metadata()))
+        return gateway_pb2.ListAvatarsResponse()
+
+
+@contextlib.asynccontextmanager
+async def upstream():
+    server = grpc.aio.server()
+    gateway = RecordingGateway()
+    gateway.server = server
+    health = HealthServicer()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port, gateway
+    finally:
+        await server.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def edge(folder, gateway_port: int, dead_hosts: int = 0):
+    """Envoy in front of the upstream, plus `dead_hosts` gateway endpoints where nothing listens."""
+    config = EdgeConfig(listen_host="127.0.0.1", listen_port=free_port(), admin_port=free_port(),
+                        gateway_port=gateway_port)
+    rendered = render(config)
+    endpoints = rendered["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    for _ in range(dead_hosts):
+        endpoints.append({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                                      "port_value": free_port()}}}})
+    path = folder / "envoy.json"
+    path.write_text(json.dumps(rendered))
+    with open(folder / "envoy.log", "w") as log:
+        process = subprocess.Popen([str(local.envoy_binary()), "-c", str(path), "--disable-hot-restart",
+                                    "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{config.listen_port}"
+        await asyncio.to_thread(local.wait_healthy, base, process, 60)
+        yield base, config
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def healthz(base: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+async def test_only_health_check_reaches_the_gateway_and_watch_is_refused(tmp_path):
+    async with upstream() as (port, gateway), edge(tmp_path, port) as (base, _):
+        async with grpc.aio.insecure_channel(base.removeprefix("http://")) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await watch.read()
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # Envoy's 404: no route
+            # Nor any other service of the gateway's server (reflection, say).
+            reflection = channel.unary_unary("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await reflection(b"", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # The gateway's own service still is routed.
+            await gateway_pb2_grpc.GatewayStub(channel).ListAvatars(gateway_pb2.ListAvatarsRequest(), timeout=10)
+        assert len(gateway.calls) == 1
+
+
+async def test_healthz_is_healthy_while_any_gateway_host_is(tmp_path):
+    async with upstream() as (port, gateway), edge(tmp_path, port, dead_hosts=2) as (base, _):
+        assert await asyncio.to_thread(healthz, base) == 200  # one of three hosts is enough
+        await gateway.server.stop(0)  # and none is not
+        deadline = asyncio.get_running_loop().time() + 20
+        while await asyncio.to_thread(healthz, base) != 503:
+            assert asyncio.get_running_loop().time() < deadline, "/healthz still 200 with no gateway host up"
+            await asyncio.sleep(0.2)
