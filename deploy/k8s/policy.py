@@ -99,8 +99,15 @@ def grpc_port_problems(objects: Objects) -> list[str]:
     return problems
 
 
+# Images with a known remote code execution, by name: the first fixed patch of each release line.
+VULNERABLE = {
+    "redis": ({(6, 2): 20, (7, 2): 11, (7, 4): 6, (8, 0): 4, (8, 2): 2},
+              "CVE-2025-49844 (remote code execution through Redis's Lua)"),
+}
+
+
 def image_problems(objects: Objects) -> list[str]:
-    """Every image names an explicit tag (or digest) other than `latest`."""
+    """Every image names an explicit tag (or digest) other than `latest`, and none is a known-vulnerable one."""
     problems = []
     for workload in workloads(objects):
         spec = pod_spec(workload)
@@ -109,10 +116,25 @@ def image_problems(objects: Objects) -> list[str]:
             if "@sha256:" in image:
                 continue
             tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else None
+            where = f"{name_of(workload)} container {container['name']}: image {image}"
             if tag in (None, "latest"):
-                problems.append(f"{name_of(workload)} container {container['name']}: image {image} must name a "
-                                "version tag, not latest")
+                problems.append(f"{where} must name a version tag, not latest")
+            elif (known := vulnerability(image.rsplit(":", 1)[0], tag)) is not None:
+                problems.append(f"{where} has {known}; use a fixed release")
     return problems
+
+
+def vulnerability(name: str, tag: str) -> str | None:
+    """The known vulnerability of this image's release, if its release line has a fix it predates."""
+    if name.rsplit("/", 1)[-1] not in VULNERABLE:
+        return None
+    fixed, what = VULNERABLE[name.rsplit("/", 1)[-1]]
+    numbers = re.match(r"(\d+)\.(\d+)\.(\d+)", tag)
+    if numbers is None:
+        return None
+    major, minor, patch = map(int, numbers.groups())
+    first_fixed = fixed.get((major, minor))
+    return what if first_fixed is not None and patch < first_fixed else None
 
 
 def _prestop_seconds(container: dict) -> float:

@@ -429,3 +429,20 @@ def test_the_readmes_tenants_file_is_one_the_gateway_reads(tmp_path):
     (tenant,) = read_tenants_file(tmp_path / "tenants.json")
     assert tenant.name == "acme" and len(tenant.key_digests) == 1
     assert "--from-file=tenants.json=" in readme and 'printf %s "$KEY" | sha256sum' in readme
+
+
+@pytest.mark.parametrize("image, refused", [("redis:7.4.2-bookworm", True), ("redis:7.4.5", True),
+                                            ("redis:7.2.10-alpine", True), ("redis:7.4.6-bookworm", False),
+                                            ("redis:8.2.2", False), ("redis:7.2.11", False)])
+def test_the_policy_refuses_a_redis_image_with_the_lua_remote_code_execution(rendered, image, refused):
+    """CVE-2025-49844 (a use-after-free in Redis's Lua, reachable by any client that may run scripts): fixed in
+    7.2.11, 7.4.6, 8.0.4 and 8.2.2; an overlay that runs an older one is refused, and the shipped ones are not."""
+    with_redis = [o for o in OVERLAY_NAMES if any(x["kind"] == "StatefulSet" and x["metadata"]["name"] == "redis"
+                                                  for x in rendered[o])]
+    assert with_redis, "no overlay runs Redis"
+    for overlay in with_redis:
+        assert policy.image_problems(rendered[overlay]) == []
+        objects = mutated(rendered[overlay], "StatefulSet", "redis",
+                          lambda s: policy.pod_spec(s)["containers"][0].update({"image": image}))
+        problems = policy.image_problems(objects)
+        assert any("CVE-2025-49844" in p for p in problems) == refused, problems
