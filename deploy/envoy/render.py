@@ -37,7 +37,21 @@ class EdgeConfig:
     gateway_port: int = 50051
     descriptor: str = str(DESCRIPTOR)
     max_upload_mb: int = 512  # the gateway's SWL_GATEWAY_MAX_UPLOAD_MB
-    route_timeout_s: int = 3600  # long jobs: an hour for one request
+    route_timeout_s: int = 3600  # long jobs: an hour for one request, and the most any stream may last
+    stream_idle_timeout_s: int = 300  # a request or answer that moves no byte for this long is reset
+    connection_idle_timeout_s: int = 300  # a connection with no request in flight for this long is closed
+    request_headers_timeout_s: int = 10  # a client must have sent all its headers within this
+    # Hops in front of Envoy whose X-Forwarded-For entry is trusted (0: Envoy is the edge; 1 behind a cloud
+    # load balancer that appends the client's address). Everyone else's x-request-id and XFF are not.
+    xff_num_trusted_hops: int = 0
+    # Circuit breakers toward the gateway cluster (all gateway pods together); beyond them Envoy answers 503
+    # at once instead of queueing in memory. HTTP/2 multiplexes: about one connection per Envoy worker thread
+    # and gateway pod; each gateway pod runs a few jobs at a time, but listings, uploads and job queries are
+    # cheap, so the stream bound is generous and only stops floods.
+    max_gateway_connections: int = 256
+    max_gateway_pending_requests: int = 128
+    max_gateway_requests: int = 1024
+    max_gateway_retries: int = 3  # no retry policy is configured; bounded anyway
     tls_cert: str | None = None
     tls_key: str | None = None
     # Kubernetes: the descriptor travels inside the config (one ConfigMap key) instead of as a file path.
@@ -74,8 +88,27 @@ def _http_connection_manager(config: EdgeConfig) -> dict:
             "@type": f"{API}.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "edge",
             "codec_type": "AUTO",  # HTTP/1.1 and HTTP/2 (native gRPC) on the same port
-            "stream_idle_timeout": timeout,
-            "common_http_protocol_options": {"idle_timeout": timeout},
+            # Envoy's edge-proxy guidance: timeouts for slow clients, the client's address from the socket.
+            "request_headers_timeout": f"{config.request_headers_timeout_s}s",
+            "stream_idle_timeout": f"{config.stream_idle_timeout_s}s",
+            "common_http_protocol_options": {
+                "idle_timeout": f"{config.connection_idle_timeout_s}s",
+                "max_stream_duration": timeout,
+                "headers_with_underscores_action": "REJECT_REQUEST",
+            },
+            "http2_protocol_options": {
+                "max_concurrent_streams": 100,
+                "initial_stream_window_size": 65536,  # 64 KiB (Envoy's default is 256 MiB)
+                "initial_connection_window_size": 1048576,  # 1 MiB
+            },
+            "use_remote_address": True,
+            "xff_num_trusted_hops": config.xff_num_trusted_hops,
+            # Request ids are made here: a caller's own x-request-id never reaches the logs as its.
+            "generate_request_id": True,
+            "preserve_external_request_id": False,
+            "normalize_path": True,
+            "merge_slashes": True,
+            "path_with_escaped_slashes_action": "REJECT_REQUEST",
             "route_config": {"name": "gateway", "virtual_hosts": [{
                 "name": "gateway", "domains": ["*"],
                 # Routes match the path after transcoding: every call is /superwav2lip.gateway.v1.Gateway/...
@@ -137,6 +170,14 @@ def _gateway_cluster(config: EdgeConfig) -> dict:
         "type": "STRICT_DNS",  # an IP here, a Service name in Kubernetes
         "connect_timeout": "5s",
         "lb_policy": "ROUND_ROBIN",
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT",
+            "max_connections": config.max_gateway_connections,
+            "max_pending_requests": config.max_gateway_pending_requests,
+            "max_requests": config.max_gateway_requests,
+            "max_retries": config.max_gateway_retries,
+            "track_remaining": True,  # cluster.gateway.circuit_breakers.default.remaining_* in /stats
+        }]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": f"{API}.upstreams.http.v3.HttpProtocolOptions",
@@ -177,15 +218,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--descriptor", default=defaults.descriptor)
     parser.add_argument("--max-upload-mb", type=int, default=defaults.max_upload_mb)
     parser.add_argument("--route-timeout-s", type=int, default=defaults.route_timeout_s)
+    parser.add_argument("--stream-idle-timeout-s", type=int, default=defaults.stream_idle_timeout_s)
+    parser.add_argument("--xff-num-trusted-hops", type=int, default=defaults.xff_num_trusted_hops,
+                        help="proxies in front of Envoy whose X-Forwarded-For entry is trusted (0: Envoy is the edge)")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--embed-descriptor", action="store_true", help="put the descriptor inside the config")
     parser.add_argument("-o", "--output", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
     host, _, port = args.gateway.rpartition(":")
-    config = EdgeConfig(args.listen_host, args.listen_port, args.admin_port, host, int(port), args.descriptor,
-                        args.max_upload_mb, args.route_timeout_s, args.tls_cert, args.tls_key,
-                        args.embed_descriptor)
+    config = EdgeConfig(listen_host=args.listen_host, listen_port=args.listen_port, admin_port=args.admin_port,
+                        gateway_host=host, gateway_port=int(port), descriptor=args.descriptor,
+                        max_upload_mb=args.max_upload_mb, route_timeout_s=args.route_timeout_s,
+                        stream_idle_timeout_s=args.stream_idle_timeout_s,
+                        xff_num_trusted_hops=args.xff_num_trusted_hops, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, embed_descriptor=args.embed_descriptor)
     text = json.dumps(render(config), indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)

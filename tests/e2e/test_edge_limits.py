@@ -110,3 +110,41 @@ async def test_healthz_is_healthy_while_any_gateway_host_is(tmp_path):
         while await asyncio.to_thread(healthz, base) != 503:
             assert asyncio.get_running_loop().time() < deadline, "/healthz still 200 with no gateway host up"
             await asyncio.sleep(0.2)
+
+
+async def test_a_callers_request_id_and_forwarded_for_are_not_trusted(tmp_path):
+    async with upstream() as (port, gateway), edge(tmp_path, port) as (base, _):
+        async with grpc.aio.insecure_channel(base.removeprefix("http://")) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            for _ in range(2):
+                await stub.ListAvatars(gateway_pb2.ListAvatarsRequest(), timeout=10, metadata=(
+                    ("x-request-id", "chosen-by-the-caller"), ("x-forwarded-for", "203.0.113.7")))
+    first, second = gateway.calls
+    assert first["x-request-id"] != "chosen-by-the-caller" and len(first["x-request-id"]) == 36  # a UUID
+    assert first["x-request-id"] != second["x-request-id"]
+    # The address Envoy saw is the one it vouches for (for a loopback peer Envoy names the host's own
+    # interface instead); what the caller wrote stays an untrusted prefix.
+    *claimed, seen = [part.strip() for part in first["x-forwarded-for"].split(",")]
+    assert claimed == ["203.0.113.7"] and seen != "203.0.113.7"
+    assert first["x-envoy-external-address"] == "127.0.0.1"  # the peer's address, the one a log may trust
+
+
+def test_edge_limits_are_explicit_and_envoy_accepts_them(tmp_path):
+    config = EdgeConfig(xff_num_trusted_hops=1, stream_idle_timeout_s=120)
+    rendered = render(config)
+    manager = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["use_remote_address"] is True and manager["xff_num_trusted_hops"] == 1
+    assert manager["preserve_external_request_id"] is False
+    assert manager["request_headers_timeout"] == "10s" and manager["stream_idle_timeout"] == "120s"
+    assert manager["common_http_protocol_options"]["idle_timeout"] == "300s"
+    assert manager["common_http_protocol_options"]["max_stream_duration"] == "3600s"
+    assert manager["http2_protocol_options"] == {"max_concurrent_streams": 100, "initial_stream_window_size": 65536,
+                                                 "initial_connection_window_size": 1048576}
+    thresholds = rendered["static_resources"]["clusters"][0]["circuit_breakers"]["thresholds"]
+    assert [{k: t[k] for k in ("max_connections", "max_pending_requests", "max_requests", "max_retries")}
+            for t in thresholds] == [{"max_connections": 256, "max_pending_requests": 128, "max_requests": 1024,
+                                      "max_retries": 3}]
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(rendered))
+    done = local.validate(path)
+    assert done.returncode == 0, done.stdout + done.stderr
