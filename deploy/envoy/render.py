@@ -52,6 +52,10 @@ class EdgeConfig:
     max_gateway_pending_requests: int = 128
     max_gateway_requests: int = 1024
     max_gateway_retries: int = 3  # no retry policy is configured; bounded anyway
+    # The memory Envoy may use: its container's limit (1 GiB in deploy/k8s/base/envoy/deployment.yaml). The
+    # overload manager shrinks the heap at 95% of it and answers every new request 503 at 98%, rather than
+    # being killed for memory with every stream it holds.
+    memory_limit_mib: int = 1024
     tls_cert: str | None = None
     tls_key: str | None = None
     # Kubernetes: the descriptor travels inside the config (one ConfigMap key) instead of as a file path.
@@ -72,7 +76,25 @@ def render(config: EdgeConfig) -> dict:
         listener["filter_chains"][0]["transport_socket"] = _tls(config.tls_cert, config.tls_key)
     return {
         "admin": {"address": _address("127.0.0.1", config.admin_port)},
+        "overload_manager": _overload_manager(config),
         "static_resources": {"listeners": [listener], "clusters": [_gateway_cluster(config)]},
+    }
+
+
+def _overload_manager(config: EdgeConfig) -> dict:
+    heap = "envoy.resource_monitors.fixed_heap"
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [{"name": heap, "typed_config": {
+            "@type": f"{API}.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+            "max_heap_size_bytes": config.memory_limit_mib << 20,
+        }}],
+        "actions": [
+            {"name": "envoy.overload_actions.shrink_heap",
+             "triggers": [{"name": heap, "threshold": {"value": 0.95}}]},
+            {"name": "envoy.overload_actions.stop_accepting_requests",
+             "triggers": [{"name": heap, "threshold": {"value": 0.98}}]},
+        ],
     }
 
 
@@ -221,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-idle-timeout-s", type=int, default=defaults.stream_idle_timeout_s)
     parser.add_argument("--xff-num-trusted-hops", type=int, default=defaults.xff_num_trusted_hops,
                         help="proxies in front of Envoy whose X-Forwarded-For entry is trusted (0: Envoy is the edge)")
+    parser.add_argument("--memory-limit-mib", type=int, default=defaults.memory_limit_mib,
+                        help="Envoy's container memory limit: the overload manager's heap size")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--embed-descriptor", action="store_true", help="put the descriptor inside the config")
@@ -231,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                         gateway_host=host, gateway_port=int(port), descriptor=args.descriptor,
                         max_upload_mb=args.max_upload_mb, route_timeout_s=args.route_timeout_s,
                         stream_idle_timeout_s=args.stream_idle_timeout_s,
-                        xff_num_trusted_hops=args.xff_num_trusted_hops, tls_cert=args.tls_cert,
+                        xff_num_trusted_hops=args.xff_num_trusted_hops,
+                        memory_limit_mib=args.memory_limit_mib, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, embed_descriptor=args.embed_descriptor)
     text = json.dumps(render(config), indent=2) + "\n"
     if args.output:

@@ -51,10 +51,10 @@ async def upstream():
 
 
 @contextlib.asynccontextmanager
-async def edge(folder, gateway_port: int, dead_hosts: int = 0):
+async def edge(folder, gateway_port: int, dead_hosts: int = 0, wait: bool = True, **settings):
     """Envoy in front of the upstream, plus `dead_hosts` gateway endpoints where nothing listens."""
     config = EdgeConfig(listen_host="127.0.0.1", listen_port=free_port(), admin_port=free_port(),
-                        gateway_port=gateway_port)
+                        gateway_port=gateway_port, **settings)
     rendered = render(config)
     endpoints = rendered["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     for _ in range(dead_hosts):
@@ -67,7 +67,8 @@ async def edge(folder, gateway_port: int, dead_hosts: int = 0):
                                     "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{config.listen_port}"
-        await asyncio.to_thread(local.wait_healthy, base, process, 60)
+        if wait:
+            await asyncio.to_thread(local.wait_healthy, base, process, 60)
         yield base, config
     finally:
         process.terminate()
@@ -75,11 +76,17 @@ async def edge(folder, gateway_port: int, dead_hosts: int = 0):
 
 
 def healthz(base: str) -> int:
+    return healthz_reply(base)[0]
+
+
+def healthz_reply(base: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(f"{base}/healthz", timeout=5) as reply:
-            return reply.status
+            return reply.status, reply.read()
     except urllib.error.HTTPError as error:
-        return error.code
+        return error.code, error.read()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, b""  # not listening yet
 
 
 async def test_only_health_check_reaches_the_gateway_and_watch_is_refused(tmp_path):
@@ -148,3 +155,30 @@ def test_edge_limits_are_explicit_and_envoy_accepts_them(tmp_path):
     path.write_text(json.dumps(rendered))
     done = local.validate(path)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_overload_manager_is_sized_to_the_memory_limit_and_envoy_accepts_it(tmp_path):
+    manager = render(EdgeConfig())["overload_manager"]
+    assert manager["resource_monitors"][0]["typed_config"]["max_heap_size_bytes"] == 1 << 30  # 1 GiB by default
+    assert {a["name"]: a["triggers"][0]["threshold"]["value"] for a in manager["actions"]} == {
+        "envoy.overload_actions.shrink_heap": 0.95, "envoy.overload_actions.stop_accepting_requests": 0.98}
+    assert render(EdgeConfig(memory_limit_mib=256))["overload_manager"]["resource_monitors"][0]["typed_config"][
+        "max_heap_size_bytes"] == 256 << 20
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(render(EdgeConfig(memory_limit_mib=256))))
+    done = local.validate(path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_an_edge_over_its_memory_limit_refuses_new_requests(tmp_path):
+    """1 MiB is less than Envoy's own heap at rest: every request is refused before it is routed."""
+    async with upstream() as (port, gateway), edge(tmp_path, port, wait=False, memory_limit_mib=1) as (base, _):
+        deadline = asyncio.get_running_loop().time() + 30
+        while (reply := await asyncio.to_thread(healthz_reply, base))[0] != 503 or b"overload" not in reply[1]:
+            assert asyncio.get_running_loop().time() < deadline, reply
+            await asyncio.sleep(0.2)
+        async with grpc.aio.insecure_channel(base.removeprefix("http://")) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await gateway_pb2_grpc.GatewayStub(channel).ListAvatars(gateway_pb2.ListAvatarsRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert gateway.calls == []
