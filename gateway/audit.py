@@ -4,9 +4,10 @@ per download, with the tenant, the method, the object's id, the request id and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,11 +67,29 @@ def outcome_of(error: BaseException | None) -> str:
     return "INTERNAL"
 
 
-def record(method: str, audited: Audited, object_id: str, error: BaseException | None) -> None:
-    tenant = current_tenant.get()
-    log.info("audit", extra={"tenant": tenant.name if tenant else "-", "method": method, "action": audited.action,
-                             "object_id": object_id[:64], "outcome": outcome_of(error),
-                             "request_id": request_id_var.get()})
+class AuditedCall:
+    """One audited call: the object it names or makes, and its line, written when it ends however it ends."""
+
+    def __init__(self, method: str, audited: Audited, request: Any) -> None:
+        self.method, self.audited = method, audited
+        self.object_id = field_of(request, audited.request_id_field)
+
+    def saw(self, response: Any) -> None:
+        self.object_id = self.object_id or field_of(response, self.audited.response_id_field)
+
+    @contextlib.contextmanager
+    def recorded(self) -> Iterator[None]:
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            tenant = current_tenant.get()
+            log.info("audit", extra={"tenant": tenant.name if tenant else "-", "method": self.method,
+                                     "action": self.audited.action, "object_id": self.object_id[:64],
+                                     "outcome": outcome_of(error), "request_id": request_id_var.get()})
 
 
 class AuditInterceptor(grpc.aio.ServerInterceptor):
@@ -90,28 +109,18 @@ def audited_handler(handler: grpc.RpcMethodHandler, method: str, audited: Audite
     behaviour = behaviour_of(handler)
 
     async def unary_response(request, context):
-        object_id, error = field_of(request, audited.request_id_field), None
-        try:
+        call = AuditedCall(method, audited, request)
+        with call.recorded():
             response = await behaviour(request, context)
-            object_id = object_id or field_of(response, audited.response_id_field)
+            call.saw(response)
             return response
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            record(method, audited, object_id, error)
 
     async def stream_response(request, context) -> AsyncIterator[Any]:
-        object_id, error = field_of(request, audited.request_id_field), None
-        try:
+        call = AuditedCall(method, audited, request)
+        with call.recorded():
             async for response in behaviour(request, context):
-                object_id = object_id or field_of(response, audited.response_id_field)
+                call.saw(response)
                 yield response
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            record(method, audited, object_id, error)
 
     if handler.response_streaming and not inspect.isasyncgenfunction(behaviour):
         return handler  # the reader/writer form: the gateway serves none

@@ -28,12 +28,12 @@ from service_runtime.errors import InvalidArgument, NotFound, Unavailable
 
 from .redis_calls import bounded
 from .faces import FacePlan
+from .tenants import tenant_folder
 
 log = logging.getLogger(__name__)
 
 AVATAR_ID = re.compile(r"av_[0-9a-f]{24}")
 INDEX_KEY = "swl:avatars"  # sorted set of every "<tenant>/<id>" by creation time (the count)
-TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as gateway/tenants.py checks it
 MAX_PAGE = 500
 
 
@@ -92,9 +92,7 @@ class AvatarStore:
         self.redis, self.timeout_s = redis, timeout_s
 
     def _tenant_root(self, tenant: str) -> Path:
-        if not TENANT_NAME.fullmatch(tenant):
-            raise ValueError(f"not a tenant name: {tenant!r}")  # tenant names come from configuration, never a client
-        return self.root / tenant
+        return tenant_folder(self.root, tenant)
 
     def _folder(self, tenant: str, avatar_id: str) -> Path:
         return self._tenant_root(tenant) / check_avatar_id(avatar_id)

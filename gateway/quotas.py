@@ -16,7 +16,7 @@ from typing import Protocol
 from service_runtime.errors import ResourceExhausted, Unavailable
 
 from .redis_calls import bounded
-from .tenants import ANONYMOUS, NO_LIMIT, Tenant, TenantRegistry
+from .tenants import ANONYMOUS, NO_LIMIT, Tenant, TenantRegistry, tenant_folder
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,6 @@ class DataVolumeUsage:
 
     async def __call__(self, tenant: str) -> int:
         ids = await self.job_ids(tenant)
-        return await asyncio.to_thread(lambda: folder_bytes(self.avatars_root / tenant)
-                                       + folder_bytes(self.uploads_root / tenant)
+        return await asyncio.to_thread(lambda: folder_bytes(tenant_folder(self.avatars_root, tenant))
+                                       + folder_bytes(tenant_folder(self.uploads_root, tenant))
                                        + sum(folder_bytes(self.job_folder(i)) for i in ids))

@@ -29,6 +29,14 @@ HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 DIGEST_HINT = "the sha256 of the key in hex, e.g. from `printf %s \"$KEY\" | sha256sum`"
 
 
+def tenant_folder(root: Path, tenant: str) -> Path:
+    """`root/<tenant>`: where a store keeps a tenant's objects. The name comes from configuration, never a client,
+    and is checked again here because it becomes a path."""
+    if not TENANT_NAME.fullmatch(tenant):
+        raise ValueError(f"not a tenant name: {tenant!r}")
+    return root / tenant
+
+
 def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 

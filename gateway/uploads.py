@@ -16,9 +16,9 @@ from pathlib import Path
 from service_runtime.errors import InvalidArgument, NotFound, ResourceExhausted
 
 from .limits import setting_name
+from .tenants import tenant_folder
 
 UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{24}")
-TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as gateway/tenants.py checks it
 
 
 class UploadStore:
@@ -27,9 +27,7 @@ class UploadStore:
         self.held_bytes = 0  # what the uploads held at the last scan (a metric)
 
     def _tenant_folder(self, tenant: str) -> Path:
-        if not TENANT_NAME.fullmatch(tenant):
-            raise ValueError(f"not a tenant name: {tenant!r}")  # tenant names come from configuration, never a client
-        return self.folder / tenant
+        return tenant_folder(self.folder, tenant)
 
     async def add(self, tenant: str, data: bytes) -> str:
         if not data:
