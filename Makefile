@@ -10,7 +10,7 @@ TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: install deps protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak gpu-check device-bundle clean k8s-validate deploy rollback images
+.PHONY: install deps protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak hostile gpu-check device-bundle clean k8s-validate deploy rollback images
 
 help:  ## this list: every target with what it does, then the variables you may set (make VAR=value target)
 	@awk 'match($$0, /^[a-zA-Z0-9_-]+:/) { name = substr($$0, 1, RLENGTH - 1); doc = $$0; \
@@ -61,6 +61,9 @@ fuzz: install  ## coverage-guided fuzzing (atheris) of every target, FUZZ_SECOND
 soak: install deps  ## 200 generations from 8 clients against the running stack (memory, fds, threads, temp files), then a 60 s fuzz run
 	$(PY) -m pytest -q -s -p no:cacheprovider -m soak tests/e2e/soak
 	$(MAKE) fuzz FUZZ_SECONDS=60
+
+hostile: install deps  ## attacks on real processes (tests/hostile): key-less floods through Envoy, slow and greedy clients, media bombs, altered Redis records, webhooks to private addresses
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m hostile tests/hostile
 
 clean:  ## remove generated demo weights and test caches (models/dev, .pytest_cache)
 	rm -rf models/dev .pytest_cache
