@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import collections
+import heapq
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from .errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
@@ -37,15 +39,26 @@ class BatchPolicy:
                              f"{self}")
 
 
-@dataclass
+# Items whose caller allows less than this at arrival are urgent (a live frame, not a batch job): while such
+# items keep coming, batches are cut so that one batch takes at most URGENT_SHARE of the tightest recent slack,
+# because a batch already on the model cannot be pre-empted.
+URGENT_SLACK_S = 2.0
+URGENT_SHARE = 0.25
+URGENT_MEMORY_S = 2.0  # how long urgent traffic is remembered after its last item
+
+
+@dataclass(order=True)
 class _Entry(Generic[Item]):
-    item: Item
-    future: asyncio.Future
-    call: int  # which submit_many call the item came with
+    deadline: float  # time.monotonic() by which the caller wants it (inf: none); the queue's order
+    seq: int  # arrival order among equal deadlines
+    item: Item = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    call: int = field(compare=False)  # which submit_many call the item came with
 
 
 class BatchingQueue(Generic[Item, Result]):
-    """Gathers items until `max_batch_size` or `max_delay_s`, runs the batch off the event loop."""
+    """Gathers items until `max_batch_size` or `max_delay_s`, runs the batch off the event loop. Items are taken
+    earliest deadline first (the caller's gRPC deadline), so a live frame is never queued behind a long job."""
 
     @classmethod
     def with_policy(cls, name: str, run_batch: BatchFn, policy: BatchPolicy,
@@ -73,7 +86,11 @@ class BatchingQueue(Generic[Item, Result]):
         self._metrics = metrics
         self._across_calls = across_calls
         self._calls = 0
-        self._pending: collections.deque[_Entry] = collections.deque()
+        self._pending: list[_Entry] = []  # a heap: earliest deadline first
+        self._seq = itertools.count()
+        self._seconds_per_item = 0.0  # measured: a moving average over batches
+        self._urgent_slack = math.inf  # the tightest slack of recent urgent items
+        self._urgent_until = 0.0
         self._arrived = asyncio.Event()
         # One thread per model keeps one batch on the model at a time while the event loop keeps serving.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
@@ -97,7 +114,7 @@ class BatchingQueue(Generic[Item, Result]):
 
     def _fail_pending(self, error: ServiceError) -> None:
         while self._pending:
-            entry = self._pending.popleft()
+            entry = heapq.heappop(self._pending)
             if not entry.future.done():
                 entry.future.set_exception(error)
         self._metrics.queue_depth.labels(self.name).set(0)
@@ -120,8 +137,9 @@ class BatchingQueue(Generic[Item, Result]):
         """Items still wanted by a caller."""
         return sum(not entry.future.done() for entry in self._pending)
 
-    def submit_many(self, items: Sequence[Item]) -> list[asyncio.Future]:
-        """Queues all items or none: a call that does not fit gets RESOURCE_EXHAUSTED with a retry hint."""
+    def submit_many(self, items: Sequence[Item], deadline: float = math.inf) -> list[asyncio.Future]:
+        """Queues all items or none: a call that does not fit gets RESOURCE_EXHAUSTED with a retry hint.
+        `deadline` (time.monotonic()) orders the queue: earliest first."""
         if self._worker is None:
             raise Unavailable(f"model {self.name} is not serving yet (warming up); retry shortly")
         if self._died is not None:
@@ -136,17 +154,33 @@ class BatchingQueue(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         futures = []
         self._calls += 1
+        self._note_urgency(deadline)
         for item in items:
             future = loop.create_future()
-            self._pending.append(_Entry(item, future, self._calls))
+            heapq.heappush(self._pending, _Entry(deadline, next(self._seq), item, future, self._calls))
             futures.append(future)
         self._metrics.queue_depth.labels(self.name).set(len(self._pending))
         self._arrived.set()
         return futures
 
-    async def run(self, items: Sequence[Item]) -> list[Result | Exception]:
+    def _note_urgency(self, deadline: float) -> None:
+        now = time.monotonic()
+        slack = deadline - now
+        if now > self._urgent_until:
+            self._urgent_slack = math.inf
+        if slack < URGENT_SLACK_S:
+            self._urgent_slack = min(self._urgent_slack, max(slack, 0.0))
+            self._urgent_until = now + URGENT_MEMORY_S
+
+    def _batch_limit(self) -> int:
+        """max_batch_size, or fewer while urgent items keep coming (see URGENT_SHARE)."""
+        if time.monotonic() > self._urgent_until or not self._seconds_per_item:
+            return self._max_batch
+        return max(1, min(self._max_batch, int(self._urgent_slack * URGENT_SHARE / self._seconds_per_item)))
+
+    async def run(self, items: Sequence[Item], deadline: float = math.inf) -> list[Result | Exception]:
         """Submits items and waits; cancelling the caller cancels its still-queued items."""
-        futures = self.submit_many(items)
+        futures = self.submit_many(items, deadline)
         try:
             return await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
@@ -154,7 +188,8 @@ class BatchingQueue(Generic[Item, Result]):
                 future.cancel()
             raise
 
-    async def run_each(self, raw_items: Sequence, prepare: Callable[[object], Item]) -> list[Result | Exception]:
+    async def run_each(self, raw_items: Sequence, prepare: Callable[[object], Item],
+                       deadline: float = math.inf) -> list[Result | Exception]:
         """Prepares each raw item (a failure stays that item's error), batches the rest, keeps the order."""
         if not raw_items:
             raise InvalidArgument("the request has no items")
@@ -166,7 +201,7 @@ class BatchingQueue(Generic[Item, Result]):
                 positions.append(position)
             except ServiceError as error:
                 outcomes[position] = error
-        for position, result in zip(positions, await self.run(prepared) if prepared else []):
+        for position, result in zip(positions, await self.run(prepared, deadline) if prepared else []):
             outcomes[position] = result
         return outcomes
 
@@ -177,7 +212,7 @@ class BatchingQueue(Generic[Item, Result]):
         if not self._across_calls:  # the seed's behaviour: one call's items at a time, no waiting for others
             return self._take(lambda entry, first: entry.call == first.call)
         deadline = time.monotonic() + self._max_delay
-        while len(self._pending) < self._max_batch:
+        while len(self._pending) < self._batch_limit():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -190,8 +225,9 @@ class BatchingQueue(Generic[Item, Result]):
 
     def _take(self, belongs: Callable[[_Entry, _Entry], bool]) -> list[_Entry]:
         batch: list[_Entry] = []
-        while self._pending and len(batch) < self._max_batch and (not batch or belongs(self._pending[0], batch[0])):
-            entry = self._pending.popleft()
+        limit = self._batch_limit()
+        while self._pending and len(batch) < limit and (not batch or belongs(self._pending[0], batch[0])):
+            entry = heapq.heappop(self._pending)
             if not entry.future.done():  # skip items whose caller cancelled
                 batch.append(entry)
         self._metrics.queue_depth.labels(self.name).set(len(self._pending))
@@ -226,7 +262,10 @@ class BatchingQueue(Generic[Item, Result]):
             else:
                 log.warning("batch failed; retrying items one by one", extra={"model": labels, "error": str(batch_error)})
                 results = [self._run_single(item) for item in items]
-        self._metrics.inference_seconds.labels(labels).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._seconds_per_item = elapsed / len(items) if not self._seconds_per_item else (
+            0.8 * self._seconds_per_item + 0.2 * elapsed / len(items))
+        self._metrics.inference_seconds.labels(labels).observe(elapsed)
         self._metrics.batch_size.labels(labels).observe(len(items))
         self._metrics.batches.labels(labels).inc()
         failed = sum(isinstance(r, BaseException) for r in results)

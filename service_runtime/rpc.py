@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,6 +43,12 @@ def request_id_from(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID_HEADER and value:
             return checked_request_id(str(value), f"the {REQUEST_ID_HEADER} header")
     return new_request_id()
+
+
+def call_deadline(context: grpc.aio.ServicerContext) -> float:
+    """The caller's deadline on the time.monotonic() clock (inf when it set none): the batching queues' order."""
+    remaining = context.time_remaining()
+    return math.inf if remaining is None else time.monotonic() + remaining
 
 
 def status_details(error: ServiceError) -> tuple[tuple[str, bytes], ...]:

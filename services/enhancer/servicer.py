@@ -7,7 +7,7 @@ from superwav2lip.enhancer.v1 import enhancer_pb2, enhancer_pb2_grpc
 from service_runtime.batching import BatchingQueue
 from service_runtime.errors import Unavailable
 from service_runtime.images import decode_image, encode_image
-from service_runtime.rpc import item_status
+from service_runtime.rpc import call_deadline, item_status
 
 from .model import FaceRestorer
 
@@ -18,8 +18,7 @@ class EnhancerServicer(enhancer_pb2_grpc.EnhancerServicer):
 
     async def Enhance(self, request: enhancer_pb2.EnhanceRequest, context) -> enhancer_pb2.EnhanceResponse:
         outcomes = await self.queue.run_each(
-            request.faces, lambda image: self.restorer.prepare(decode_image(image, "face"))
-        )
+            request.faces, lambda image: self.restorer.prepare(decode_image(image, "face")), call_deadline(context))
         return enhancer_pb2.EnhanceResponse(faces=[
             enhancer_pb2.EnhancedFace(error=item_status(o)) if isinstance(o, BaseException)
             else enhancer_pb2.EnhancedFace(face=encode_image(o))

@@ -6,7 +6,7 @@ from superwav2lip.lipsync.v1 import lipsync_pb2, lipsync_pb2_grpc
 
 from service_runtime.batching import BatchingQueue
 from service_runtime.errors import Unavailable
-from service_runtime.rpc import item_status
+from service_runtime.rpc import call_deadline, item_status
 
 from .model import LipSyncGenerator
 
@@ -16,7 +16,8 @@ class LipSyncServicer(lipsync_pb2_grpc.LipSyncServicer):
         self.generator, self.queue = generator, queue
 
     async def Generate(self, request: lipsync_pb2.GenerateRequest, context) -> lipsync_pb2.GenerateResponse:
-        outcomes = await self.queue.run_each(request.items, lambda item: self.generator.prepare(item.face, item.mel))
+        outcomes = await self.queue.run_each(request.items, lambda item: self.generator.prepare(item.face, item.mel),
+                                             call_deadline(context))
         return lipsync_pb2.GenerateResponse(results=[
             lipsync_pb2.LipSyncResult(error=item_status(o)) if isinstance(o, BaseException)
             else lipsync_pb2.LipSyncResult(face=o.tobytes())

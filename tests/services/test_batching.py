@@ -120,3 +120,51 @@ async def test_without_cross_call_batching_each_batch_holds_one_call():
     await queue.stop()
     assert results == [[2 * i, 2 * (i + 100)] for i in range(6)]
     assert sorted(model.calls) == [[i, i + 100] for i in range(6)]  # never mixed
+
+
+async def test_items_are_taken_earliest_deadline_first():
+    """A long job's items queued first still wait behind a live frame's: the queue is ordered by deadline."""
+    import time
+
+    model = SlowDoubler(delay=0)
+    model.release.clear()
+    queue = make_queue(model, max_batch_size=4)
+    queue.start()
+    blocker = asyncio.ensure_future(queue.run([0]))  # occupies the model while the rest queue up
+    await asyncio.to_thread(model.entered.wait, 5)
+    bulk = asyncio.ensure_future(queue.run(list(range(100, 112)), time.monotonic() + 600))
+    await asyncio.sleep(0)
+    live = asyncio.ensure_future(queue.run([7], time.monotonic() + 0.5))
+    await asyncio.sleep(0)
+    model.release.set()
+    assert await live == [14]
+    await asyncio.gather(blocker, bulk)
+    await queue.stop()
+    assert model.calls[1][0] == 7, model.calls  # the first batch after the blocker starts with the live item
+
+
+async def test_while_urgent_items_come_batches_are_cut_to_a_share_of_their_slack():
+    """A batch on the model cannot be pre-empted: with 0.2 s of slack and 50 ms per item, a full batch of 32
+    would make every live frame late; while urgent items keep coming, batches hold at most 1 item
+    (0.2 s x URGENT_SHARE / 0.05 s)."""
+    import time
+
+    from service_runtime import batching
+
+    class PerItem(SlowDoubler):  # costs 50 ms per item, as a CPU model does
+        def __call__(self, items):
+            self.delay = 0.05 * len(items)
+            return super().__call__(items)
+
+    model = PerItem()
+    queue = make_queue(model, max_batch_size=32, max_queue_size=256)
+    queue.start()
+    await queue.run(list(range(8)), time.monotonic() + 600)  # measures the model's time per item
+    assert len(model.calls[-1]) == 8
+    await queue.run([1], time.monotonic() + 0.2)
+    bulk = asyncio.ensure_future(queue.run(list(range(16)), time.monotonic() + 600))
+    await asyncio.sleep(0.3)
+    cut = [len(c) for c in model.calls[2:]]
+    assert cut and max(cut) <= int(0.2 * batching.URGENT_SHARE / 0.05) + 1, cut
+    await bulk
+    await queue.stop()
