@@ -7,6 +7,7 @@ lease lapsed (its replica died) goes back to the front of the queue, or fails af
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import time
@@ -23,6 +24,7 @@ from .limits import setting_name
 JOB_ID = re.compile(r"job_[0-9a-f]{24}")
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 QUEUE, RUNNING, INDEX = "swl:jobs:queue", "swl:jobs:running", "swl:jobs"
+log = logging.getLogger(__name__)
 
 
 def tenant_index(tenant: str) -> str:
@@ -249,8 +251,20 @@ class RedisJobStore:
         await self._call(transaction())
 
     async def load(self, job_id: str) -> JobRecord | None:
+        """The record stored under a job id. Redis is not trusted with identities: an id from the queue or an
+        index that is no job id names no record, and the key, not the record's own `job_id`, says whose it is."""
+        if not JOB_ID.fullmatch(job_id):
+            log.warning("not a job id in the job store; ignored", extra={"job_id": job_id[:64]})
+            return None
         data = await self._call(self.client.get(f"swl:job:{job_id}"))
-        return None if data is None else JobRecord.from_json(data)
+        if data is None:
+            return None
+        record = JobRecord.from_json(data)
+        if record.job_id != job_id:
+            log.warning("job record names another job; its key's id is used",
+                        extra={"job_id": job_id, "claimed": str(record.job_id)[:64]})
+            record.job_id = job_id
+        return record
 
     async def position(self, job_id: str) -> int:
         index = await self._call(self.client.lpos(QUEUE, job_id))

@@ -1,0 +1,187 @@
+"""Redis as an untrusted neighbour: records altered to name paths, and a Redis out of memory, against a real
+gateway process and a real redis-server (issue #26)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from deploy.redis import local as local_redis
+
+from tests.support.gateway_processes import gateway_process, wait_serving
+from tests.support.media_factory import encode_png, scene, speech_wav
+from tests.support.paths import system_binary
+from tests.support.processes import free_port
+from tests.support.waiting import eventually_async
+
+State = gateway_pb2.Job.State
+
+
+class NoModelServices:
+    """Model-service addresses where nothing listens: these tests are about the gateway's records, so a job that
+    runs fails at its first model call, as it would with the services down (no fake stands in for them)."""
+
+    def __init__(self) -> None:
+        self.ports = {name: free_port() for name in ("detector", "lipsync", "enhancer")}
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+
+@contextlib.contextmanager
+def redis_server(folder, *extra: str):
+    """A real redis-server on a free port with the given options; yields its URL and a client to tamper with."""
+    system_binary("redis-server")
+    port = free_port()
+    process = local_redis.start(port, folder / "redis", extra=extra)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        local_redis.wait_ready(port, process)
+        yield f"redis://127.0.0.1:{port}/0", client
+    finally:
+        client.close()
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def gateway(url: str, data, log_path, **settings: str):
+    with open(log_path, "w") as log, gateway_process(NoModelServices(), url, data, log, settings) as (address, process):
+        yield address, process
+
+
+def submit_request() -> gateway_pb2.SubmitJobRequest:
+    return gateway_pb2.SubmitJobRequest(face=encode_png(scene()), audio=speech_wav(0.4))
+
+
+def alter(client: redis.Redis, key_id: str, **fields) -> None:
+    """Rewrites a job's stored record as an intruder with access to Redis would, keeping its TTL (none if none)."""
+    key = f"swl:job:{key_id}"
+    record = json.loads(client.get(key))
+    ttl = client.pttl(key)
+    client.set(key, json.dumps({**record, **fields}), px=ttl if ttl > 0 else None)
+
+
+def victims(tmp_path):
+    """A folder outside the data directory that must survive, and the hostile ids that name it or its parents."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("another tenant's video")
+    # data/jobs/<id>: "../../victim" is tmp_path/victim; ".." is data/, "../.." is tmp_path itself
+    return victim, [str(victim), "../../victim", "..", "../..", "/data", "/", str(tmp_path)]
+
+
+async def health(channel) -> str:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def serving_and_taking_jobs(channel) -> None:
+    """The gateway still answers its health check and still takes and shows a job."""
+    assert await health(channel) == "SERVING"
+    stub = gateway_pb2_grpc.GatewayStub(channel)
+    job = await stub.SubmitJob(submit_request(), timeout=30)
+    shown = await stub.GetJob(gateway_pb2.JobRequest(job_id=job.job_id), timeout=10)
+    assert shown.job_id == job.job_id
+
+
+def intact(victim, tmp_path) -> None:
+    assert (victim / "keep").read_text() == "another tenant's video"
+    assert (tmp_path / "data").is_dir()
+
+
+async def test_records_altered_to_name_paths_delete_nothing_when_cancelled_run_or_cleaned_up(tmp_path):
+    """Each job's record is rewritten in Redis to claim `"job_id"` of an absolute path, `..` or a parent; the queue,
+    the running set and the index get such members too. Gateway A (no workers) cancels some of them and deletes
+    finished ones; gateway B then runs, requeues and sweeps the rest with a one-second result TTL. Nothing outside
+    the jobs folder is removed, and both keep serving."""
+    victim, hostile = victims(tmp_path)
+    data = tmp_path / "data"
+    with redis_server(tmp_path) as (url, client):
+        with gateway(url, data, tmp_path / "a.log", SWL_GATEWAY_JOB_WORKERS="0") as (address, process):
+            await wait_serving(tmp_path / "a.log", process)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                codes = {}
+                for claimed in hostile:
+                    for state in ("QUEUED", "FAILED"):
+                        job = await stub.SubmitJob(submit_request(), timeout=30)
+                        alter(client, job.job_id, job_id=claimed, state=state)
+                        try:
+                            await stub.DeleteJob(gateway_pb2.JobRequest(job_id=job.job_id), timeout=10)
+                            codes[claimed, state] = "OK"
+                        except grpc.aio.AioRpcError as error:
+                            codes[claimed, state] = f"{error.code().name}: {error.details()}"
+                        intact(victim, tmp_path)
+                print("DeleteJob on altered records:", json.dumps({f"{k[0]} {k[1]}": v for k, v in codes.items()},
+                                                                  indent=1))
+                assert not any(code.startswith("INTERNAL") for code in codes.values()), codes
+                queued = []
+                for claimed in hostile:  # left queued for gateway B's workers, beside hostile queue entries
+                    job = await stub.SubmitJob(submit_request(), timeout=30)
+                    alter(client, job.job_id, job_id=claimed)
+                    queued.append(job.job_id)
+                    client.rpush("swl:jobs:queue", claimed)
+                    client.sadd("swl:jobs:running", claimed)  # "running" with no lease: housekeeping takes it
+                    client.zadd("swl:jobs", {claimed: time.time()})
+                    client.set(f"swl:job:{claimed}", json.dumps({**json.loads(client.get(f"swl:job:{job.job_id}")),
+                                                                  "state": "RUNNING"}))
+                await serving_and_taking_jobs(channel)
+        b_log = tmp_path / "b.log"
+        with gateway(url, data, b_log, SWL_GATEWAY_JOB_LEASE_S="0.5", SWL_GATEWAY_JOB_RESULT_TTL_S="1",
+                     SWL_GATEWAY_JOB_MAX_ATTEMPTS="1") as (address, process):
+            await wait_serving(b_log, process)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                for job_id in queued:  # each runs as itself and fails at its first model call, then expires
+                    await eventually_async(lambda: gone(stub, job_id), seconds=120, what=f"{job_id} run and expired")
+                await eventually_async(lambda: not client.smembers("swl:jobs:running") and
+                                       not client.llen("swl:jobs:queue"), seconds=30, what="queue and running set empty")
+                intact(victim, tmp_path)
+                await serving_and_taking_jobs(channel)
+        intact(victim, tmp_path)
+        unexpected = [line for line in b_log.read_text().splitlines() if "unexpected error" in line]
+        assert unexpected == [], f"{len(unexpected)} unexpected errors, the first: {unexpected[:1]}"
+
+
+async def gone(stub, job_id: str) -> bool:
+    """Whether the job ended and its record expired (its result TTL of 1 s passed: two sweeps at least)."""
+    try:
+        await stub.GetJob(gateway_pb2.JobRequest(job_id=job_id), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        return error.code() == grpc.StatusCode.NOT_FOUND
+    return False
+
+
+async def test_a_redis_out_of_memory_refuses_a_submission_with_a_status_a_person_can_act_on(tmp_path):
+    """redis-server started with a tiny maxmemory and filled: writes get Redis's OOM error. A submission gets
+    RESOURCE_EXHAUSTED or UNAVAILABLE saying Redis is out of memory (never INTERNAL), its input files are removed,
+    the gateway keeps serving, and once memory is freed the next submission is taken."""
+    data = tmp_path / "data"
+    with redis_server(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction") as (url, client):
+        with gateway(url, data, tmp_path / "gw.log", SWL_GATEWAY_JOB_WORKERS="0") as (address, process):
+            await wait_serving(tmp_path / "gw.log", process)
+            filled = 0
+            with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+                while True:
+                    client.set(f"ballast:{filled}", b"x" * 65536)
+                    filled += 1
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.SubmitJob(submit_request(), timeout=30)
+                print("submission with Redis full:", refused.value.code().name, refused.value.details())
+                assert refused.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+                assert "memory" in refused.value.details().lower() and "redis" in refused.value.details().lower()
+                assert not (data / "jobs").exists() or not any((data / "jobs").iterdir())  # its inputs removed
+                assert await health(channel) == "SERVING"
+                client.delete(*[f"ballast:{n}" for n in range(filled)])
+                job = await stub.SubmitJob(submit_request(), timeout=30)
+                assert State.Name(job.state) == "QUEUED"
