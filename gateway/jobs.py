@@ -17,7 +17,7 @@ from service_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from .job_store import JOB_ID, TERMINAL, JobRecord, JobStore, check_job_id, new_job_id
 from .limits import MediaLimits, setting_name
 from .metrics import GatewayMetrics
-from .webhooks import WebhookSender, check_webhook
+from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Jobs:
         self._check = check  # the generation layer's check of options (request id, avatar) at submission
 
     async def submit(self, tenant: str, request: gateway_pb2.SubmitJobRequest) -> JobRecord:
-        check_webhook(request.webhook_url, self.ledger.webhooks.terms.of(tenant))
+        await self.ledger.webhooks.check(tenant, request.webhook_url)  # its host resolved and checked too
         await self._check(tenant, request.options)  # options, request id and avatar refused now, not when it runs
         self.limits.check_upload(len(request.face) + len(request.audio) + len(request.options.reference_face))
         record = JobRecord(new_job_id(), webhook_url=request.webhook_url, tenant=tenant)

@@ -120,6 +120,13 @@ class GatewaySettings(ServerSettings):
     webhook_max_attempts: int = setting(5, "Deliveries tried per webhook before giving up.", ge=1, le=50)
     webhook_backoff_s: float = setting(1.0, "Wait before the second delivery; it doubles after each failure.",
                                        ge=0.01, le=3600)
+    webhook_timeout_s: float = setting(
+        10.0, "Longest one delivery attempt may take in all (lookup, connect, send, the answer's status and "
+              "headers); a receiver that answers a byte at a time is cut off at it.", ge=0.1, le=300)
+    webhook_allow_private_addresses: bool = setting(
+        False, "Let webhooks go to loopback, private (RFC 1918, ULA), link-local (the cloud metadata service among "
+               "them) and reserved addresses; off, a name on the allow-list that resolves to one is refused. For "
+               "local stacks and tests only.")
     # Tenants: who may call, what each may use, and what each sees (docs/tenants.md).
     tenants_file: str = setting(
         "", "JSON or YAML file of tenants (their key digests, quotas, webhook secret and hosts); reloaded on SIGHUP "

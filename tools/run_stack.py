@@ -278,6 +278,8 @@ def service_env(name: str, config: StackConfig, base: Mapping[str, str] | None =
             env.setdefault(f"{prefix}REDIS_URL", config.redis_url)
         if not names_keys(env):
             env.setdefault(ALLOW_ANONYMOUS, "true")
+        # a local stack's webhook receivers are on this machine: loopback and private addresses allowed
+        env.setdefault(f"{prefix}WEBHOOK_ALLOW_PRIVATE_ADDRESSES", "true")
         fields = {f.name for f in dataclasses.fields(entry.settings_class())}
         for other in registry.model_services():
             if f"{other.name}_address" in fields:

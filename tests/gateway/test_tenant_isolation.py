@@ -21,7 +21,7 @@ from service_runtime.settings import SettingsError
 from tests.support.media_factory import encode_video, marker_frames, speech_wav
 from tests.support.metrics import metric
 from tests.support.paths import ROOT
-from tests.support.processes import project_env
+from tests.support.processes import free_port, project_env
 from tests.support.tenants import tenants_file
 from tests.support.stack import MODULE_LOOP, running_stack
 from tests.support.waiting import eventually_async
@@ -37,11 +37,13 @@ State = gateway_pb2.Job.State
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(dev_models_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tenants")
+    hook = f"127.0.0.1:{free_port()}"  # where alice's webhook receiver will listen (on loopback: allowed below)
     path = tenants_file(folder, alice={"key": ALICE, "webhook_secret": ALICE_WEBHOOK_SECRET,
-                                       "webhook_hosts": ["127.0.0.1"]}, bob={"key": BOB, "webhook_secret": BOB_WEBHOOK_SECRET})
+                                       "webhook_hosts": [hook]}, bob={"key": BOB, "webhook_secret": BOB_WEBHOOK_SECRET})
     async with running_stack(dev_models_dir, tenants_file=str(path), allow_anonymous=False,
                              data_dir=str(folder / "data"), webhook_secret="the gateway's own secret",
-                             webhook_allowed_hosts=("127.0.0.1",)) as stack:
+                             webhook_allowed_hosts=(hook,), webhook_allow_private_addresses=True) as stack:
+        stack.webhook_port = int(hook.split(":")[1])
         yield stack
 
 
@@ -132,7 +134,7 @@ async def test_another_tenants_job_is_not_found_listed_or_cancelled(stack):
 async def test_webhooks_go_only_to_the_tenants_hosts_signed_with_its_own_secret(stack):
     """Bob has a secret but no hosts of his own, and the gateway's shared secret and hosts are not his to use;
     Alice's webhooks are signed with her secret: they verify with it, and not with Bob's or the gateway's."""
-    with webhook_receiver(fail_first=0) as (url, received):
+    with webhook_receiver(fail_first=0, port=stack.webhook_port) as (url, received):
         for bobs_url in (url, "http://hooks.bob.example/hook"):
             error = await refusal(lambda bobs_url=bobs_url: stack.stub.SubmitJob(gateway_pb2.SubmitJobRequest(
                 face=encode_video(marker_frames(6)), audio=speech_wav(0.4), webhook_url=bobs_url), **as_(BOB)))

@@ -46,13 +46,15 @@ async def wait_serving(log_path, process, seconds: float = 60) -> None:
 
 @contextlib.contextmanager
 def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = None):
-    """A second gateway as its own process, on the same model services, Redis and data directory."""
+    """A second gateway as its own process, on the same model services, Redis and data directory; `extra` adds
+    settings or overrides these (a metrics port instead of none)."""
     port = free_port()
-    env = project_env(SWL_GATEWAY_HOST="127.0.0.1", SWL_GATEWAY_PORT=str(port), SWL_GATEWAY_METRICS_PORT="-1",
-                      SWL_GATEWAY_REDIS_URL=redis_url, SWL_GATEWAY_ALLOW_ANONYMOUS="true", SWL_GATEWAY_DATA_DIR=str(data_dir),
-                      SWL_GATEWAY_DETECTOR_ADDRESS=stack.address("detector"),
-                      SWL_GATEWAY_LIPSYNC_ADDRESS=stack.address("lipsync"),
-                      SWL_GATEWAY_ENHANCER_ADDRESS=stack.address("enhancer"), **(extra or {}))
+    env = project_env(**{"SWL_GATEWAY_HOST": "127.0.0.1", "SWL_GATEWAY_PORT": str(port),
+                         "SWL_GATEWAY_METRICS_PORT": "-1", "SWL_GATEWAY_REDIS_URL": redis_url,
+                         "SWL_GATEWAY_ALLOW_ANONYMOUS": "true", "SWL_GATEWAY_DATA_DIR": str(data_dir),
+                         "SWL_GATEWAY_DETECTOR_ADDRESS": stack.address("detector"),
+                         "SWL_GATEWAY_LIPSYNC_ADDRESS": stack.address("lipsync"),
+                         "SWL_GATEWAY_ENHANCER_ADDRESS": stack.address("enhancer"), **(extra or {})})
     process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stderr=log, stdout=log)
     try:
         yield f"127.0.0.1:{port}", process
