@@ -10,7 +10,7 @@ import numpy as np
 
 from service_runtime.errors import InvalidArgument
 
-from .containers import open_audio
+from .containers import check_decoder, open_audio
 from .limits import MediaLimits
 
 SAMPLE_RATE = 16000
@@ -50,14 +50,13 @@ def decode_speech(data: bytes, limits: MediaLimits = MediaLimits()) -> Speech:
         if not container.streams.audio:
             raise InvalidArgument("audio: the file has no audio stream")
         stream = container.streams.audio[0]
-        if stream.codec_context is None:  # FFmpeg has no decoder for the stream's codec
-            raise InvalidArgument("audio: the audio codec cannot be decoded; send WAV (PCM), MP3, AAC, FLAC, "
-                                  "Vorbis or Opus")
+        check_decoder(stream, "audio")
         if container.duration:
             limits.check_audio_seconds(container.duration / av.time_base, claimed=True)
         rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
         if not rate:
             raise InvalidArgument("audio: the stream has no sample rate")
+        limits.check_audio_rate(rate)
         mono = _decode_mono(container, stream, rate, limits)
     if rate != SAMPLE_RATE and len(mono):
         mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
@@ -70,14 +69,15 @@ def decode_speech(data: bytes, limits: MediaLimits = MediaLimits()) -> Speech:
 
 
 def check_wav_claim(data: bytes, limits: MediaLimits) -> None:
-    """A WAV header states its length, and FFmpeg quietly trusts the bytes present instead: a claim past the
-    limit, or past the end of the upload (a truncated file), is refused here."""
+    """A WAV header states its rate and length, and FFmpeg quietly trusts the bytes present instead: a rate past
+    the limit, a claim past the limit, or past the end of the upload (a truncated file), is refused here."""
     if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return
     offset, byte_rate = 12, 0
     while offset + 8 <= len(data):
         kind, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
         if kind == b"fmt " and size >= 12:
+            limits.check_audio_rate(int.from_bytes(data[offset + 12 : offset + 16], "little"))
             byte_rate = int.from_bytes(data[offset + 16 : offset + 20], "little")
         if kind == b"data":
             if not byte_rate or size in (0, 0xFFFFFFFF):  # 0 and all ones mean "unknown" (a streamed WAV)

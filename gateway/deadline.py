@@ -23,6 +23,7 @@ class JobDeadline:
         self._default_s = base_s
         self._client_at = math.inf if client_remaining_s is None else self._started + client_remaining_s
         self._scope: asyncio.Timeout | None = None
+        self._capped_by = ""  # the setting that capped the default, if one did
 
     @property
     def at(self) -> float:
@@ -36,14 +37,20 @@ class JobDeadline:
             raise self.exceeded()
         return left
 
-    def scale_to_speech(self, seconds: float) -> None:
+    def scale_to_speech(self, seconds: float, at_most: tuple[float, str] | None = None) -> None:
+        """`at_most`: (seconds, setting) the default may not pass, however long the media is or claims to be."""
         self._default_s = self._base_s + self._per_second * seconds
+        if at_most is not None and self._default_s > at_most[0]:
+            self._default_s, self._capped_by = at_most[0], at_most[1]
         self._reschedule()
 
     def exceeded(self, waiting_for: str | None = None) -> DeadlineExceeded:
         where = f" (it was waiting for the {waiting_for} service)" if waiting_for else ""
         if self._client_at <= self._started + self._default_s:
             return DeadlineExceeded(f"the job did not finish within the client's deadline{where}")
+        if self._capped_by:
+            return DeadlineExceeded(f"the job did not finish within this gateway's longest deadline of "
+                                    f"{self._default_s:.0f} s{where} ({self._capped_by}); send shorter media")
         return DeadlineExceeded(
             f"the job did not finish within this gateway's deadline of {self._default_s:.0f} s{where} "
             f"({setting_name('job_deadline_s')} + {setting_name('job_deadline_per_audio_second_s')} x speech seconds); "

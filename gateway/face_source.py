@@ -13,7 +13,7 @@ import numpy as np
 
 from service_runtime.errors import InvalidArgument
 
-from .containers import decode_picture, open_video, picture_size
+from .containers import check_decoder, decode_picture, open_video, picture_size
 from .limits import MediaLimits
 
 def even_crop(frame: np.ndarray) -> np.ndarray:
@@ -70,8 +70,7 @@ class FaceSource:
             if not self._container.streams.video:
                 raise InvalidArgument("face: the file has no video stream and is not a picture")
             self._stream = stream = self._container.streams.video[0]
-            if stream.codec_context is None:  # FFmpeg has no decoder for the stream's codec
-                raise InvalidArgument("face: the video codec cannot be decoded; send H.264, HEVC, VP8/VP9, AV1 or MPEG-4 video")
+            check_decoder(stream, "face")
             if stream.codec_context.width and stream.codec_context.height:
                 limits.check_frame("face", stream.codec_context.width, stream.codec_context.height)
             self.fps = nominal_rate(stream, limits.max_fps)

@@ -40,7 +40,7 @@ class Generation:
         """The checked options; the request id (checked first) goes into every log line and model call."""
         if message.request_id:
             request_id_var.set(checked_request_id(message.request_id, "options.request_id"))
-        return JobOptions.from_proto(message)
+        return JobOptions.from_proto(message, self.limits)
 
     async def check(self, tenant: str, message: gateway_pb2.GenerateOptions) -> None:
         """Options, request id and avatar (its metadata only) of a job that will run later."""

@@ -21,6 +21,7 @@ from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
+INPUTS = ("face", "audio", "options.pb")  # a job's files as submitted, beside its result.mp4
 FINAL_SAVE_BACKOFF_S = (0.2, 5.0)  # first and longest wait between tries of a finished job's save
 
 
@@ -41,9 +42,8 @@ class JobFiles:
         def write() -> None:
             folder = self.folder(job_id)
             folder.mkdir(parents=True)
-            (folder / "face").write_bytes(request.face)
-            (folder / "audio").write_bytes(request.audio)
-            (folder / "options.pb").write_bytes(request.options.SerializeToString())
+            for name, data in zip(INPUTS, (request.face, request.audio, request.options.SerializeToString())):
+                (folder / name).write_bytes(data)
 
         await asyncio.to_thread(write)
 
@@ -55,6 +55,16 @@ class JobFiles:
 
     async def write_result(self, job_id: str, mp4: bytes) -> None:
         await asyncio.to_thread((self.folder(job_id) / "result.mp4").write_bytes, mp4)
+
+    async def remove_inputs(self, job_id: str) -> None:
+        """A finished job's face, audio and options: only its video is kept, for its TTL."""
+        folder = self.folder(job_id)
+
+        def remove() -> None:
+            for name in INPUTS:
+                (folder / name).unlink(missing_ok=True)
+
+        await asyncio.to_thread(remove)
 
     async def read_result(self, job_id: str) -> bytes:
         return await asyncio.to_thread((self.folder(job_id) / "result.mp4").read_bytes)
@@ -75,6 +85,8 @@ class JobLedger:
     async def succeeded(self, record: JobRecord, result: dict) -> None:
         record.state, record.finished, record.result = "SUCCEEDED", time.time(), result
         await self._end(record, "succeeded")
+        # Only once the record says SUCCEEDED: a replica dying before that reruns the job from its inputs.
+        await self.files.remove_inputs(record.job_id)
 
     async def failed(self, record: JobRecord, code: int, status: str, message: str) -> None:
         record.fail(code, status, message)

@@ -14,6 +14,7 @@ import numpy as np
 
 from .audio import Speech
 from .containers import open_audio
+from .limits import MediaLimits
 from .mp4_boxes import faststart, has_complete_moov, with_gapless_info
 
 # AAC adds 1024 priming samples to the track, which the edit list skips; the rate stays 48 kHz, the one players
@@ -71,7 +72,8 @@ class Mp4Writer:
     cancellation waits for the chunk being encoded instead of closing the container under it."""
 
     def __init__(self, width: int, height: int, fps: Fraction, crf: int, preset: str, speech: Speech,
-                 threads: int = 0, fragmented: bool = False) -> None:
+                 threads: int = 0, fragmented: bool = False, limits: MediaLimits = MediaLimits()) -> None:
+        self._limits = limits  # max_output_bytes, checked after every frame muxed
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4-writer")
         self._speech = speech.source
         self._fragmented = fragmented
@@ -91,6 +93,7 @@ class Mp4Writer:
         self._audio_samples = 0  # at AAC_RATE, the resampler's output rate
         self._priming: int | None = None  # the encoder's leading samples, from its first packet's timestamp
         self._frames = 0
+        self._encoded = 0  # bytes of the packets muxed so far
 
     async def _run(self, work, *args):
         return await asyncio.wrap_future(self._worker.submit(work, *args))
@@ -122,7 +125,7 @@ class Mp4Writer:
             video_frame = av.VideoFrame.from_ndarray(frame, format="bgr24")
             video_frame.pts = self._frames
             self._frames += 1
-            self._container.mux(self._video.encode(video_frame))
+            self._mux(self._video.encode(video_frame))
         if self._fragmented:  # keep the audio level with the video, so each fragment carries both
             self._mux_audio(until=self._frames / self._fps)
 
@@ -141,7 +144,7 @@ class Mp4Writer:
             packets = self._audio.encode(frame)
             if packets and self._priming is None:
                 self._priming = -round((packets[0].pts or 0) * packets[0].time_base * AAC_RATE)
-            self._container.mux(packets)
+            self._mux(packets)
 
     def _with_gapless_info(self, head: bytes) -> bytes:
         """The fragmented head with iTunSMPB: AAC's priming, end padding and real length, counted exactly (the
@@ -153,14 +156,25 @@ class Mp4Writer:
         padding = -(priming + samples) % frame_size
         return with_gapless_info(head, priming, padding, samples)
 
+    def _mux(self, packets: list[av.Packet]) -> None:
+        """Muxes packets within max_output_bytes. Their bytes are counted, not the file's: until the audio comes,
+        the faststart muxer holds every video packet in its interleaving queue and writes nothing."""
+        self._encoded += sum(packet.size for packet in packets)
+        self._limits.check_output_bytes(self._encoded)
+        self._container.mux(packets)
+
     def _finish(self) -> bytes:
-        self._container.mux(self._video.encode(None))
+        self._mux(self._video.encode(None))
         self._mux_audio()
-        self._container.mux(self._audio.encode(None))
+        self._mux(self._audio.encode(None))
         self._container.close()
         if isinstance(self._buffer, _Sink):
             return self._buffer.take()
-        return faststart(self._buffer.getvalue())
+        # The rewrite reads the muxer's buffer in place, then the buffer goes: the mp4 is held twice at most.
+        with self._buffer.getbuffer() as view:
+            mp4 = faststart(view)
+        self._buffer = io.BytesIO()
+        return mp4
 
     def _close(self) -> None:
         try:

@@ -10,12 +10,13 @@ from superwav2lip.gateway.v1 import gateway_pb2
 
 from service_runtime.errors import InvalidArgument
 
+from .limits import X264_PRESETS, MediaLimits
+
 # How a job reports progress: stage, done, total, and a note for people (a warning) or "".
 Progress = Callable[[str, int, int, str], Awaitable[None]]
 # The options that shape planning (and so a cached plan or an avatar); the rest shape synthesis and encoding.
 PLANNING_FIELDS = ("pads", "smoothing_window", "max_detection_size", "still_fps", "keep_frames_without_face",
                    "reference_face", "target_rule", "similarity_threshold", "detect_every")
-X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class JobOptions:
     enhance_region: str = "face"
 
     @classmethod
-    def from_proto(cls, message: gateway_pb2.GenerateOptions) -> "JobOptions":
+    def from_proto(cls, message: gateway_pb2.GenerateOptions, limits: MediaLimits | None = None) -> "JobOptions":
+        """The checked options; with `limits`, also within what this gateway's encoder may spend."""
         defaults = cls()
 
         def optional(name: str):
@@ -68,6 +70,8 @@ class JobOptions:
             enhance_region="mouth" if message.enhance_region == gateway_pb2.ENHANCE_REGION_MOUTH else "face",
         )
         options.validate()
+        if limits is not None:
+            limits.check_encoding(options.crf, options.preset)
         return options
 
     def with_planning_of(self, other: "JobOptions") -> "JobOptions":

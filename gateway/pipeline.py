@@ -16,7 +16,7 @@ from .avatars import preview_jpeg
 from .audio import decode_speech, frame_count, melspectrogram
 from .clients import ModelClients
 from .deadline import JobDeadline
-from .limits import MediaLimits
+from .limits import MediaLimits, setting_name
 from .face_source import FaceSource
 from .metrics import GatewayMetrics
 from .options import JobOptions, Progress
@@ -44,7 +44,7 @@ class LipSyncJob:
         self.planner = Planner(clients, options, metrics, chunk_frames=chunk_frames, limits=limits,
                                deadline=deadline, progress=progress)
         self.synthesiser = Synthesiser(clients, options, metrics, chunk_frames=chunk_frames, deadline=deadline,
-                                       progress=progress, encoder_threads=encoder_threads)
+                                       progress=progress, encoder_threads=encoder_threads, limits=limits)
         self._avatar: tuple[bytes, FacePlan] | None = None
 
     def use_avatar(self, face: bytes, plan: FacePlan) -> None:
@@ -75,7 +75,7 @@ class LipSyncJob:
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         await self.progress("decode", 1, 1)
         try:
-            self.limits.check_output_frames(frames, source.fps)
+            self.limits.check_output_frames(frames, source.fps, source.size)
             if self.options.enhance:
                 await self.warn_if_enhancer_is_slow()
             if face_plan is None:
@@ -153,7 +153,8 @@ async def plan_avatar(planner: Planner, face: bytes, deadline: JobDeadline | Non
     source = await asyncio.to_thread(FaceSource, face, planner.options.still_fps, planner.limits)
     try:
         if deadline is not None:  # planning a long presenter video takes about as long as the video
-            deadline.scale_to_speech(source.estimated_frames / float(source.fps))
+            deadline.scale_to_speech(source.estimated_frames / float(source.fps), at_most=(
+                planner.limits.max_avatar_deadline_s, setting_name("max_avatar_deadline_s")))
         await planner.prepare_reference()
         plan = await planner.plan(source)
         (first,) = await asyncio.to_thread(source.read, 0, 1)

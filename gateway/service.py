@@ -76,6 +76,9 @@ class GatewaySettings(ServerSettings):
                                     ge=1024, le=1 << 28)
     max_fps: float = setting(120.0, "Highest frame rate a face video may declare.", ge=1, le=1000)
     max_output_frames: int = setting(36000, "Most frames one output video may have (speech seconds x fps).",
+    max_audio_sample_rate: int = setting(
+        192000, "Highest sample rate speech may declare, in Hz: decoding holds samples at the declared rate.",
+        ge=8000, le=1_000_000)
                                      ge=1, le=10_000_000)
     max_reference_face_kb: int = setting(10240, "Largest reference photo, in KiB.", ge=1, le=1 << 20)
     max_reference_face_pixels: int = setting(4096 * 4096, "Largest reference photo, in pixels.", ge=1024,
@@ -84,6 +87,17 @@ class GatewaySettings(ServerSettings):
     upload_idle_timeout_s: float = setting(
         30.0, "Longest wait for the next message of a streamed upload (Generate, CreateAvatar); past it the call "
               "ends with DEADLINE_EXCEEDED and frees its job slot, so slow clients cannot hold the slots.", ge=0.1,
+    max_output_pixel_frames: int = setting(
+        1920 * 1080 * 15000, "Most output pixels x frames per job (the encoder's work): 10 min of 1080p at 25 fps.",
+        ge=1024, le=1 << 50)
+    max_output_mb: int = setting(512, "Largest output video, in MiB; an encoding that passes it ends with "
+                                      "RESOURCE_EXHAUSTED (it bounds the memory the finished mp4 holds).", ge=1,
+                                 le=1 << 20)
+    min_crf: int = setting(18, "Lowest x264 crf a client may ask for (lower is larger and slower).", ge=0, le=51)
+    slowest_preset: str = setting("medium", "Slowest x264 preset a client may ask for (ultrafast ... veryslow).")
+    max_avatar_deadline_s: float = setting(
+        1800.0, "Longest deadline of an avatar's planning, however long the face video is or claims to be.", ge=1,
+        le=86400)
         le=3600)
     upload_timeout_s: float = setting(
         600.0, "Longest a streamed upload may take in all, from its first message.", ge=1, le=86400)

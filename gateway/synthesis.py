@@ -24,6 +24,7 @@ from .compositing import (
 )
 from .deadline import JobDeadline
 from .face_source import FaceSource, source_index
+from .limits import MediaLimits
 from .mp4_writer import Mp4Writer
 from .metrics import GatewayMetrics
 from .options import JobOptions, Progress
@@ -93,8 +94,8 @@ class Synthesiser:
 
     def __init__(self, clients: ModelClients, options: JobOptions, metrics: GatewayMetrics, *, chunk_frames: int,
                  deadline: JobDeadline | None = None, progress: Progress | None = None,
-                 encoder_threads: int = 0) -> None:
-        self.clients, self.options, self.metrics = clients, options, metrics
+                 encoder_threads: int = 0, limits: MediaLimits = MediaLimits()) -> None:
+        self.clients, self.options, self.metrics, self.limits = clients, options, metrics, limits
         self.encoder_threads = encoder_threads
         self.chunk_frames, self.deadline = chunk_frames, deadline
         self._progress = progress
@@ -110,7 +111,7 @@ class Synthesiser:
         faststart file."""
         width, height = plan.face.size
         writer = Mp4Writer(width, height, plan.fps, self.options.crf, self.options.preset, plan.speech,
-                           self.encoder_threads, fragmented=on_video is not None)
+                           self.encoder_threads, fragmented=on_video is not None, limits=self.limits)
         try:
             # The chunk stages stop before the writer (and then the source) they use are closed.
             encoding = 0.0

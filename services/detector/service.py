@@ -29,6 +29,9 @@ class DetectorSettings(ServiceSettings):
                                   "are scaled down to it, keeping their aspect.", ge=64, le=4096)
     detection_square: bool = setting(False, "Letterbox every frame to a detection_size square instead (the seed's "
                                      "way: the same cost whatever the frame).")
+    max_frame_pixels: int = setting(
+        4096 * 4096, "Largest sent frame or face crop, in pixels (width x height); larger ones are refused with "
+                     "INVALID_ARGUMENT, from the picture's header before it is decoded.", ge=1024, le=1 << 28)
     # Each model batches on its own terms (-1: the service-wide max_batch_size, max_batch_delay_ms, max_queue_size).
     detection_max_batch_size: int = model_max_batch_size_setting("detection")
     detection_max_batch_delay_ms: float = model_max_batch_delay_ms_setting("detection")
@@ -52,6 +55,7 @@ class DetectorService(ModelService):
             self.detector, self.embedder,
             self.new_queue(settings.detection_model, self.detector.run_batch, settings.batch_policy("detection")),
             self.new_queue(settings.recognition_model, self.embedder.run_batch, settings.batch_policy("recognition")),
+            max_pixels=settings.max_frame_pixels,
         )
 
     def load_models(self) -> dict[str, OnnxModel]:

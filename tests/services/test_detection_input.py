@@ -51,3 +51,23 @@ async def test_frames_of_different_aspects_in_one_call_each_get_their_own_boxes(
     boxes = [[(f.x1, f.y1, f.x2, f.y2) for f in frame.faces] for frame in together]
     assert boxes == [[(f.x1, f.y1, f.x2, f.y2) for f in frame.faces] for frame in alone]
     assert all(boxes) and boxes[0] == boxes[3] and boxes[0] != boxes[1]
+
+
+async def test_frames_past_the_pixel_cap_are_refused_from_their_header_before_decoding(dev_models_dir):
+    """A 2000x2000 PNG of one colour is a few KB that would decode to 12 MB: refused from its header, naming the
+    setting; raw BGR by its declared size; a frame within the cap in the same call is still detected."""
+    import cv2
+    from superwav2lip.common.v1 import media_pb2
+
+    bomb = media_pb2.Image(data=cv2.imencode(".png", np.zeros((2000, 2000, 3), np.uint8))[1].tobytes(),
+                           format=media_pb2.PIXEL_FORMAT_ENCODED)
+    raw = media_pb2.Image(data=b"\0" * (1200 * 1000 * 3), width=1200, height=1000, format=media_pb2.PIXEL_FORMAT_BGR24)
+    small = encode_image(with_marker(scene(640, 360), 400, 180))
+    service = DetectorService(local_settings(DetectorSettings, dev_models_dir, max_frame_pixels=1000 * 1000))
+    async with started(service) as (_, channel):
+        stub = detector_pb2_grpc.DetectorStub(channel)
+        frames = (await stub.Detect(detector_pb2.DetectRequest(frames=[bomb, raw, small]))).frames
+        embedded = (await stub.Embed(detector_pb2.EmbedRequest(faces=[bomb]))).embeddings
+    for refused, size in ((frames[0].error, "2000x2000"), (frames[1].error, "1200x1000"), (embedded[0].error, "2000x2000")):
+        assert refused.code == 3 and size in refused.message and "SWL_DETECTOR_MAX_FRAME_PIXELS" in refused.message
+    assert frames[2].faces and not frames[2].HasField("error")
