@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -107,10 +108,13 @@ class ModelClients:
             await channel.close()
         self._channels = {}
 
-    async def _call(self, service: str, rpc: Callable[..., Awaitable[R]], request, deadline: JobDeadline | None) -> R:
+    async def _call(self, service: str, rpc: Callable[..., Awaitable[R]], request, deadline: JobDeadline | None,
+                    urgent: bool = False) -> R:
+        """`urgent` calls (live frames, bounded by live-session admission) do not wait for one of the
+        max_inflight_rpcs slots that jobs share: their deadline orders them in the model's queue instead."""
         self._metrics.sent_bytes.labels(service).inc(request.ByteSize())
         try:
-            async with self._inflight:
+            async with contextlib.nullcontext() if urgent else self._inflight:
                 # The job's remaining time, measured when the call is sent (after the wait for a slot).
                 timeout = None if deadline is None else deadline.remaining()
                 return await rpc(request, timeout=timeout, metadata=((REQUEST_ID_HEADER, request_id_var.get()),))
@@ -148,13 +152,13 @@ class ModelClients:
         return await self._batched(crops, run)
 
     async def lipsync(self, faces: Sequence[np.ndarray], mels: Sequence[np.ndarray],
-                      deadline: JobDeadline | None = None) -> list[np.ndarray]:
+                      deadline: JobDeadline | None = None, urgent: bool = False) -> list[np.ndarray]:
         async def run(part):
             request = lipsync_pb2.GenerateRequest(items=[
                 lipsync_pb2.LipSyncItem(face=np.ascontiguousarray(f).tobytes(), mel=m.astype("<f4").tobytes())
                 for f, m in part
             ])
-            reply = await self._call("lipsync", self._lipsync.Generate, request, deadline)
+            reply = await self._call("lipsync", self._lipsync.Generate, request, deadline, urgent)
             return [np.frombuffer(_ok(r, "lipsync").face, np.uint8).reshape(96, 96, 3) for r in reply.results]
 
         return await self._batched(list(zip(faces, mels)), run)

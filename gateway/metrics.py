@@ -35,6 +35,19 @@ class GatewayMetrics(ServiceMetrics):
                                               "Planning time that cached plans and avatars saved.", registry=r)
         self.avatars = Gauge("swl_gateway_avatars", "Avatars stored (as this replica last counted them).",
                              registry=r)
+        self.live_sessions = Gauge("swl_gateway_live_sessions", "Live sessions open now.", registry=r)
+        self.live_frames = Counter("swl_gateway_live_frames_total", "Live frames sent, by kind (speech or idle).",
+                                   ["kind"], registry=r)
+        self.live_dropped = Counter("swl_gateway_live_frames_dropped_total", "Live frames skipped: not made in time "
+                                    "(late) or not taken by a slow client (client).", ["reason"], registry=r)
+        self.live_lateness = Histogram("swl_gateway_live_frame_lateness_seconds", "How long after its presentation "
+                                       "time each live frame was sent.", registry=r,
+                                       buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64))
+        self.live_first_frame = Histogram("swl_gateway_live_first_frame_seconds", "From an utterance's first speech "
+                                          "chunk to its first frame sent.", registry=r,
+                                          buckets=(0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.75, 1, 2))
+        self.live_underruns = Counter("swl_gateway_live_audio_underruns_total", "Utterances whose speech ran out "
+                                      "before their end (they ended early).", registry=r)
         self.job_events = Counter("swl_gateway_job_events_total",
                                   "Asynchronous jobs submitted, succeeded, failed, cancelled or requeued.", ["event"],
                                   registry=r)

@@ -30,6 +30,9 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4]) redis.call('PEXPIRE', KEYS[1], ARGV[5]) return 1"""
 
 
+SLOT_KEYS = {"running_generations": "running", "live_sessions": "live"}  # the Redis key of each quota's slots
+
+
 class QuotaExceeded(ResourceExhausted):
     """A tenant's quota is reached (a ResourceExhausted the job runner tells from the store's)."""
 
@@ -56,7 +59,7 @@ class TenantQuotas:
         self.stored_bytes = stored_bytes
         self._take_slot = redis.register_script(_TAKE_SLOT) if redis is not None else None
         self._minute_counts: dict[tuple[str, int], int] = {}
-        self._running: dict[str, int] = {}
+        self._running: dict[tuple[str, str], int] = {}  # (quota, tenant): slots held in this process alone
 
     async def _redis(self, call):
         return await bounded(call, self.timeout_s, "the quota counters")
@@ -90,30 +93,37 @@ class TenantQuotas:
             return None
         return int(count)
 
-    @contextlib.asynccontextmanager
-    async def generation(self, tenant: Tenant) -> AsyncIterator[None]:
+    def generation(self, tenant: Tenant) -> contextlib.AbstractAsyncContextManager[None]:
         """Holds one of the tenant's running_generations while the block runs; refuses at once when none is free.
         While Redis does not answer, the slot is counted in this process alone, so generation goes on."""
-        quota = tenant.quotas.running_generations
+        return self._held(tenant, "running_generations", "generations running at once")
+
+    def live_session(self, tenant: Tenant) -> contextlib.AbstractAsyncContextManager[None]:
+        """Holds one of the tenant's live_sessions, as `generation` does."""
+        return self._held(tenant, "live_sessions", "live sessions open at once")
+
+    @contextlib.asynccontextmanager
+    async def _held(self, tenant: Tenant, name: str, doing: str) -> AsyncIterator[None]:
+        quota = getattr(tenant.quotas, name)
         if quota >= NO_LIMIT:
             yield
             return
-        key, token = f"swl:quota:running:{tenant.name}", secrets.token_hex(8)
+        key, token = f"swl:quota:{SLOT_KEYS[name]}:{tenant.name}", secrets.token_hex(8)
         shared: bool | None = None  # None: counted here alone (no Redis, or it does not answer)
         if self.redis is not None:
             with contextlib.suppress(Unavailable):
                 shared = await self._take(key, token, quota)
         if shared is False:
-            raise quota_exceeded(tenant, "running_generations", quota, "generations running at once, on every replica",
-                                 2.0)
+            raise quota_exceeded(tenant, name, quota, f"{doing}, on every replica", 2.0)
         if not shared:
-            if self._running.get(tenant.name, 0) >= quota:
-                raise quota_exceeded(tenant, "running_generations", quota, "generations running at once", 2.0)
-            self._running[tenant.name] = self._running.get(tenant.name, 0) + 1
+            held = (name, tenant.name)
+            if self._running.get(held, 0) >= quota:
+                raise quota_exceeded(tenant, name, quota, doing, 2.0)
+            self._running[held] = self._running.get(held, 0) + 1
             try:
                 yield
             finally:
-                self._running[tenant.name] -= 1
+                self._running[held] -= 1
             return
         renewal = asyncio.create_task(self._renew(key, token), name=f"quota-slot-{tenant.name}")
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import redis.asyncio
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
 
 from service_runtime.server import GrpcService, run_service
 from service_runtime.logs import configure_logging
@@ -29,6 +30,8 @@ from .job_store import JobStore, MemoryJobStore, RedisJobStore
 from .jobs import JobFiles, JobLedger, Jobs
 from .limits import http_body_limit_bytes
 from .metrics import GatewayMetrics
+from .live.capacity import LiveCapacity
+from .live.servicer import LiveServicer
 from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
 from .quotas import DataVolumeUsage, TenantQuotas, quota_holder
 from .servicer import GatewayServicer
@@ -156,11 +159,30 @@ class GatewaySettings(ServerSettings):
         hidden = ("api_keys", "webhook_secret")
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in hidden}
         return f"GatewaySettings({shown}, secrets hidden)"
+    # Live sessions (docs/live.md).
+    live_max_sessions: int = setting(8, "Live sessions this gateway holds at once, whatever their cost.", ge=0,
+                                     le=1024)
+    live_capacity: float = setting(
+        0.85, "Seconds of frame-making per second that live sessions may share (a frame's cost is measured); a "
+              "session that would pass it gets a lower frame rate, or RESOURCE_EXHAUSTED below live_min_fps. "
+              "Raise it with the lip-sync replicas behind this gateway.", ge=0.05, le=1024)
+    live_min_fps: float = setting(10.0, "Lowest frame rate a live session is served at rather than refused.", ge=1,
+                                  le=120)
+    live_margin_ms: float = setting(
+        120.0, "Time to make a live frame: speech is shown this long after Wav2Lip's 212.5 ms window has arrived "
+               "(the lookahead a session's ready message states is the sum).", ge=10, le=2000)
+    live_max_buffered_s: float = setting(
+        10.0, "Speech a live session holds before it is played; past it the session stops reading the client's "
+              "messages (HTTP/2 flow control holds the client back).", ge=0.5, le=600)
+    live_idle_timeout_s: float = setting(60.0, "A live session with no message and nothing to play for this long "
+                                               "is closed (DEADLINE_EXCEEDED).", ge=1, le=86400)
+    live_max_session_s: float = setting(3600.0, "Longest a live session may stay open.", ge=1, le=7 * 86400)
 
 
 class GatewayService(GrpcService):
     name = "gateway"
-    grpc_service_names = (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,)
+    grpc_service_names = (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+                          live_pb2.DESCRIPTOR.services_by_name["Live"].full_name)
     settings: GatewaySettings
     metrics: GatewayMetrics
 
@@ -204,6 +226,8 @@ class GatewayService(GrpcService):
     def interceptors(self):
         # In this order: the tenant is known (and its requests counted) before the audit line is written.
         return [TenantInterceptor(self.tenants, self.metrics.unauthenticated.inc, admit=self.quotas.admit_request),
+        self.live_capacity = LiveCapacity(settings.live_capacity, settings.live_min_fps, settings.live_max_sessions)
+        self.live = LiveServicer(avatars, self.clients, self.quotas, self.live_capacity, settings, self.metrics)
                 AuditInterceptor()]
 
     @property
@@ -234,6 +258,7 @@ class GatewayService(GrpcService):
                      self.redis.aclose() if self.redis is not None else asyncio.sleep(0)):
             try:
                 await asyncio.wait_for(step, CLOSE_STEP_S)
+        live_pb2_grpc.add_LiveServicer_to_server(self.live, server)
             except TimeoutError:
                 log.warning("shutdown step timed out", extra={"step": getattr(step, "__qualname__", repr(step)),
                                                               "seconds": CLOSE_STEP_S})
