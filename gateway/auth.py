@@ -32,6 +32,14 @@ def key_from(metadata) -> str | None:
     return None
 
 
+def caller(registry: TenantRegistry, metadata) -> Tenant | None:
+    """Who a call carrying `metadata` runs as: ANONYMOUS when no tenant is configured, else the tenant whose key
+    it carries, or None (refused). The one key check, for gRPC calls here and Envoy's ext_authz (gateway/authz.py)."""
+    if not registry.required:
+        return ANONYMOUS
+    return registry.identify(key_from(metadata))
+
+
 class TenantInterceptor(grpc.aio.ServerInterceptor):
     """Answers UNAUTHENTICATED before the handler runs (before any upload is read) when the key is wrong, and
     runs an accepted call with `current_tenant` set to the key's tenant."""
@@ -46,9 +54,7 @@ class TenantInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_METHODS):
             return handler
-        if not self._registry.required:
-            return with_tenant(handler, ANONYMOUS, self._admit)
-        tenant = self._registry.identify(key_from(details.invocation_metadata))
+        tenant = caller(self._registry, details.invocation_metadata)
         if tenant is None:
             self._on_denied()
             return _denying(handler)

@@ -22,6 +22,7 @@ from .admission import JobSlots
 from .audio import SAMPLE_RATE, melspectrogram
 from .audit import AuditInterceptor
 from .auth import TenantInterceptor
+from .authz import AuthzServer, KeyCheck
 from .avatars import AvatarStore
 from .clients import ModelClients
 from .generation import Generation
@@ -108,6 +109,10 @@ class GatewaySettings(ServerSettings):
                                   le=86400)
     upload_store_mb: int = setting(2048, "Disk for raw uploads in the data directory, in MiB; beyond it uploads get "
                                          "RESOURCE_EXHAUSTED.", ge=1, le=1 << 20)
+    authz_port: int = setting(
+        0, "Port of the HTTP API-key check that Envoy's ext_authz filter calls with each request's headers before it "
+           "reads the body (deploy/envoy/render.py's --authz-port; make run and Kubernetes set it). 0 picks a free "
+           "one, -1 serves none (an Envoy in front then refuses every call with 503).", ge=-1, le=65535)
     # Shared state: the plan cache and avatars.
     redis_url: str = setting("", "Redis URL (redis://host:6379/0) for the shared plan cache and avatar index; empty = "
                                  "in-process cache and meta.json files.")
@@ -222,6 +227,7 @@ class GatewayService(GrpcService):
         self.servicer = GatewayServicer(self.generation, self.jobs, avatars, uploads, self.slots, self.quotas,
                                         self.metrics, settings)
         self.tenants_watcher = TenantsWatcher(self.tenants, poll_s=settings.tenants_poll_s) if self.tenants.path else None
+        self.authz: AuthzServer | None = None  # bound in warm_up
 
     def interceptors(self):
         # In this order: the tenant is known (and its requests counted) before the audit line is written.
@@ -242,6 +248,10 @@ class GatewayService(GrpcService):
         noise = np.random.default_rng(0).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1
         await asyncio.to_thread(melspectrogram, noise)
         log.info("mel warmed up")
+        if self.settings.authz_port >= 0:
+            self.authz = AuthzServer(self.settings.host, self.settings.authz_port,
+                                     KeyCheck(self.tenants, self.metrics.unauthenticated.inc))
+            self.supervisor.spawn(self.authz.serve(), "authz-http")
         self.job_runner.start()
         if self.tenants_watcher is not None:
             await self.tenants_watcher.start(self.supervisor.spawn)
@@ -254,6 +264,8 @@ class GatewayService(GrpcService):
         cancelled mid-flight has left redis-py's close waiting forever)."""
         if self.tenants_watcher is not None:
             await self.tenants_watcher.stop()
+        if self.authz is not None:
+            await asyncio.to_thread(self.authz.close)
         for step in (self.job_runner.stop(), self.clients.close(),
                      self.redis.aclose() if self.redis is not None else asyncio.sleep(0)):
             try:

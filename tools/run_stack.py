@@ -87,6 +87,9 @@ class StackConfig:
     http_port: int = option(8080, "Envoy's HTTP/gRPC listener (0: no edge, gRPC only; the benchmarks use this)",
                             ge=0, le=PORT_MAX)
     envoy_admin_port: int = option(9901, "Envoy's admin interface (loopback)", ge=1, le=PORT_MAX)
+    authz_port: int | None = option(None, "the gateway's API-key check, which Envoy calls before reading a body "
+                                    "(default: the port after the last service's metrics port; 0, a free one, "
+                                    "when there is no edge)", ge=0, le=PORT_MAX)
     ui_port: int = option(7860, "the web UI (0: do not start it)", ge=0, le=PORT_MAX)
     redis_port: int | None = option(None, "redis-server's port (default: the one after the last service's; 0: no "
                                     "Redis, state stays in the gateway process)", ge=0, le=PORT_MAX)
@@ -131,6 +134,8 @@ class StackConfig:
             set_("ui_port", 0)
         elif self.redis_port is None:
             set_("redis_port", self.base_port + len(SERVICES))
+        if self.authz_port is None:
+            set_("authz_port", self.metrics_base_port + len(SERVICES) if self.http_port else 0)
 
     @staticmethod
     def option_name(field: str) -> str:
@@ -274,6 +279,7 @@ def service_env(name: str, config: StackConfig, base: Mapping[str, str] | None =
     env.setdefault(f"{prefix}METRICS_PORT", str(config.metrics_port(name)))
     if not entry.is_model_service:  # the gateway: its data, Redis and the address of each model service it calls
         env.setdefault(f"{prefix}DATA_DIR", str(config.data_dir))
+        env.setdefault(f"{prefix}AUTHZ_PORT", str(config.authz_port))
         if config.redis_url:
             env.setdefault(f"{prefix}REDIS_URL", config.redis_url)
         if not names_keys(env):
@@ -350,7 +356,7 @@ def stop_all(processes: dict[str, subprocess.Popen], redis: subprocess.Popen | N
 def start_edge(config: StackConfig, processes: dict[str, subprocess.Popen]) -> str:
     """Starts Envoy in front of the gateway (its body limit follows the gateway's upload limit); returns its URL."""
     edge = EdgeConfig(listen_host=config.host, listen_port=config.http_port, admin_port=config.envoy_admin_port,
-                      gateway_host=config.host, gateway_port=config.port("gateway"),
+                      gateway_host=config.host, gateway_port=config.port("gateway"), authz_port=config.authz_port,
                       max_upload_mb=GatewaySettings.from_env().max_upload_mb,
                       tls_cert=config.tls_cert, tls_key=config.tls_key)
     scheme = "https" if config.tls_cert else "http"

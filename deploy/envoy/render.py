@@ -1,8 +1,10 @@
 """Renders the Envoy edge config (JSON, which Envoy reads as YAML) from ports, addresses and limits.
 
-One listener carries HTTP/1.1 JSON, HTTP/2 and native gRPC to the gateway. The gRPC-JSON transcoder is built
-from the descriptor set `make protos` writes; `/healthz` answers from Envoy's own gRPC health checks of the
-gateway; the admin interface listens on loopback only; TLS is added when a certificate and key are given.
+One listener carries HTTP/1.1 JSON, HTTP/2 and native gRPC to the gateway. Every request's API key is checked
+on its headers alone by the gateway's key-check endpoint (ext_authz) before any body is read or transcoded. The
+gRPC-JSON transcoder is built from the descriptor set `make protos` writes; `/healthz` answers from Envoy's own
+gRPC health checks of the gateway; the admin interface listens on loopback only; TLS is added when a certificate
+and key are given.
 
     python -m deploy.envoy.render --listen-port 8080 --gateway 127.0.0.1:50051 -o .run/envoy.json
 """
@@ -23,6 +25,11 @@ DESCRIPTOR = ROOT / "generated" / "superwav2lip_descriptor.pb"
 GATEWAY_SERVICE = "superwav2lip.gateway.v1.Gateway"  # fully qualified, or the transcoder refuses to start
 API = "type.googleapis.com/envoy.extensions"
 HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"  # routed; Health/Watch is not
+# The HTTP routes whose body is raw media (google.api.HttpBody), not base64 in JSON: they keep the full upload
+# limit. Matched on the path before transcoding (protos/superwav2lip/gateway/v1/gateway.proto).
+RAW_MEDIA_PATHS = r"^/v1/(uploads|(uploads|avatars)/[^/]+:generate)$"
+HTTP_API_PREFIX = "/v1/"  # every google.api.http path of the gateway's service starts so
+KEY_HEADERS = ("x-api-key", "authorization")  # gateway/auth.py's: all ext_authz passes on to the key check
 # /healthz answers 200 while at least this share of the gateway's hosts is healthy. Envoy truncates the share to
 # a whole percent (so 0.1 is 0, which passes with no host healthy at all); 1% is "any one host" for up to 100.
 MIN_HEALTHY_PERCENT = 1
@@ -35,8 +42,17 @@ class EdgeConfig:
     admin_port: int = 9901
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 50051
+    authz_port: int = 9105  # the gateway's SWL_GATEWAY_AUTHZ_PORT, on the gateway's hosts
+    authz_timeout_ms: int = 2000  # a key check that takes longer is refused (503), never allowed
     descriptor: str = str(DESCRIPTOR)
-    max_upload_mb: int = 512  # the gateway's SWL_GATEWAY_MAX_UPLOAD_MB
+    max_upload_mb: int = 512  # the gateway's SWL_GATEWAY_MAX_UPLOAD_MB: raw media bodies (RAW_MEDIA_PATHS)
+    # Largest JSON body (media as base64) the transcoder buffers: authenticated callers only, as the key is checked
+    # first, but each one is held whole in Envoy's memory. Larger media go raw (/v1/uploads) or as native gRPC
+    # streams (Generate, CreateAvatar), which Envoy forwards without buffering.
+    max_json_body_mb: int = 16
+    # Client connections Envoy holds at once (all listeners); beyond it new ones are closed on accept. Each idle
+    # connection costs buffers and a file descriptor; a busy HTTP/2 one up to its 1 MiB window.
+    max_downstream_connections: int = 4096
     route_timeout_s: int = 3600  # long jobs: an hour for one request, and the most any stream may last
     stream_idle_timeout_s: int = 300  # a request or answer that moves no byte for this long is reset
     connection_idle_timeout_s: int = 300  # a connection with no request in flight for this long is closed
@@ -63,7 +79,12 @@ class EdgeConfig:
 
     @property
     def max_body_bytes(self) -> int:
+        """The largest answer (a video), and the largest raw media body."""
         return http_body_limit_bytes(self.max_upload_mb)
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        return self.max_json_body_mb << 20
 
 
 def render(config: EdgeConfig) -> dict:
@@ -77,7 +98,7 @@ def render(config: EdgeConfig) -> dict:
     return {
         "admin": {"address": _address("127.0.0.1", config.admin_port)},
         "overload_manager": _overload_manager(config),
-        "static_resources": {"listeners": [listener], "clusters": [_gateway_cluster(config)]},
+        "static_resources": {"listeners": [listener], "clusters": [_gateway_cluster(config), _authz_cluster(config)]},
     }
 
 
@@ -88,6 +109,9 @@ def _overload_manager(config: EdgeConfig) -> dict:
         "resource_monitors": [{"name": heap, "typed_config": {
             "@type": f"{API}.resource_monitors.fixed_heap.v3.FixedHeapConfig",
             "max_heap_size_bytes": config.memory_limit_mib << 20,
+        }}, {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
+            "@type": f"{API}.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+            "max_active_downstream_connections": config.max_downstream_connections,
         }}],
         "actions": [
             {"name": "envoy.overload_actions.shrink_heap",
@@ -137,12 +161,31 @@ def _http_connection_manager(config: EdgeConfig) -> dict:
                 # Nothing else reaches the gateway from outside but the unary health check: no Health/Watch
                 # (a key-less stream held open for ever), no reflection. Any other path: Envoy answers 404
                 # (UNIMPLEMENTED to a gRPC client) without calling the gateway.
+                # Routes match a request as it arrives (the key check and the body limit read the route then), and
+                # again after the transcoder has rewritten an HTTP call's path to its gRPC method's (the first).
                 "routes": [
-                    {"match": {"prefix": f"/{GATEWAY_SERVICE}/"}, "route": {"cluster": "gateway", "timeout": timeout}},
-                    {"match": {"path": HEALTH_CHECK_PATH}, "route": {"cluster": "gateway", "timeout": "5s"}},
+                    # Native gRPC streams flow through unbuffered.
+                    {"match": {"prefix": f"/{GATEWAY_SERVICE}/"}, "route": {"cluster": "gateway", "timeout": timeout},
+                     "typed_per_filter_config": _unbuffered()},
+                    # Probes carry no key (gateway/auth.py's OPEN_METHODS): no key check on the way.
+                    {"match": {"path": HEALTH_CHECK_PATH}, "route": {"cluster": "gateway", "timeout": "5s"},
+                     "typed_per_filter_config": {**_unbuffered(), **_unchecked()}},
+                    # The HTTP API. Raw media bodies: the transcoder holds them whole, up to the upload limit.
+                    # JSON bodies: the buffer filter, up to max_json_body_mb. A path the transcoder does not map
+                    # gets its 404 (reject_unknown_method), so nothing but gateway calls reaches the gateway.
+                    {"match": {"safe_regex": {"regex": RAW_MEDIA_PATHS}},
+                     "route": {"cluster": "gateway", "timeout": timeout}, "typed_per_filter_config": _unbuffered()},
+                    {"match": {"prefix": HTTP_API_PREFIX}, "route": {"cluster": "gateway", "timeout": timeout}},
+                    # Anything else (Health/Watch, reflection, other paths): 404, UNIMPLEMENTED to gRPC, unread
+                    # and unchecked (a key-less flood of them costs the key check nothing).
+                    {"match": {"prefix": "/"}, "direct_response": {"status": 404},
+                     "typed_per_filter_config": {**_unbuffered(), **_unchecked()}},
                 ],
             }]},
-            "http_filters": [_health_check(), _transcoder(config), {
+            # In this order: /healthz answers at once; then the key is checked on the headers alone (ext_authz
+            # checks requests that have a route to a cluster), before any body is buffered, so a key-less 600 MiB
+            # post costs Envoy nothing; then a JSON body is buffered within its limit and transcoded.
+            "http_filters": [_health_check(), _key_check(config), _json_body_limit(config), _transcoder(config), {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": f"{API}.filters.http.router.v3.Router"},
             }],
@@ -164,6 +207,43 @@ def _health_check() -> dict:
     }
 
 
+def _key_check(config: EdgeConfig) -> dict:
+    """ext_authz on headers only (no `with_request_body`): the gateway's key check answers 200 or 401 (with its
+    JSON error, passed to the client); when it is down, slow or refuses to answer, the request gets 503, never
+    through (failure_mode_allow false)."""
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": f"{API}.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "http_service": {"server_uri": {"uri": f"http://{config.gateway_host}:{config.authz_port}",
+                                            "cluster": "authz", "timeout": f"{config.authz_timeout_ms / 1000:g}s"}},
+            "allowed_headers": {"patterns": [{"exact": name} for name in KEY_HEADERS]},
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+        },
+    }
+
+
+def _json_body_limit(config: EdgeConfig) -> dict:
+    """The JSON body limit: the whole body within max_json_body_mb (413 beyond), where routes do not turn it off.
+    The transcoder's own max_request_body_size bounds only the JSON it has not yet converted, not the body."""
+    return {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {"@type": f"{API}.filters.http.buffer.v3.Buffer",
+                         "max_request_bytes": config.max_json_body_bytes},
+    }
+
+
+def _unchecked() -> dict:
+    return {"envoy.filters.http.ext_authz": {"@type": f"{API}.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                                             "disabled": True}}
+
+
+def _unbuffered() -> dict:
+    return {"envoy.filters.http.buffer": {"@type": f"{API}.filters.http.buffer.v3.BufferPerRoute", "disabled": True}}
+
+
 def _transcoder(config: EdgeConfig) -> dict:
     descriptor = ({"proto_descriptor_bin": base64.b64encode(Path(config.descriptor).read_bytes()).decode()}
                   if config.embed_descriptor else {"proto_descriptor": config.descriptor})
@@ -179,9 +259,9 @@ def _transcoder(config: EdgeConfig) -> dict:
                 "stream_sse_style_delimited": True,  # server-streaming routes answer text/event-stream
             },
             "convert_grpc_status": True,  # errors as JSON {code, message} with the mapped HTTP status
-            "max_request_body_size": config.max_body_bytes,  # beyond it: 413
+            "max_request_body_size": config.max_body_bytes,  # beyond it: 413 (a raw media body, held whole)
             "max_response_body_size": config.max_body_bytes,
-            "request_validation_options": {"reject_unknown_query_parameters": True},
+            "request_validation_options": {"reject_unknown_query_parameters": True, "reject_unknown_method": True},
         },
     }
 
@@ -217,6 +297,23 @@ def _gateway_cluster(config: EdgeConfig) -> dict:
     }
 
 
+def _authz_cluster(config: EdgeConfig) -> dict:
+    """The gateway's key-check endpoint (HTTP/1.1, a connection per check). Few connections at once (each is a
+    thread there), and a deep queue in front of them: checks take about a millisecond, so a burst of key-less
+    requests waits its turn rather than having keyed callers' checks refused (503) with it."""
+    return {
+        "name": "authz",
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_connections": 32,
+                                             "max_pending_requests": 4096, "max_requests": 4096}]},
+        "load_assignment": {"cluster_name": "authz", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _address(config.gateway_host, config.authz_port)}},
+        ]}]},
+    }
+
+
 def _tls(cert: str, key: str) -> dict:
     return {
         "name": "envoy.transport_sockets.tls",
@@ -238,7 +335,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--admin-port", type=int, default=defaults.admin_port)
     parser.add_argument("--gateway", default=f"{defaults.gateway_host}:{defaults.gateway_port}", help="host:port")
     parser.add_argument("--descriptor", default=defaults.descriptor)
-    parser.add_argument("--max-upload-mb", type=int, default=defaults.max_upload_mb)
+    parser.add_argument("--authz-port", type=int, default=defaults.authz_port,
+                        help="the gateway's key-check port (SWL_GATEWAY_AUTHZ_PORT), on the --gateway host")
+    parser.add_argument("--max-upload-mb", type=int, default=defaults.max_upload_mb,
+                        help="the gateway's SWL_GATEWAY_MAX_UPLOAD_MB: the raw media routes' body limit")
+    parser.add_argument("--max-json-body-mb", type=int, default=defaults.max_json_body_mb,
+                        help="the largest JSON body (base64 media) Envoy buffers for transcoding; beyond it 413")
+    parser.add_argument("--max-downstream-connections", type=int, default=defaults.max_downstream_connections,
+                        help="client connections Envoy holds at once; beyond it new ones are closed")
     parser.add_argument("--route-timeout-s", type=int, default=defaults.route_timeout_s)
     parser.add_argument("--stream-idle-timeout-s", type=int, default=defaults.stream_idle_timeout_s)
     parser.add_argument("--xff-num-trusted-hops", type=int, default=defaults.xff_num_trusted_hops,
@@ -252,8 +356,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     host, _, port = args.gateway.rpartition(":")
     config = EdgeConfig(listen_host=args.listen_host, listen_port=args.listen_port, admin_port=args.admin_port,
-                        gateway_host=host, gateway_port=int(port), descriptor=args.descriptor,
-                        max_upload_mb=args.max_upload_mb, route_timeout_s=args.route_timeout_s,
+                        gateway_host=host, gateway_port=int(port), authz_port=args.authz_port,
+                        descriptor=args.descriptor, max_upload_mb=args.max_upload_mb,
+                        max_json_body_mb=args.max_json_body_mb,
+                        max_downstream_connections=args.max_downstream_connections,
+                        route_timeout_s=args.route_timeout_s,
                         stream_idle_timeout_s=args.stream_idle_timeout_s,
                         xff_num_trusted_hops=args.xff_num_trusted_hops,
                         memory_limit_mib=args.memory_limit_mib, tls_cert=args.tls_cert,

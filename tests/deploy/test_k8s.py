@@ -631,3 +631,26 @@ def test_make_k8s_validate_fails_on_an_overlay_without_network_policies_or_witho
     assert reports["gpu-no-gateway-policy"][0] == "FAILED"
     assert [p for p in reports["gpu-no-gateway-policy"][1] if "NetworkPolicy" in p] == [
         "Deployment/gateway: no NetworkPolicy selects its pods to say who may reach them (deploy/k8s/README.md#network)"]
+
+
+def test_the_edge_tls_component_mounts_the_secret_and_serves_tls_from_it(tmp_path):
+    overlay = overlay_copy(tmp_path, "cpu-tls", components=("edge-tls",))
+    objects = [obj for obj in yaml.safe_load_all(validate.render(overlay)) if obj]
+    config_map = next(obj for obj in objects if obj["kind"] == "ConfigMap"
+                      and obj["metadata"]["name"].startswith("envoy-config"))
+    config = json.loads(config_map["data"]["envoy.json"])
+    assert config_map["data"]["envoy.json"] == edge.rendered(edge.K8S_EDGE_TLS)
+    socket = config["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
+    certificate = socket["typed_config"]["common_tls_context"]["tls_certificates"][0]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    assert certificate == {"certificate_chain": {"filename": "/etc/envoy-tls/tls.crt"},
+                           "private_key": {"filename": "/etc/envoy-tls/tls.key"}}
+    pod = find(objects, "Deployment", "envoy")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == "envoy-tls" and "optional" not in volume["secret"]
+    container = pod["containers"][0]
+    assert {"name": "tls", "mountPath": "/etc/envoy-tls", "readOnly": True} in container["volumeMounts"]
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"  # /healthz is behind TLS now
+    # The config map's hash follows its content, so the pods roll when TLS is turned on.
+    plain = [obj for obj in yaml.safe_load_all(validate.render(validate.K8S / "overlays" / "cpu")) if obj]
+    assert config_map["metadata"]["name"] not in {obj["metadata"]["name"] for obj in plain}
