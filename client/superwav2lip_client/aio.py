@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
 
-from .core import (CHANNEL_OPTIONS, EventDecoder, RetryPolicy, call_metadata, generate_request, new_request_id,
-                   options_proto, read_media, sdk_error)
-from .types import Event, Media, Options, Progress, Result, SuperWav2LipError
+from .core import (CHANNEL_OPTIONS, EventDecoder, RetryPolicy, call_metadata, control_request, generate_request,
+                   live_item, live_open_request, new_request_id, not_ready, options_proto, read_media, sdk_error,
+                   speech_requests)
+from .types import Event, FrameFormat, LiveItem, LiveReady, Media, Options, Progress, Result, SuperWav2LipError
 
 T = TypeVar("T")
 
@@ -30,6 +33,7 @@ class AsyncClient:
         self._channel = (grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
                          else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._live = live_pb2_grpc.LiveStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -144,6 +148,15 @@ class AsyncClient:
     async def list_jobs(self, *, timeout: float | None = None) -> list[gateway_pb2.Job]:
         return list((await self._unary(self._stub.ListJobs, gateway_pb2.ListJobsRequest(), timeout)).jobs)
 
+    def live(self, avatar_id: str, *, width: int = 0, height: int = 0, format: FrameFormat | str = FrameFormat.JPEG,
+             fps: float = 0.0, sample_rate: int = 16000, return_audio: bool = False, quality: int = 0,
+             timeout: float | None = None, open_timeout: float = 30,
+             metadata: Sequence[tuple[str, str]] = ()) -> AsyncLiveSession:
+        """As `Client.live`, opened by `async with` (or `await .open()`)."""
+        request = live_open_request(avatar_id, width=width, height=height, format=format, fps=fps,
+                                    sample_rate=sample_rate, return_audio=return_audio, quality=quality)
+        return AsyncLiveSession(self, request, timeout, open_timeout, metadata)
+
     async def health(self, service: str = "", *, timeout: float = 5) -> str:
         try:
             reply = await health_pb2_grpc.HealthStub(self._channel).Check(
@@ -169,3 +182,151 @@ class AsyncClient:
                 raise error
             await asyncio.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class AsyncLiveSession:
+    """The asyncio twin of `LiveSession`: `await send(...)`, `end_utterance()`, `clear()`, `close()`, and
+    `async for item in session`. Send from one task while another iterates. Leaving the `async with` block ends
+    the session at once unless it has ended; to play out what was sent, `close()` and iterate to the end."""
+
+    def __init__(self, client: AsyncClient, open_request: live_pb2.LiveRequest, timeout: float | None,
+                 open_timeout: float, metadata: Sequence[tuple[str, str]]) -> None:
+        self._client, self._open_request = client, open_request
+        self._timeout, self._open_timeout, self._metadata = timeout, open_timeout, tuple(metadata)
+        self.sample_rate: int = open_request.open.sample_rate
+        self.request_id = new_request_id()
+        self._ready: LiveReady | None = None
+        self.sent_at: list[float] = []  # time.monotonic() when chunk n + 1 went to gRPC (LiveFrame.speech_chunk)
+        self._write_lock = asyncio.Lock()  # grpc.aio takes one write at a time
+        self._call: Any = None
+        self._closed = self._cancelled = self._finished = False
+
+    @property
+    def ready(self) -> LiveReady:
+        if self._ready is None:
+            raise ValueError("the live session is not open: use it in an `async with` block or await open()")
+        return self._ready
+
+    async def __aenter__(self) -> AsyncLiveSession:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._call is not None and not self._call.done():
+            self.cancel()
+
+    async def open(self) -> LiveReady:
+        """Opens the session and waits for its terms; refusals before that are retried per the client's policy."""
+        retry = self._client.retry
+        for attempt in range(retry.max_attempts):
+            try:
+                return await self._open_once()
+            except SuperWav2LipError as error:
+                if not retry.should_retry(error, attempt):
+                    raise
+            await asyncio.sleep(retry.delay(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _open_once(self) -> LiveReady:
+        self._call = self._client._live.Session(
+            timeout=self._timeout, metadata=self._client._call_metadata(self.request_id, self._metadata))
+        self._closed = self._cancelled = self._finished = False
+        self.sent_at, self._chunks = [], 0
+        try:
+            async with asyncio.timeout(self._open_timeout):
+                await self._call.write(self._open_request)
+                first = await self._call.read()
+        except TimeoutError:
+            self.cancel()
+            raise SuperWav2LipError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the gateway did not answer the live "
+                                    f"session's open within {self._open_timeout:g} s", self.request_id) from None
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            raise await self._ended_error() from None
+        item = None if first is grpc.aio.EOF else live_item(first, time.monotonic())
+        if not isinstance(item, LiveReady):
+            self.cancel()
+            raise not_ready(item, self.request_id)
+        self._ready = item
+        return item
+
+    # ---- sending
+
+    async def send(self, pcm: Any) -> range:
+        """As `LiveSession.send`: waits while the gateway holds its most speech (HTTP/2 flow control)."""
+        chunks = speech_requests(pcm, self.sample_rate)
+        async with self._write_lock:
+            first = self._chunks + 1
+            for message in chunks:
+                self.sent_at.append(time.monotonic())
+                await self._write(message)
+                self._chunks += 1
+        return range(first, first + len(chunks))
+
+    async def end_utterance(self) -> None:
+        async with self._write_lock:
+            await self._write(control_request("end_utterance"))
+
+    async def clear(self) -> None:
+        async with self._write_lock:
+            await self._write(control_request("clear"))
+
+    async def close(self) -> None:
+        """Ends the session after what was sent has played; keep iterating to receive it."""
+        async with self._write_lock:
+            if self._closed or self._call.done():
+                self._closed = True
+                return
+            await self._write(control_request("close"))
+            await self._call.done_writing()
+            self._closed = True
+
+    def cancel(self) -> None:
+        """Ends the session now, dropping whatever has not been received."""
+        self._cancelled = self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def _write(self, message: live_pb2.LiveRequest) -> None:
+        if self._closed:
+            raise ValueError("the live session is closed: open another to send more")
+        if self._call is None:
+            raise ValueError("the live session is not open: use it in an `async with` block or await open()")
+        try:
+            await self._call.write(message)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            raise await self._ended_error() from None
+
+    async def _ended_error(self) -> Exception:
+        """The call's status once it has ended, as the SDK's error (the server's, not grpc's own)."""
+        code = await self._call.code()
+        if code == grpc.StatusCode.OK:
+            return ValueError("the live session has ended")
+        return SuperWav2LipError(code, await self._call.details() or "", self.request_id)
+
+    # ---- receiving
+
+    def __aiter__(self) -> AsyncIterator[LiveItem]:
+        return self
+
+    async def __anext__(self) -> LiveItem:
+        if self._ready is None:
+            raise ValueError("the live session is not open: use it in an `async with` block or await open()")
+        while not self._finished:
+            try:
+                response = await self._call.read()
+            except asyncio.CancelledError:
+                if not self._cancelled:
+                    raise
+                break
+            except grpc.RpcError as error:
+                self._finished = True
+                if self._cancelled:
+                    break
+                raise sdk_error(error, self.request_id) from None
+            if response is grpc.aio.EOF:
+                break
+            item = live_item(response, time.monotonic())
+            if item is not None and not isinstance(item, LiveReady):
+                return item
+        self._finished = True
+        raise StopAsyncIteration

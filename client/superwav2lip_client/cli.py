@@ -12,9 +12,11 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -24,7 +26,8 @@ from superwav2lip.gateway.v1 import gateway_pb2
 from . import services
 from .core import NO_RETRY, RetryPolicy
 from .sync import Client
-from .types import Options, Progress, SuperWav2LipError
+from .sync import LiveSession
+from .types import LiveEvent, LiveEventKind, LiveFrame, LiveReady, Options, Progress, SuperWav2LipError
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 INPUT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
@@ -197,6 +200,111 @@ def jobs_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LIVE_RATE = 16000  # the speech rate the CLI sends: the model's own, so the gateway resamples nothing
+WINDOW_S = 0.2  # Wav2Lip's speech window, the part of the latency no server can remove
+
+
+@reporting_errors
+def live_command(args: argparse.Namespace) -> int:
+    """Streams a speech file into a live session at real-time pace and records what comes back."""
+    from .live_media import Recording, speech_pcm16
+
+    if not 10 <= args.chunk_ms <= 200:
+        raise ValueError(f"--chunk-ms {args.chunk_ms:g}: 10 to 200 ms")
+    pcm = speech_pcm16(args.audio, LIVE_RATE)
+    if not pcm:
+        raise ValueError(f"the speech file {args.audio!r} holds no audio")
+    frames: list[LiveFrame] = []
+    events: list[LiveEvent] = []
+    with client_for(args) as client:
+        opened_at = time.monotonic()
+        with client.live(args.avatar, width=args.width, height=args.height, format="h264", fps=args.fps,
+                         sample_rate=LIVE_RATE, return_audio=True, quality=args.crf, timeout=args.timeout) as live:
+            ready, ready_at = live.ready, time.monotonic()
+            recording = Recording(ready.fps, ready.width, ready.height, LIVE_RATE)
+            sender = threading.Thread(target=stream_speech, args=(live, pcm, args.chunk_ms / 1000, args.lead),
+                                      name="live-sender", daemon=True)
+            sender.start()
+            for item in live:
+                if isinstance(item, LiveFrame):
+                    recording.add(item)
+                    frames.append(item)
+                else:
+                    events.append(item)
+            sender.join()
+    if not recording.pictures:
+        raise SuperWav2LipError(grpc.StatusCode.UNAVAILABLE, "the session ended without a frame", live.request_id)
+    recording.write(args.out)
+    figures = live_figures(ready, frames, events, live.sent_at, opened_at, ready_at)
+    emit(args, {"output": args.out, "session_id": ready.session_id, "request_id": live.request_id,
+                "fps": ready.fps, "width": ready.width, "height": ready.height,
+                "reduced_because": ready.reduced_because, "audio_seconds": recording.audio_seconds, **figures},
+         live_report(args.out, ready, figures, recording.audio_seconds))
+    return EXIT_OK
+
+
+def stream_speech(live: LiveSession, pcm: bytes, chunk_s: float, lead_s: float) -> None:
+    """The sender thread: `lead_s` of idle first, then each chunk when its last sample would have been spoken;
+    then close (the gateway plays what it has, then ends the session)."""
+    step = 2 * int(LIVE_RATE * chunk_s)
+    try:
+        time.sleep(lead_s)
+        started = time.monotonic()
+        for i, start in enumerate(range(0, len(pcm), step)):
+            time.sleep(max(0.0, started + (i + 1) * chunk_s - time.monotonic()))
+            live.send(pcm[start : start + step])
+        live.close()
+    except (SuperWav2LipError, ValueError):
+        pass  # the session ended; the reading side reports how
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] if ordered else None
+
+
+def live_figures(ready: LiveReady, frames: list[LiveFrame], events: list[LiveEvent], sent_at: list[float],
+                 opened_at: float, ready_at: float) -> dict:
+    """Frames and latency: the open, the first frame, the first speech frame after the first chunk, and for each
+    chunk the time from its sending to the first frame whose mouth used it, less Wav2Lip's 200 ms window."""
+    pictures = [f for f in frames if f.data]
+    dropped = sum(e.count or 1 for e in events if e.kind == LiveEventKind.FRAMES_DROPPED)
+    total = (max(f.index for f in frames) + 1) if frames else 0
+    first_speech = next((f for f in pictures if f.speaking), None)
+    delays, missed = [], 0
+    for chunk, sent in enumerate(sent_at, 1):
+        shown = next((f.received_at for f in pictures if f.speech_chunk >= chunk), None)
+        if shown is None:
+            missed += 1
+        else:
+            delays.append(shown - sent - WINDOW_S)
+    return {"frames": len(pictures), "frames_dropped": dropped, "dropped_share": dropped / total if total else 0.0,
+            "speaking_frames": sum(f.speaking for f in pictures), "lookahead_s": ready.lookahead_s,
+            "open_s": ready_at - opened_at,
+            "first_frame_s": pictures[0].received_at - ready_at if pictures else None,
+            "first_speech_frame_s": first_speech.received_at - sent_at[0] if first_speech and sent_at else None,
+            "chunks": len(sent_at), "chunks_never_shown": missed,
+            "chunk_latency_p50_s": percentile(delays, 50), "chunk_latency_p95_s": percentile(delays, 95)}
+
+
+def live_report(output: str, ready: LiveReady, figures: dict, audio_seconds: float) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    reduced = f" (reduced: {ready.reduced_because})" if ready.reduced_because else ""
+    return "\n".join([
+        f"wrote {output}: {ready.width}x{ready.height}, {ready.fps:g} fps{reduced}, {figures['frames']} frames "
+        f"({figures['speaking_frames']} speaking), {audio_seconds:.2f} s of audio",
+        f"frames dropped: {figures['frames_dropped']} ({figures['dropped_share']:.1%})",
+        f"ready {ms(figures['open_s'])} after opening; first frame {ms(figures['first_frame_s'])} after ready; "
+        f"first speech frame {ms(figures['first_speech_frame_s'])} after the first chunk "
+        f"(lookahead {ms(ready.lookahead_s)})",
+        f"chunk to its first frame, less the 200 ms window: p50 {ms(figures['chunk_latency_p50_s'])}, "
+        f"p95 {ms(figures['chunk_latency_p95_s'])} ({figures['chunks']} chunks, "
+        f"{figures['chunks_never_shown']} never shown)"])
+
+
 def addresses_of(args: argparse.Namespace) -> dict[str, str]:
     return {"gateway": args.server, **{name: getattr(args, name) for name in ("detector", "lipsync", "enhancer")}}
 
@@ -320,6 +428,20 @@ def parser() -> argparse.ArgumentParser:
         add_common_arguments(command)
     add_common_arguments(job_verbs.add_parser("list", help="recent jobs, newest first"))
     jobs.set_defaults(run=jobs_command)
+
+    live = commands.add_parser("live", help="stream speech into a live session at real-time pace, record the "
+                                            "avatar's frames and audio into an mp4, print the latency")
+    live.add_argument("--avatar", required=True, help="an avatar id (from `avatar create`)")
+    live.add_argument("--audio", required=True, help="speech (any format FFmpeg reads; sent as 16 kHz mono)")
+    live.add_argument("--out", "-o", required=True, help="mp4 to write (H.264 as received, the returned audio as AAC)")
+    live.add_argument("--width", type=int, default=0, help="frame width (default: the avatar's)")
+    live.add_argument("--height", type=int, default=0, help="frame height (default: the avatar's)")
+    live.add_argument("--fps", type=float, default=0.0, help="frame rate (default: the avatar's)")
+    live.add_argument("--crf", type=int, default=0, help="H.264 quality, lower is better (default: the server's, 23)")
+    live.add_argument("--chunk-ms", type=float, default=100.0, help="speech per chunk, 10-200 ms (100)")
+    live.add_argument("--lead", type=float, default=0.0, help="seconds of idle frames before the speech (0)")
+    add_common_arguments(live)
+    live.set_defaults(run=live_command)
 
     check = commands.add_parser("health", help="each service's health; exit 0 only if all are SERVING, else 4")
     add_service_addresses(check)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import array
 import enum
 import os
 import random
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,9 +14,11 @@ from typing import Any
 
 import grpc
 from superwav2lip.gateway.v1 import gateway_pb2
+from superwav2lip.live.v1 import live_pb2
 
-from .types import (CropMode, EnhanceRegion, Event, LoopMode, Media, NoFacePolicy, Options, Progress, Result,
-                    SuperWav2LipError, TargetRule, VideoInfo)
+from .types import (CropMode, EnhanceRegion, Event, FrameFormat, LiveEvent, LiveEventKind, LiveFrame, LiveReady,
+                    LoopMode, Media, NoFacePolicy, Options, Progress, Result, SuperWav2LipError, TargetRule,
+                    VideoInfo)
 
 API_KEY_ENV = "SUPERWAV2LIP_API_KEY"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -147,3 +151,87 @@ def generate_request(face: Media | None, audio: Media, avatar: str | None, optio
         raise ValueError("give face media, or avatar=<id> of an avatar made with create_avatar")
     return gateway_pb2.GenerateVideoRequest(options=options_proto(options, avatar=avatar, request_id=request_id),
                                             face=read_media(face, "face"), audio=read_media(audio, "speech"))
+
+
+# ---- live sessions
+
+MAX_CHUNK_S = 0.2  # the gateway refuses longer speech chunks; longer speech is sent as several
+CONTROLS = {"end_utterance": live_pb2.CONTROL_END_OF_UTTERANCE, "clear": live_pb2.CONTROL_CLEAR,
+            "close": live_pb2.CONTROL_CLOSE}
+NATIVE_INT16 = {"h", "@h", "=h", "<h" if sys.byteorder == "little" else ">h"}
+
+
+def live_open_request(avatar_id: str, *, width: int, height: int, format: FrameFormat | str, fps: float,
+                      sample_rate: int, return_audio: bool, quality: int) -> live_pb2.LiveRequest:
+    try:
+        kind = format if isinstance(format, FrameFormat) else FrameFormat(str(format).lower())
+    except ValueError:
+        raise ValueError(f"format={format!r} is not one of: {', '.join(f.value for f in FrameFormat)}") from None
+    wire_format = live_pb2.FrameFormat.Value(f"FRAME_FORMAT_{kind.name}")
+    return live_pb2.LiveRequest(open=live_pb2.LiveOpen(
+        avatar_id=avatar_id, width=width, height=height, format=wire_format, fps=fps, sample_rate=sample_rate,
+        return_audio=return_audio, quality=quality))
+
+
+def pcm_bytes(pcm: Any) -> bytes:
+    """PCM16 little-endian mono bytes from bytes or a one-channel int16 array (anything with the buffer protocol)."""
+    if isinstance(pcm, (bytes, bytearray)):
+        data = bytes(pcm)
+    else:
+        try:
+            view = memoryview(pcm)
+        except TypeError:
+            raise TypeError(f"speech must be PCM16 bytes or an int16 array, not {type(pcm).__name__}") from None
+        if view.format not in NATIVE_INT16 | {"B", "b", "c"}:
+            raise TypeError(f"speech samples must be int16 (PCM16), not buffer format {view.format!r}")
+        shape = tuple(view.shape or ())
+        if len(shape) > 1 and sorted(shape)[-2] != 1:
+            raise ValueError(f"speech must be mono: an array of shape {shape} has several channels")
+        data = view.tobytes()
+        if view.format in NATIVE_INT16 and sys.byteorder != "little":  # the wire is little-endian
+            swapped = array.array("h", data)
+            swapped.byteswap()
+            data = swapped.tobytes()
+    if len(data) % 2:
+        raise ValueError(f"speech has {len(data)} bytes: PCM16 needs an even number")
+    return data
+
+
+def speech_requests(pcm: Any, sample_rate: int) -> list[live_pb2.LiveRequest]:
+    """The speech as chunks of at most 200 ms (the gateway's limit per chunk)."""
+    data = pcm_bytes(pcm)
+    step = 2 * int(sample_rate * MAX_CHUNK_S)
+    return [live_pb2.LiveRequest(speech=live_pb2.SpeechChunk(pcm=data[i : i + step]))
+            for i in range(0, len(data), step)]
+
+
+def control_request(name: str) -> live_pb2.LiveRequest:
+    return live_pb2.LiveRequest(control=CONTROLS[name])
+
+
+def live_ready(ready: live_pb2.LiveReady) -> LiveReady:
+    name = live_pb2.FrameFormat.Name(ready.format).removeprefix("FRAME_FORMAT_")
+    return LiveReady(ready.session_id, ready.fps, ready.width, ready.height, ready.lookahead_s,
+                     FrameFormat[name] if name in FrameFormat.__members__ else FrameFormat.JPEG, ready.reduced_because)
+
+
+def live_item(response: live_pb2.LiveResponse, received_at: float) -> LiveFrame | LiveEvent | LiveReady | None:
+    """The typed form of one server message (None for a kind this SDK does not know)."""
+    kind = response.WhichOneof("kind")
+    if kind == "frame":
+        f = response.frame
+        return LiveFrame(f.index, f.pts_s, f.data, f.speaking, f.pcm, f.speech_chunk, received_at)
+    if kind == "event":
+        e = response.event
+        known = e.kind in live_pb2.LiveEvent.Kind.values()
+        name = live_pb2.LiveEvent.Kind.Name(e.kind).removeprefix("KIND_") if known else ""
+        event_kind = LiveEventKind[name] if name in LiveEventKind.__members__ else LiveEventKind.UNKNOWN
+        return LiveEvent(event_kind, e.frame_index, e.count, e.reason, received_at)
+    if kind == "ready":
+        return live_ready(response.ready)
+    return None
+
+
+def not_ready(first: object, request_id: str) -> SuperWav2LipError:
+    return SuperWav2LipError(grpc.StatusCode.UNKNOWN, f"the gateway answered the live session's open with "
+                             f"{type(first).__name__}, not ready", request_id)

@@ -126,3 +126,68 @@ class Result:
 
 Event = Union[Progress, Result]
 """What `generate_events` yields: progress in order, then one Result."""
+
+
+# ---- live sessions
+
+
+class FrameFormat(str, enum.Enum):
+    JPEG = "jpeg"  # one JPEG per frame (the default)
+    I420 = "i420"  # raw planar YUV 4:2:0, width x height x 3/2 bytes
+    H264 = "h264"  # H.264 Annex B access units: no B-frames, zero-latency tune, a key frame first
+
+
+class LiveEventKind(str, enum.Enum):
+    SPEAKING_STARTED = "speaking_started"  # the first frame of an utterance is the next one
+    PLAYBACK_FINISHED = "playback_finished"  # the last frame of an utterance was sent
+    CLEARED = "cleared"  # a clear took effect: frames from `frame_index` on are idle
+    FRAMES_DROPPED = "frames_dropped"  # `count` frames were not ready in time (their audio still came)
+    AUDIO_UNDERRUN = "audio_underrun"  # speech ran out before its end of utterance: the utterance ended early
+    CLOSED = "closed"  # the session ends; `reason` says why
+    UNKNOWN = "unknown"  # a kind newer than this SDK
+
+
+@dataclass(frozen=True)
+class LiveReady:
+    """The session's terms: `fps` may be lower than asked (`reduced_because` says why); speech is shown
+    `lookahead_s` after it arrives."""
+
+    session_id: str
+    fps: float
+    width: int
+    height: int
+    lookahead_s: float
+    format: FrameFormat
+    reduced_because: str = ""
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """One frame of the session's timeline (presentation time `index / fps`). `data` is empty when the frame was
+    dropped; `pcm` is the PCM16 audio that plays with it (with return_audio); `speech_chunk` is the newest speech
+    chunk (counted from 1) its mouth used, 0 for idle frames; `received_at` is time.monotonic() on arrival."""
+
+    index: int
+    pts_s: float
+    data: bytes
+    speaking: bool
+    pcm: bytes
+    speech_chunk: int
+    received_at: float
+
+    @property
+    def dropped(self) -> bool:
+        return not self.data
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    kind: LiveEventKind
+    frame_index: int
+    count: int = 0
+    reason: str = ""
+    received_at: float = 0.0
+
+
+LiveItem = Union[LiveFrame, LiveEvent]
+"""What iterating over a live session yields, in the order the server sent them."""
