@@ -44,7 +44,9 @@ class BatchPolicy:
 # because a batch already on the model cannot be pre-empted.
 URGENT_SLACK_S = 2.0
 URGENT_SHARE = 0.25
-URGENT_MEMORY_S = 2.0  # how long urgent traffic is remembered after its last item
+# How long urgent traffic is remembered after its last item: a live session's next utterance may come a while
+# after its last, and its first frames must not find a full batch of a long job on the model.
+URGENT_MEMORY_S = 60.0
 
 
 @dataclass(order=True)
@@ -145,7 +147,10 @@ class BatchingQueue(Generic[Item, Result]):
         if self._died is not None:
             raise Unavailable(f"model {self.name}'s batching worker stopped ({self._died}); this replica is "
                               "NOT_SERVING and will be restarted: retry another replica")
-        if len(self._pending) + len(items) > self._max_queue:
+        # Urgent items (live frames, bounded by their own admission) have a reserve beyond the bound, so a queue
+        # filled by long jobs does not refuse them.
+        reserve = self._max_batch if deadline - time.monotonic() < URGENT_SLACK_S else 0
+        if len(self._pending) + len(items) > self._max_queue + reserve:
             self._metrics.queue_rejections.labels(self.name).inc(len(items))
             raise ResourceExhausted(
                 f"model {self.name} queue is full ({len(self._pending)} of {self._max_queue} items waiting, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from concurrent.futures import Executor
 from typing import Any
 
 import cv2
@@ -83,7 +84,7 @@ class FramedAvatar:
             out.append(data.tobytes())
         return out
 
-    async def frames(self, indices: list[int]) -> list[Any]:
+    async def frames(self, indices: list[int], executor: Executor | None = None) -> list[Any]:
         """The frames at `indices` (BGR, output size), waiting for the decode to reach them."""
         last = max(indices)
         async with self._progress:
@@ -91,8 +92,8 @@ class FramedAvatar:
         if self._error is not None and len(self._frames) <= last:
             raise self._error
         encoded = [self._frames[i] for i in indices]
-        return await asyncio.to_thread(
-            lambda: [cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) for data in encoded])
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, lambda: [cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) for data in encoded])
 
     def close(self) -> None:
         if self._task is not None:

@@ -14,6 +14,7 @@ from service_runtime.errors import ResourceExhausted
 from ..limits import setting_name
 
 PROBE_FRAMES = 4
+REPROBE_AFTER_S = 10.0
 RATE_STEP = Fraction(1, 2)  # a reduced rate is a multiple of half a frame per second
 
 
@@ -32,18 +33,27 @@ class LiveCapacity:
     def __init__(self, budget: float, min_fps: float, max_sessions: int) -> None:
         self.budget, self.min_fps, self.max_sessions = budget, Fraction(min_fps), max_sessions
         self.seconds_per_frame: float | None = None
+        self._measured_at = 0.0
         self._sessions: dict[int, Fraction] = {}
         self._ids = iter(range(1 << 62))
 
     def observe(self, seconds_per_frame: float) -> None:
         self.seconds_per_frame = (seconds_per_frame if self.seconds_per_frame is None
                                   else 0.9 * self.seconds_per_frame + 0.1 * seconds_per_frame)
+        self._measured_at = time.monotonic()
 
     async def measure(self, probe: Callable[[int], Awaitable[None]]) -> float:
-        if self.seconds_per_frame is None:
-            started = time.monotonic()
-            await probe(PROBE_FRAMES)
-            self.observe((time.monotonic() - started) / PROBE_FRAMES)
+        """The cost of a frame: probed when unknown, and again when it is stale and no session is running to
+        measure it (a machine that was busy when last measured must not refuse sessions for ever)."""
+        stale = time.monotonic() - self._measured_at > REPROBE_AFTER_S and not self._sessions
+        if self.seconds_per_frame is None or stale:
+            costs = []
+            for _ in range(2):  # the faster of two: the first may pay for cold caches
+                started = time.monotonic()
+                await probe(PROBE_FRAMES)
+                costs.append((time.monotonic() - started) / PROBE_FRAMES)
+            self.seconds_per_frame = None
+            self.observe(min(costs))
         assert self.seconds_per_frame is not None
         return self.seconds_per_frame
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import av
 import cv2
@@ -59,7 +60,7 @@ class FrameEncoder:
         elif self.kind == live_pb2.FRAME_FORMAT_H264:
             if quality > 51:
                 raise InvalidArgument(f"open.quality {quality}: H.264 crf is 0 to 51")
-            self._codec = _h264(size, fps, quality or DEFAULT_H264_CRF)
+            self._codec: Any = _h264(size, fps, quality or DEFAULT_H264_CRF)
         elif self.kind != live_pb2.FRAME_FORMAT_I420:
             raise InvalidArgument(f"open.format {kind} is not a FrameFormat")
         self._index = 0
@@ -78,8 +79,8 @@ class FrameEncoder:
         return b"".join(bytes(packet) for packet in self._codec.encode(picture))
 
     def close(self) -> None:
-        if self.kind == live_pb2.FRAME_FORMAT_H264:
-            self._codec.close()
+        """Drops the encoder (frames still inside it are never shown: the session has ended)."""
+        self._codec = None
 
 
 def _h264(size: tuple[int, int], fps: Fraction, crf: int):

@@ -12,7 +12,7 @@ from fractions import Fraction
 import numpy as np
 from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
 
-from service_runtime.errors import DeadlineExceeded, InvalidArgument
+from service_runtime.errors import DeadlineExceeded, InvalidArgument, ServiceError
 
 from ..audio import HOP, MEL_STEPS, N_FFT, SAMPLE_RATE
 from ..avatars import AvatarStore, check_avatar_id
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 MIN_RATE, MAX_RATE = 8000, 48000
 MAX_CHUNK_S = 0.2
+# A live frame waits at most for one cut-short batch of another call on the model, then its own: margins below
+# three frames' cost make every speech frame late.
+MARGIN_PER_FRAME_COST = 3.0
 OUT_QUEUE = 16  # messages waiting for a slow reader; past it frames are dropped, never held
 # 212.5 ms: the speech beyond a frame's time that its window reaches (its last mel column's centre plus half
 # an FFT), so the earliest a frame can be made exactly.
@@ -44,6 +47,7 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
         self.avatars, self.clients, self.quotas, self.capacity = avatars, clients, quotas, capacity
         self.settings, self.metrics = settings, metrics
         self.limits = MediaLimits.from_settings(settings)
+        self.sessions: dict[str, LiveSession] = {}  # open now, by id (for tests and the debugger)
         self.framed = FramedAvatars(lambda face: FaceSource(face, 25.0, self.limits))
 
     async def Session(self, request_iterator: AsyncIterator[live_pb2.LiveRequest], context):
@@ -81,9 +85,11 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
 
     async def _serve(self, requests, opened, avatar, admission, framed: FramedAvatar):
         s = self.settings
-        params = LiveParams(fps=admission.fps, rate=opened.sample_rate,
-                            lookahead_s=WINDOW_S + s.live_margin_ms / 1000, horizon_s=s.live_margin_ms / 1000,
-                            return_audio=opened.return_audio)
+        # A speech frame can be made only once its window has arrived, so the margin must hold its making: the
+        # setting, or more where a frame costs more here (a slow machine), measured.
+        margin = max(s.live_margin_ms / 1000, MARGIN_PER_FRAME_COST * (self.capacity.seconds_per_frame or 0.0))
+        params = LiveParams(fps=admission.fps, rate=opened.sample_rate, lookahead_s=WINDOW_S + margin,
+                            horizon_s=margin, return_audio=opened.return_audio)
         encoder = FrameEncoder(opened.format, framed.framing.size, params.fps, opened.quality)
         out: asyncio.Queue = asyncio.Queue(OUT_QUEUE)
 
@@ -97,12 +103,15 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
         session = LiveSession(params, framed, JobOptions.from_proto(avatar.planning), encoder, self._lipsync,
                               self.metrics, send)
         self.metrics.live_sessions.inc()
+        self.sessions[session.id] = session
         log.info("live session opened", extra={"session": session.id, "avatar": opened.avatar_id,
                                                "fps": float(params.fps), "size": list(framed.framing.size)})
         yield live_pb2.LiveResponse(ready=live_pb2.LiveReady(
             session_id=session.id, fps=float(params.fps), width=framed.framing.size[0], height=framed.framing.size[1],
             lookahead_s=params.lookahead_s, reduced_because=admission.reduced_because,
             format=encoder.kind))  # type: ignore[arg-type]
+        with contextlib.suppress(ServiceError):  # only a signal: the session's frames will tell any failure
+            await self._mark_live()
         session.start(time.monotonic())
         tasks = [asyncio.create_task(session.run(), name=f"{session.id}-run"),
                  asyncio.create_task(self._read(requests, session, opened.sample_rate), name=f"{session.id}-read")]
@@ -118,6 +127,7 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
             await asyncio.gather(*tasks, return_exceptions=True)
             self.capacity.observe(session._cost_s)
             self.metrics.live_sessions.dec()
+            self.sessions.pop(session.id, None)
             log.info("live session closed", extra={"session": session.id, "frames": session.sent_frames,
                                                    "dropped": session.dropped})
 
@@ -185,6 +195,12 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
             session.close()
         else:
             raise InvalidArgument(f"control {control} is not a Control")
+
+    async def _mark_live(self) -> None:
+        """One urgent frame through the lip-sync model, so that its queue cuts long jobs' batches short before
+        this session's first speech frame arrives (see service_runtime.batching.URGENT_MEMORY_S)."""
+        await self._lipsync([np.zeros((96, 96, 3), np.uint8)], [np.zeros((80, MEL_STEPS), np.float32)],
+                            time.monotonic() + 1.0)
 
     async def _lipsync(self, faces, mels, due: float):
         """A live frame's model call: its deadline is the frame's time, which orders the model's queue."""

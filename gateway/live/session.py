@@ -12,6 +12,7 @@ import logging
 import math
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -79,7 +80,14 @@ class LiveSession:
         self._started_utterance: Utterance | None = None
         self.sent_frames = 0
         self._failures = 0
+        # Two: the producer's and the emitter's work overlap (one frame is made while another is encoded).
+        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix=self.id)
         self.dropped = 0
+
+    def _in_thread(self, work, *args):
+        """The session's own threads: the default pool is shared with every job's decoding and encoding, and a
+        live frame must not wait behind them."""
+        return asyncio.get_running_loop().run_in_executor(self._threads, work, *args)
 
     # Client side (called by the servicer).
     def start(self, t0: float) -> None:
@@ -133,6 +141,7 @@ class LiveSession:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
+            self._threads.shutdown(wait=False)
             self.encoder.close()
 
     async def _produce(self) -> None:
@@ -190,7 +199,7 @@ class LiveSession:
 
     async def _make(self, batch: list[Slot]) -> None:
         sources = [source_index(int(s.index * self.step), self.avatar.plan.source_frames, True) for s in batch]
-        frames = await self.avatar.frames(sources)
+        frames = await self.avatar.frames(sources, self._threads)
         targets = [self.avatar.targets[i] for i in sources]
         speaking = [k for k, s in enumerate(batch) if s.speaking and targets[k] is not None]
         aligned = self.options.crop_mode == "aligned"
@@ -201,7 +210,7 @@ class LiveSession:
                 return [aligned_input(frames[k], targets[k], self._window) for k in speaking]
             return [(None, crop_face(frames[k], targets[k].box)) for k in speaking]
 
-        crops = await asyncio.to_thread(prepare) if speaking else []
+        crops = await self._in_thread(prepare) if speaking else []
         faces = []
         if speaking:
             due = self.timeline.time_of(batch[speaking[0]].index) - self._encode_s
@@ -230,7 +239,7 @@ class LiveSession:
                 out[k].chunk = slot.utterance.chunk_used(slot.k)  # type: ignore[union-attr]
             return out
 
-        for slot, prepared in zip(batch, await asyncio.to_thread(finish)):
+        for slot, prepared in zip(batch, await self._in_thread(finish)):
             if slot.index >= self._next_emit:
                 self._prepared[slot.index] = prepared
 
@@ -250,7 +259,7 @@ class LiveSession:
                 speech = prepared.speech if slot.speaking else None
                 image = speech if speech is not None else prepared.idle
                 started = time.monotonic()
-                frame.data = await asyncio.to_thread(self.encoder.encode, image)
+                frame.data = await self._in_thread(self.encoder.encode, image)
                 self._encode_s = 0.8 * self._encode_s + 0.2 * (time.monotonic() - started)
                 frame.speaking = speech is not None
                 frame.speech_chunk = prepared.chunk if speech is not None else 0

@@ -137,3 +137,31 @@ async def test_bad_messages_get_their_code_and_the_gateway_keeps_serving(stack, 
     live = LiveCall(stack.channel)
     assert (await live.open(avatar_id=avatar_id, sample_rate=16000)).fps > 0
     live.call.cancel()
+
+
+@pytest.mark.parametrize("kind", [live_pb2.FRAME_FORMAT_H264, live_pb2.FRAME_FORMAT_I420])
+async def test_h264_and_i420_frames_decode_one_picture_each(stack, avatar_id, kind):
+    """H.264: Annex B access units, a key frame first, one picture out per unit in (no B-frames to wait for);
+    I420: width x height x 3/2 bytes of planar YUV."""
+    live = LiveCall(stack.channel)
+    ready = await live.open(avatar_id=avatar_id, sample_rate=16000, format=kind, width=160, height=120)
+    await live.speak(speech(1.0), 16000)
+    await live.control(live_pb2.CONTROL_END_OF_UTTERANCE)
+    await live.wait_for(Event.KIND_PLAYBACK_FINISHED)
+    await live.control(live_pb2.CONTROL_CLOSE)
+    await live.finish()
+    pictures = live.received.pictures()
+    assert (ready.width, ready.height) == (160, 120) and len(pictures) >= 15
+    if kind == live_pb2.FRAME_FORMAT_I420:
+        assert all(len(f.data) == 160 * 120 * 3 // 2 for f in pictures)
+        return
+    decoder = av.CodecContext.create("h264", "r")
+    decoded = []
+    for unit in pictures:
+        packets = decoder.parse(unit.data)
+        assert len(packets) <= 1
+        for packet in packets:
+            decoded.extend(decoder.decode(packet))
+    assert pictures[0].data.startswith(b"\x00\x00\x00\x01") and decoded[0].key_frame
+    assert len(decoded) >= len(pictures) - 1  # the parser holds the last unit until the next start code
+    assert (decoded[0].width, decoded[0].height) == (160, 120)

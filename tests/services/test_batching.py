@@ -168,3 +168,24 @@ async def test_while_urgent_items_come_batches_are_cut_to_a_share_of_their_slack
     assert cut and max(cut) <= int(0.2 * batching.URGENT_SHARE / 0.05) + 1, cut
     await bulk
     await queue.stop()
+
+
+async def test_a_queue_full_of_long_jobs_still_takes_an_urgent_item():
+    import time
+
+    model = SlowDoubler(delay=0)
+    model.release.clear()
+    queue = make_queue(model, max_batch_size=4, max_queue_size=8)
+    queue.start()
+    blocker = asyncio.ensure_future(queue.run([0]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    bulk = asyncio.ensure_future(queue.run(list(range(8)), time.monotonic() + 600))
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted):
+        queue.submit_many([1], time.monotonic() + 600)  # another long job's item: full
+    live = asyncio.ensure_future(queue.run([7], time.monotonic() + 0.5))
+    await asyncio.sleep(0)
+    model.release.set()
+    assert await live == [14]
+    await asyncio.gather(blocker, bulk)
+    await queue.stop()

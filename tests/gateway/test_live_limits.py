@@ -1,0 +1,102 @@
+"""Live sessions under load and abuse: a slowed model, a batch job alongside, speech sent too fast, silence."""
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+from superwav2lip.live.v1 import live_pb2
+
+from tests.gateway.test_avatars import create_avatar
+from tests.gateway.test_live import speech
+from tests.support.live import LiveCall
+from tests.support.media_factory import encode_video, marker_frames
+from tests.support.stack import running_stack
+
+Event = live_pb2.LiveEvent
+
+
+def slowed(run_batch, seconds_per_item: float):
+    """The model as it would be on a slower machine: each item costs `seconds_per_item` more."""
+    def run(items):
+        time.sleep(seconds_per_item * len(items))
+        return run_batch(items)
+    return run
+
+
+async def played(live: LiveCall, pcm: np.ndarray, pace: bool = True) -> None:
+    await live.speak(pcm, 16000, pace=pace)
+    await live.control(live_pb2.CONTROL_END_OF_UTTERANCE)
+    await live.wait_for(Event.KIND_PLAYBACK_FINISHED, timeout=60)
+    await live.control(live_pb2.CONTROL_CLOSE)
+    await live.finish()
+
+
+def assert_continuous(received, pcm: np.ndarray, fps: float) -> None:
+    """Every frame's time came in order, and the returned audio is the speech between silences."""
+    indices = [f.index for _, f in received.frames]
+    assert indices == list(range(len(indices)))
+    audio = received.pcm()
+    assert abs(len(audio) - len(indices) * 16000 / fps) <= 2  # (utterances start on the frame grid)
+    assert not received.kinds(Event.KIND_AUDIO_UNDERRUN), received.events
+    start = int(np.flatnonzero(audio)[0]) - int(np.flatnonzero(pcm)[0])
+    assert np.array_equal(audio[start : start + len(pcm)], pcm)
+
+
+async def test_where_the_model_is_too_slow_the_session_serves_a_lower_rate_and_keeps_up(dev_models_dir):
+    """A model slowed to 60 ms a frame cannot give 25 fps within 0.85 s per second: the session is served at
+    the rate that fits, says why, and stays on time with its audio continuous."""
+    async with running_stack(dev_models_dir) as stack:
+        queue = stack.servers["lipsync"].service.servicer.queue
+        queue._run_batch = slowed(queue._run_batch, 0.06)
+        avatar, _ = await create_avatar(stack.stub, encode_video(marker_frames(20)))
+        live = LiveCall(stack.channel)
+        ready = await live.open(avatar_id=avatar.avatar_id, sample_rate=16000, return_audio=True)
+        assert 10 <= ready.fps < 25 and "fps is what it sustains" in ready.reduced_because, ready
+        pcm = speech(4.0)
+        await played(live, pcm)
+    assert_continuous(live.received, pcm, ready.fps)
+    frames = live.received.frames
+    dropped = sum(not f.data for _, f in frames)
+    assert dropped <= 0.15 * len(frames), f"{dropped} of {len(frames)} dropped"
+    late = [arrived - (frames[0][0] + (f.index - frames[0][1].index) / ready.fps) for arrived, f in frames]
+    assert max(late[-10:]) < 0.5, late[-10:]  # it never falls further and further behind
+
+
+async def test_speech_sent_faster_than_real_time_is_held_back_not_buffered(dev_models_dir):
+    """8 s of speech written as fast as the client can: the session never holds more than its limit (the rest
+    waits in HTTP/2 flow control), and all of it still plays, exactly."""
+    async with running_stack(dev_models_dir, live_max_buffered_s=1.0) as stack:
+        avatar, _ = await create_avatar(stack.stub, encode_video(marker_frames(20)))
+        live = LiveCall(stack.channel)
+        ready = await live.open(avatar_id=avatar.avatar_id, sample_rate=16000, return_audio=True)
+        sessions = stack.servers["gateway"].service.live.sessions
+        held: list[float] = []
+
+        async def watch():
+            while True:
+                held.extend(s.buffered_seconds() for s in sessions.values())
+                await asyncio.sleep(0.02)
+
+        watcher = asyncio.create_task(watch())
+        pcm = speech(8.0)
+        await played(live, pcm, pace=False)
+        watcher.cancel()
+    assert held and max(held) <= 1.0 + 0.2, max(held)
+    assert_continuous(live.received, pcm, ready.fps)
+
+
+async def test_a_silent_session_is_closed_with_a_reason_and_the_gateway_keeps_serving(dev_models_dir):
+    async with running_stack(dev_models_dir, live_idle_timeout_s=1.0) as stack:
+        avatar, _ = await create_avatar(stack.stub, encode_video(marker_frames(20)))
+        live = LiveCall(stack.channel)
+        await live.open(avatar_id=avatar.avatar_id, sample_rate=16000)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await asyncio.wait_for(live._reader, 10)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "idle for 1 s" in raised.value.details() and "SWL_GATEWAY_LIVE_IDLE_TIMEOUT_S" in raised.value.details()
+        assert len(live.received.frames) >= 20  # idle frames played until then
+        again = LiveCall(stack.channel)
+        assert (await again.open(avatar_id=avatar.avatar_id, sample_rate=16000)).fps == 25
+        again.call.cancel()
