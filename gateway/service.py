@@ -32,7 +32,7 @@ from .jobs import JobFiles, JobLedger, Jobs
 from .limits import http_body_limit_bytes
 from .metrics import GatewayMetrics
 from .live.capacity import LiveCapacity
-from .live.servicer import LiveServicer
+from .live.webrtc import WebRtcLive
 from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
 from .quotas import DataVolumeUsage, TenantQuotas, quota_holder
 from .servicer import GatewayServicer
@@ -233,7 +233,7 @@ class GatewayService(GrpcService):
         # In this order: the tenant is known (and its requests counted) before the audit line is written.
         return [TenantInterceptor(self.tenants, self.metrics.unauthenticated.inc, admit=self.quotas.admit_request),
         self.live_capacity = LiveCapacity(settings.live_capacity, settings.live_min_fps, settings.live_max_sessions)
-        self.live = LiveServicer(avatars, self.clients, self.quotas, self.live_capacity, settings, self.metrics)
+        self.live = WebRtcLive(avatars, self.clients, self.quotas, self.live_capacity, settings, self.metrics)
                 AuditInterceptor()]
 
     @property
@@ -266,7 +266,7 @@ class GatewayService(GrpcService):
             await self.tenants_watcher.stop()
         if self.authz is not None:
             await asyncio.to_thread(self.authz.close)
-        for step in (self.job_runner.stop(), self.clients.close(),
+        for step in (self.live.close_peers(), self.job_runner.stop(), self.clients.close(),
                      self.redis.aclose() if self.redis is not None else asyncio.sleep(0)):
             try:
                 await asyncio.wait_for(step, CLOSE_STEP_S)
