@@ -10,7 +10,7 @@ TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 
-.PHONY: install deps protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed fuzz soak hostile gpu-check device-bundle clean k8s-validate deploy rollback images
+.PHONY: install deps protos models models-dev lint test run bench bench-all bench-avatar bench-detection bench-stages bench-int8 bench-seed bench-live fuzz soak hostile gpu-check device-bundle clean k8s-validate deploy rollback images
 
 help:  ## this list: every target with what it does, then the variables you may set (make VAR=value target)
 	@awk 'match($$0, /^[a-zA-Z0-9_-]+:/) { name = substr($$0, 1, RLENGTH - 1); doc = $$0; \
@@ -91,6 +91,9 @@ bench-seed: install  ## the seed's comparison: a process per request vs resident
 
 bench-avatar: install  ## fresh vs plan-cache hit vs avatar request on the same clip; writes bench/RESULTS.md
 	$(PY) -m bench.avatar
+
+bench-live: install  ## live sessions (1, 2, 4 at 720p and 512x512): fps, latency, first frame vs Wav2Lip alone; writes bench/RESULTS.md
+	$(PY) -m bench.live
 
 k8s-validate: install  ## render every overlay (kubectl wheel's kustomize), validate offline, apply policies, hadolint
 	$(PY) -m deploy.k8s.validate

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from bench.results import publish  # noqa: E402
 
-BENCHMARKS = ("detection", "stages", "int8", "avatar", "throughput", "seed")
+BENCHMARKS = ("detection", "stages", "int8", "avatar", "live", "throughput", "seed")
 BUDGET_S = 15 * 60
 
 

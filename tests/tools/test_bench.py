@@ -191,3 +191,54 @@ def test_int8_bench_quantizes_runs_both_and_measures_the_difference(dev_models_d
     row = cells_of(int8.table(result).splitlines()[3])
     assert row[1:5] == [f"{result.int8_ms:.1f}", f"{result.fp32_ms / result.int8_ms:.2f}",
                         f"{result.mean_error:.2f}", str(result.max_error)]
+
+
+def test_live_bench_latency_is_each_chunk_to_the_first_shown_frame_that_uses_it():
+    """analyse() on a session made up here: chunks sent every 100 ms, frames at 25 fps, one of them dropped."""
+    from superwav2lip.live.v1 import live_pb2
+
+    from bench import live
+    from tests.support.live import Received
+
+    Event = live_pb2.LiveEvent
+    received = Received(ready=live_pb2.LiveReady(fps=25.0))
+    sent_at = [10.0, 10.1, 10.2]
+    for index in range(10):  # frames 2-8 speak; frame k uses chunk (k - 2) // 3 + 1; frame 5 was late
+        speaking = 2 <= index <= 8
+        data = b"" if index == 5 else b"jpeg"
+        frame = live_pb2.LiveFrame(index=index, data=data, speaking=speaking and bool(data),
+                                   speech_chunk=(index - 2) // 3 + 1 if speaking and data else 0)
+        received.frames.append((10.3 + index * 0.04, frame))
+    received.events += [(10.3, Event(kind=Event.KIND_SPEAKING_STARTED, frame_index=2)),
+                        (10.5, Event(kind=Event.KIND_FRAMES_DROPPED, frame_index=5, count=1, reason="late")),
+                        (10.7, Event(kind=Event.KIND_PLAYBACK_FINISHED, frame_index=8))]
+    row = live.analyse(live.SessionResult((512, 512), 1, "on", 25.0, fps=25.0), received, sent_at)
+    assert row.expected == 7 and row.shown == 6 and row.drops == {"late": 1}
+    assert abs(row.dropped - 1 / 7) < 1e-9 and abs(row.sustained_fps - 6 / (7 / 25)) < 1e-9
+    # chunk 1: frame 2 at 10.38; chunk 2: frame 5 was dropped, so frame 6 at 10.54; chunk 3: frame 8 at 10.62
+    assert np.allclose(row.latencies_ms, [(10.38 - 10.0 - 0.2) * 1000, (10.54 - 10.1 - 0.2) * 1000,
+                                          (10.62 - 10.2 - 0.2) * 1000])
+    assert abs(row.first_frame_ms - 380) < 1e-6 and row.unshown_chunks == 0
+    late = live.analyse(live.SessionResult((512, 512), 1, "on", 25.0, fps=25.0), received, [*sent_at, 10.3])
+    assert late.unshown_chunks == 1 and len(late.latencies_ms) == 3  # no shown frame used chunk 4
+
+
+def test_live_bench_quick_runs_a_real_session_and_writes_its_table(tmp_path, monkeypatch):
+    """One 2 s session on a real stack (processes, generated models); the table goes into a RESULTS.md of its own."""
+    from bench import live, results
+
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
+    bench = live.main(["--quick"])
+    (row,) = bench.rows
+    assert not row.refused and row.fps == 25.0 and set(bench.alone) == {live.LIVE_BATCH}
+    assert abs(row.expected - 2.0 * row.fps) <= 2  # the speech's frames, from speaking started to finished
+    assert len(row.latencies_ms) + row.unshown_chunks == 20 and row.first_frame_ms > 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    section = text[text.index("<!-- bench:live-quick -->"):text.index("<!-- /bench:live-quick -->")]
+    line = next(line for line in section.splitlines() if line.startswith("| on | 512x512 |"))
+    cells = cells_of(line)
+    assert cells[:5] == ["on", "512x512", "1", "1", "25"]
+    assert cells[5] == f"{row.sustained_fps:.1f}" and cells[6] == f"{row.sustained_fps / bench.reference:.2f}"
+    assert cells[7] == f"{row.dropped:.1%}" and cells[9] == f"{row.percentile(95):.0f}"
+    assert all(float(x) >= 0 for x in cells[11].split(" / "))  # every process's CPU was found
+    assert sum(line.startswith(("- met:", "- MISSED:")) for line in section.splitlines()) == 3
