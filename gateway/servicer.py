@@ -157,8 +157,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             async with self._admitted():
                 events, progress = progress_queue()
-                job = await self._prepared(request.options, context, progress, request.face, request.audio)
-                async for event in self._events(job, request.face, request.audio, events):
+                # Read once: each read of a bytes field is a fresh copy, which a whole job would hold twice.
+                face, audio = request.face, request.audio
+                job = await self._prepared(request.options, context, progress, face, audio)
+                async for event in self._events(job, face, audio, events):
                     yield event
         except ServiceError as error:  # the HTTP status is long sent: the failure travels in-band, last
             log.warning("job failed", extra={"code": error.code.name, "error": error.message})

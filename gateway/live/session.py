@@ -222,7 +222,10 @@ class LiveSession:
                 # the session with its status rather than serving idle frames for ever.
                 self._failures += 1
                 if self._failures >= MAX_FAILED_CALLS:
-                    raise
+                    raise Unavailable(
+                        f"live frames could not be made in time: {MAX_FAILED_CALLS} lip-sync calls in a row were "
+                        f"late or refused (the last: {error.code.name}); this replica is too busy for a live "
+                        "session now, retry later or on another replica", retry_after_s=5.0) from None
                 log.warning("live frames not made: %s", error.message, extra={"session": self.id})
                 return
 
