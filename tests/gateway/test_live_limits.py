@@ -13,6 +13,7 @@ from tests.gateway.test_live import speech
 from tests.support.live import LiveCall
 from tests.support.media_factory import encode_video, marker_frames
 from tests.support.stack import running_stack
+from tests.support.tenants import tenants_file
 
 Event = live_pb2.LiveEvent
 
@@ -100,3 +101,38 @@ async def test_a_silent_session_is_closed_with_a_reason_and_the_gateway_keeps_se
         again = LiveCall(stack.channel)
         assert (await again.open(avatar_id=avatar.avatar_id, sample_rate=16000)).fps == 25
         again.call.cancel()
+
+
+async def test_live_sessions_count_against_the_tenants_quota(dev_models_dir, tmp_path):
+    """A tenant with `live_sessions: 1` gets RESOURCE_EXHAUSTED naming the quota for a second session; another
+    tenant's session is admitted meanwhile, and the first tenant's slot is free again once its session ends."""
+    path = tenants_file(tmp_path, solo={"key": "solo-key-0001", "quotas": {"live_sessions": 1}},
+                        other={"key": "other-key-0002"})
+    async with running_stack(dev_models_dir, tenants_file=str(path), allow_anonymous=False) as stack:
+        solo, other = (("x-api-key", "solo-key-0001"),), (("x-api-key", "other-key-0002"),)
+        avatar, _ = await create_avatar_as(stack, solo)
+        first = LiveCall(stack.channel, metadata=solo)
+        await first.open(avatar_id=avatar.avatar_id, sample_rate=16000)
+        second = LiveCall(stack.channel, metadata=solo)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await second.open(avatar_id=avatar.avatar_id, sample_rate=16000)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "live_sessions quota of 1" in refused.value.details()
+        other_avatar, _ = await create_avatar_as(stack, other)
+        neighbour = LiveCall(stack.channel, metadata=other)
+        assert (await neighbour.open(avatar_id=other_avatar.avatar_id, sample_rate=16000)).fps > 0
+        await first.control(live_pb2.CONTROL_CLOSE)
+        await first.finish()
+        again = LiveCall(stack.channel, metadata=solo)
+        assert (await again.open(avatar_id=avatar.avatar_id, sample_rate=16000)).fps > 0
+        for call in (neighbour, again):
+            call.call.cancel()
+
+
+async def create_avatar_as(stack, metadata):
+    from superwav2lip.gateway.v1 import gateway_pb2
+
+    chunks = [gateway_pb2.CreateAvatarChunk(options=gateway_pb2.AvatarOptions(name="presenter")),
+              gateway_pb2.CreateAvatarChunk(face_chunk=encode_video(marker_frames(20)))]
+    events = [e async for e in stack.stub.CreateAvatar(iter(chunks), metadata=metadata, timeout=60)]
+    return events[-1].avatar, events
