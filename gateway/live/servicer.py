@@ -58,18 +58,20 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
         opened = first.open
         tenant = tenant_of_call()
         self._check_open(opened)
-        avatar = await self.avatars.load(tenant.name, check_avatar_id(opened.avatar_id))
-        avatar_fps = Fraction(*avatar.record.fps)
-        asked = avatar_fps if not opened.fps else Fraction(opened.fps).limit_denominator(1001)
-        if asked > avatar_fps or asked <= 0:
-            raise InvalidArgument(f"open.fps {opened.fps:g}: at most the avatar's {float(avatar_fps):g} fps (0 = it)")
-        framing = Framing(avatar.plan, opened.width, opened.height)
-        await self.capacity.measure(self._probe)
-        async with self.quotas.live_session(tenant):
+        check_avatar_id(opened.avatar_id)
+        async with self.quotas.live_session(tenant):  # before the avatar's media is read
+            avatar = await self.avatars.load(tenant.name, opened.avatar_id)
+            avatar_fps = Fraction(*avatar.record.fps)
+            asked = avatar_fps if not opened.fps else Fraction(opened.fps).limit_denominator(1001)
+            if asked > avatar_fps or asked <= 0:
+                raise InvalidArgument(f"open.fps {opened.fps:g}: at most the avatar's {float(avatar_fps):g} fps "
+                                      "(0 = it)")
+            framing = Framing(avatar.plan, opened.width, opened.height)
+            await self.capacity.measure(self._probe)
             with self.capacity.admitted(asked) as admission:
                 framed = self.framed.get((tenant.name, opened.avatar_id, framing.size), avatar.face, avatar.plan,
                                          framing)
-                await framed.frames(list(range(min(DECODE_RUN, avatar.plan.source_frames))))  # before the clock starts
+                await framed.frames(list(range(min(DECODE_RUN, avatar.plan.source_frames))))  # before the clock
                 async for message in self._serve(requests, opened, avatar, admission, framed):
                     yield message
 
