@@ -30,9 +30,9 @@ from .job_runner import JobRunner
 from .job_store import JobStore, MemoryJobStore, RedisJobStore
 from .jobs import JobFiles, JobLedger, Jobs
 from .limits import http_body_limit_bytes
-from .metrics import GatewayMetrics
 from .live.capacity import LiveCapacity
 from .live.webrtc import WebRtcLive
+from .metrics import GatewayMetrics
 from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
 from .quotas import DataVolumeUsage, TenantQuotas, quota_holder
 from .servicer import GatewayServicer
@@ -76,21 +76,17 @@ class GatewaySettings(ServerSettings):
                                  le=16384)
     max_audio_seconds: float = setting(600.0, "Longest speech accepted per job (stops decoding past it).", ge=1,
                                        le=86400)
+    max_audio_sample_rate: int = setting(
+        192000, "Highest sample rate speech may declare, in Hz: decoding holds samples at the declared rate.",
+        ge=8000, le=1_000_000)
     max_frame_pixels: int = setting(4096 * 2160, "Largest face frame or still, in pixels (width x height).",
                                     ge=1024, le=1 << 28)
     max_fps: float = setting(120.0, "Highest frame rate a face video may declare.", ge=1, le=1000)
     max_output_frames: int = setting(36000, "Most frames one output video may have (speech seconds x fps).",
-    max_audio_sample_rate: int = setting(
-        192000, "Highest sample rate speech may declare, in Hz: decoding holds samples at the declared rate.",
-        ge=8000, le=1_000_000)
                                      ge=1, le=10_000_000)
     max_reference_face_kb: int = setting(10240, "Largest reference photo, in KiB.", ge=1, le=1 << 20)
     max_reference_face_pixels: int = setting(4096 * 4096, "Largest reference photo, in pixels.", ge=1024,
                                              le=1 << 28)
-    # The HTTP edge: raw uploads and API keys.
-    upload_idle_timeout_s: float = setting(
-        30.0, "Longest wait for the next message of a streamed upload (Generate, CreateAvatar); past it the call "
-              "ends with DEADLINE_EXCEEDED and frees its job slot, so slow clients cannot hold the slots.", ge=0.1,
     max_output_pixel_frames: int = setting(
         1920 * 1080 * 15000, "Most output pixels x frames per job (the encoder's work): 10 min of 1080p at 25 fps.",
         ge=1024, le=1 << 50)
@@ -102,6 +98,10 @@ class GatewaySettings(ServerSettings):
     max_avatar_deadline_s: float = setting(
         1800.0, "Longest deadline of an avatar's planning, however long the face video is or claims to be.", ge=1,
         le=86400)
+    # The HTTP edge: raw uploads and API keys.
+    upload_idle_timeout_s: float = setting(
+        30.0, "Longest wait for the next message of a streamed upload (Generate, CreateAvatar); past it the call "
+              "ends with DEADLINE_EXCEEDED and frees its job slot, so slow clients cannot hold the slots.", ge=0.1,
         le=3600)
     upload_timeout_s: float = setting(
         600.0, "Longest a streamed upload may take in all, from its first message.", ge=1, le=86400)
@@ -159,11 +159,6 @@ class GatewaySettings(ServerSettings):
         False, "Serve calls without a key when no tenant is configured (`make run` sets it); without it, a gateway "
                "with neither tenants_file nor api_keys refuses to start. Ignored once tenants are configured.")
     tenants_poll_s: float = setting(2.0, "How often the tenants file is checked for a change.", ge=0.05, le=3600)
-
-    def __repr__(self) -> str:  # API keys are secrets: never in logs or tracebacks
-        hidden = ("api_keys", "webhook_secret")
-        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in hidden}
-        return f"GatewaySettings({shown}, secrets hidden)"
     # Live sessions (docs/live.md).
     live_max_sessions: int = setting(8, "Live sessions this gateway holds at once, whatever their cost.", ge=0,
                                      le=1024)
@@ -182,6 +177,11 @@ class GatewaySettings(ServerSettings):
     live_idle_timeout_s: float = setting(60.0, "A live session with no message and nothing to play for this long "
                                                "is closed (DEADLINE_EXCEEDED).", ge=1, le=86400)
     live_max_session_s: float = setting(3600.0, "Longest a live session may stay open.", ge=1, le=7 * 86400)
+
+    def __repr__(self) -> str:  # API keys are secrets: never in logs or tracebacks
+        hidden = ("api_keys", "webhook_secret")
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in hidden}
+        return f"GatewaySettings({shown}, secrets hidden)"
 
 
 class GatewayService(GrpcService):
@@ -226,14 +226,14 @@ class GatewayService(GrpcService):
                                         quota_holder(self.tenants, name)))
         self.servicer = GatewayServicer(self.generation, self.jobs, avatars, uploads, self.slots, self.quotas,
                                         self.metrics, settings)
+        self.live_capacity = LiveCapacity(settings.live_capacity, settings.live_min_fps, settings.live_max_sessions)
+        self.live = WebRtcLive(avatars, self.clients, self.quotas, self.live_capacity, settings, self.metrics)
         self.tenants_watcher = TenantsWatcher(self.tenants, poll_s=settings.tenants_poll_s) if self.tenants.path else None
         self.authz: AuthzServer | None = None  # bound in warm_up
 
     def interceptors(self):
         # In this order: the tenant is known (and its requests counted) before the audit line is written.
         return [TenantInterceptor(self.tenants, self.metrics.unauthenticated.inc, admit=self.quotas.admit_request),
-        self.live_capacity = LiveCapacity(settings.live_capacity, settings.live_min_fps, settings.live_max_sessions)
-        self.live = WebRtcLive(avatars, self.clients, self.quotas, self.live_capacity, settings, self.metrics)
                 AuditInterceptor()]
 
     @property
@@ -258,6 +258,7 @@ class GatewayService(GrpcService):
 
     def register(self, server) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self.servicer, server)
+        live_pb2_grpc.add_LiveServicer_to_server(self.live, server)
 
     async def close(self) -> None:
         """Stops the job workers, then the channels and Redis; no step may hold shutdown up (a Redis command
@@ -270,7 +271,6 @@ class GatewayService(GrpcService):
                      self.redis.aclose() if self.redis is not None else asyncio.sleep(0)):
             try:
                 await asyncio.wait_for(step, CLOSE_STEP_S)
-        live_pb2_grpc.add_LiveServicer_to_server(self.live, server)
             except TimeoutError:
                 log.warning("shutdown step timed out", extra={"step": getattr(step, "__qualname__", repr(step)),
                                                               "seconds": CLOSE_STEP_S})

@@ -21,6 +21,7 @@ import grpc
 from superwav2lip.gateway.v1 import gateway_pb2
 from superwav2lip_client import Client, Progress, Result, SuperWav2LipError
 
+from .live import live_tab
 from .settings import WebUISettings
 
 log = logging.getLogger(__name__)
@@ -269,11 +270,13 @@ def build(settings: WebUISettings) -> gr.Blocks:
                 rows, choices = backend.avatars(current)
                 return rows, gr.Dropdown(choices=choices, value=NO_AVATAR)
 
-            refresh_avatars.click(refreshed_avatars, visitor, [avatar_table, avatar])
+            refreshed = refresh_avatars.click(refreshed_avatars, visitor, [avatar_table, avatar])
             create.click(backend.create_avatar, [visitor, avatar_face, avatar_name], avatar_status).success(
                 refreshed_avatars, visitor, [avatar_table, avatar])
             remove.click(backend.delete_avatar, [visitor, avatar_id], avatar_status).success(
                 refreshed_avatars, visitor, [avatar_table, avatar])
+        with gr.Tab("Live"):
+            live_avatar = live_tab(settings, signed_in, visitor)
         with gr.Tab("Recent jobs"):
             job_table = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, elem_id="jobs")
             refresh_jobs = gr.Button("Refresh", elem_id="refresh-jobs")
@@ -302,7 +305,13 @@ def build(settings: WebUISettings) -> gr.Blocks:
 
         account_outputs = [visitor, key_box, sign_in_form, sign_out, account, avatar_table, avatar, job_table,
                            status, video, download, avatar_status]
-        for trigger in (sign_in.click, key_box.submit):
-            trigger(signing_in, key_box, account_outputs)
-        sign_out.click(signing_out, visitor, account_outputs)
+        def live_avatars(current: Visitor | None):
+            choices = backend.avatars(current)[1][1:] if current is not None and not current.gone else []
+            return gr.Dropdown(choices=choices, value=choices[0] if choices else None)
+
+        for event in (sign_in.click(signing_in, key_box, account_outputs),
+                      key_box.submit(signing_in, key_box, account_outputs),
+                      sign_out.click(signing_out, visitor, account_outputs)):
+            event.then(live_avatars, visitor, live_avatar)
+        refreshed.then(live_avatars, visitor, live_avatar)
     return page

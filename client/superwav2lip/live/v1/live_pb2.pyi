@@ -68,6 +68,63 @@ CONTROL_CLOSE: Control.ValueType  # 3
 Global___Control: _TypeAlias = Control  # noqa: Y015
 
 @_typing.final
+class OfferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVATAR_ID_FIELD_NUMBER: _builtins.int
+    SDP_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    avatar_id: _builtins.str
+    sdp: _builtins.str
+    """An SDP offer (RTCSessionDescription.sdp, type "offer") with one audio track, ICE candidates gathered."""
+    width: _builtins.int
+    """Output frame size (0 x 0: the avatar's) and frame rate (0: the avatar's), as in LiveOpen."""
+    height: _builtins.int
+    fps: _builtins.float
+    def __init__(
+        self,
+        *,
+        avatar_id: _builtins.str = ...,
+        sdp: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        fps: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avatar_id", b"avatar_id", "fps", b"fps", "height", b"height", "sdp", b"sdp", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferRequest: _TypeAlias = OfferRequest  # noqa: Y015
+
+@_typing.final
+class OfferResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SDP_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    sdp: _builtins.str
+    """the SDP answer (type "answer"), its ICE candidates included"""
+    @_builtins.property
+    def ready(self) -> Global___LiveReady: ...
+    def __init__(
+        self,
+        *,
+        sdp: _builtins.str = ...,
+        ready: Global___LiveReady | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ready", b"ready"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ready", b"ready", "sdp", b"sdp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferResponse: _TypeAlias = OfferResponse  # noqa: Y015
+
+@_typing.final
 class LiveOpen(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

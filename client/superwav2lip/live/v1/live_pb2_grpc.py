@@ -39,6 +39,11 @@ class LiveStub:
                 request_serializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.LiveRequest.SerializeToString,
                 response_deserializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.LiveResponse.FromString,
                 _registered_method=True)
+        self.Offer = channel.unary_unary(
+                '/superwav2lip.live.v1.Live/Offer',
+                request_serializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferResponse.FromString,
+                _registered_method=True)
 
 
 class LiveServicer:
@@ -54,6 +59,16 @@ class LiveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Offer(self, request, context):
+        """A browser's live session over WebRTC (docs/live-webrtc.md): the SDP offer carries the microphone's audio
+        track; the answer adds the avatar's video track and its speech's audio track. Media then flows over UDP
+        (ICE, DTLS-SRTP) directly between the browser and this gateway; speech followed by 600 ms of silence is an
+        utterance. The session ends when the peer connection closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LiveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +76,11 @@ def add_LiveServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.LiveRequest.FromString,
                     response_serializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.LiveResponse.SerializeToString,
+            ),
+            'Offer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Offer,
+                    request_deserializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferRequest.FromString,
+                    response_serializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +110,33 @@ class Live:
             '/superwav2lip.live.v1.Live/Session',
             superwav2lip_dot_live_dot_v1_dot_live__pb2.LiveRequest.SerializeToString,
             superwav2lip_dot_live_dot_v1_dot_live__pb2.LiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Offer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.live.v1.Live/Offer',
+            superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferRequest.SerializeToString,
+            superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferResponse.FromString,
             options,
             channel_credentials,
             insecure,

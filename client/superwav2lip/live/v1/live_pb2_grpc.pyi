@@ -37,6 +37,12 @@ class LiveStub:
     Between utterances the avatar's own frames play (idle). A session that falls behind drops frames, never
     drifts: each frame's presentation time is its index / fps from the session's start.
     """
+    Offer: _grpc.UnaryUnaryMultiCallable[_live_pb2.OfferRequest, _live_pb2.OfferResponse]
+    """A browser's live session over WebRTC (docs/live-webrtc.md): the SDP offer carries the microphone's audio
+    track; the answer adds the avatar's video track and its speech's audio track. Media then flows over UDP
+    (ICE, DTLS-SRTP) directly between the browser and this gateway; speech followed by 600 ms of silence is an
+    utterance. The session ends when the peer connection closes.
+    """
 
 @_typing.type_check_only
 class LiveAsyncStub(LiveStub):
@@ -46,6 +52,12 @@ class LiveAsyncStub(LiveStub):
     LiveReady, then a frame (with the audio that plays with it) every 1/fps seconds until the session ends.
     Between utterances the avatar's own frames play (idle). A session that falls behind drops frames, never
     drifts: each frame's presentation time is its index / fps from the session's start.
+    """
+    Offer: _aio.UnaryUnaryMultiCallable[_live_pb2.OfferRequest, _live_pb2.OfferResponse]  # type: ignore[assignment]
+    """A browser's live session over WebRTC (docs/live-webrtc.md): the SDP offer carries the microphone's audio
+    track; the answer adds the avatar's video track and its speech's audio track. Media then flows over UDP
+    (ICE, DTLS-SRTP) directly between the browser and this gateway; speech followed by 600 ms of silence is an
+    utterance. The session ends when the peer connection closes.
     """
 
 class LiveServicer(metaclass=_abc_1.ABCMeta):
@@ -59,6 +71,18 @@ class LiveServicer(metaclass=_abc_1.ABCMeta):
         LiveReady, then a frame (with the audio that plays with it) every 1/fps seconds until the session ends.
         Between utterances the avatar's own frames play (idle). A session that falls behind drops frames, never
         drifts: each frame's presentation time is its index / fps from the session's start.
+        """
+
+    @_abc_1.abstractmethod
+    def Offer(
+        self,
+        request: _live_pb2.OfferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_live_pb2.OfferResponse, _abc.Awaitable[_live_pb2.OfferResponse]]:
+        """A browser's live session over WebRTC (docs/live-webrtc.md): the SDP offer carries the microphone's audio
+        track; the answer adds the avatar's video track and its speech's audio track. Media then flows over UDP
+        (ICE, DTLS-SRTP) directly between the browser and this gateway; speech followed by 600 ms of silence is an
+        utterance. The session ends when the peer connection closes.
         """
 
 def add_LiveServicer_to_server(servicer: LiveServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
