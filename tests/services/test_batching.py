@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -124,22 +125,9 @@ async def test_without_cross_call_batching_each_batch_holds_one_call():
 
 async def test_items_are_taken_earliest_deadline_first():
     """A long job's items queued first still wait behind a live frame's: the queue is ordered by deadline."""
-    import time
-
     model = SlowDoubler(delay=0)
-    model.release.clear()
     queue = make_queue(model, max_batch_size=4)
-    queue.start()
-    blocker = asyncio.ensure_future(queue.run([0]))  # occupies the model while the rest queue up
-    await asyncio.to_thread(model.entered.wait, 5)
-    bulk = asyncio.ensure_future(queue.run(list(range(100, 112)), time.monotonic() + 600))
-    await asyncio.sleep(0)
-    live = asyncio.ensure_future(queue.run([7], time.monotonic() + 0.5))
-    await asyncio.sleep(0)
-    model.release.set()
-    assert await live == [14]
-    await asyncio.gather(blocker, bulk)
-    await queue.stop()
+    await live_item_behind_a_long_job(model, queue, list(range(100, 112)))
     assert model.calls[1][0] == 7, model.calls  # the first batch after the blocker starts with the live item
 
 
@@ -147,8 +135,6 @@ async def test_while_urgent_items_come_batches_are_cut_to_a_share_of_their_slack
     """A batch on the model cannot be pre-empted: with 0.2 s of slack and 50 ms per item, a full batch of 32
     would make every live frame late; while urgent items keep coming, batches hold at most 1 item
     (0.2 s x URGENT_SHARE / 0.05 s)."""
-    import time
-
     from service_runtime import batching
 
     class PerItem(SlowDoubler):  # costs 50 ms per item, as a CPU model does
@@ -171,18 +157,26 @@ async def test_while_urgent_items_come_batches_are_cut_to_a_share_of_their_slack
 
 
 async def test_a_queue_full_of_long_jobs_still_takes_an_urgent_item():
-    import time
-
     model = SlowDoubler(delay=0)
-    model.release.clear()
     queue = make_queue(model, max_batch_size=4, max_queue_size=8)
+
+    def another_long_item_is_refused():
+        with pytest.raises(ResourceExhausted):
+            queue.submit_many([1], time.monotonic() + 600)
+
+    await live_item_behind_a_long_job(model, queue, list(range(8)), another_long_item_is_refused)
+
+
+async def live_item_behind_a_long_job(model, queue, bulk_items, before_live=lambda: None):
+    """A blocker on the model, a long job's items queued, then a live item; the model released: the live item
+    gets its answer (and the queue is stopped)."""
+    model.release.clear()
     queue.start()
-    blocker = asyncio.ensure_future(queue.run([0]))
+    blocker = asyncio.ensure_future(queue.run([0]))  # occupies the model while the rest queue up
     await asyncio.to_thread(model.entered.wait, 5)
-    bulk = asyncio.ensure_future(queue.run(list(range(8)), time.monotonic() + 600))
+    bulk = asyncio.ensure_future(queue.run(bulk_items, time.monotonic() + 600))
     await asyncio.sleep(0)
-    with pytest.raises(ResourceExhausted):
-        queue.submit_many([1], time.monotonic() + 600)  # another long job's item: full
+    before_live()
     live = asyncio.ensure_future(queue.run([7], time.monotonic() + 0.5))
     await asyncio.sleep(0)
     model.release.set()
