@@ -23,6 +23,7 @@ from gateway.limits import http_body_limit_bytes
 ROOT = Path(__file__).resolve().parent.parent.parent
 DESCRIPTOR = ROOT / "generated" / "superwav2lip_descriptor.pb"
 GATEWAY_SERVICE = "superwav2lip.gateway.v1.Gateway"  # fully qualified, or the transcoder refuses to start
+LIVE_SERVICE = "superwav2lip.live.v1.Live"  # live sessions (gRPC) and the WebRTC offer (also POST /v1/live:offer)
 API = "type.googleapis.com/envoy.extensions"
 HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"  # routed; Health/Watch is not
 # The HTTP routes whose body is raw media (google.api.HttpBody), not base64 in JSON: they keep the full upload
@@ -167,6 +168,8 @@ def _http_connection_manager(config: EdgeConfig) -> dict:
                     # Native gRPC streams flow through unbuffered.
                     {"match": {"prefix": f"/{GATEWAY_SERVICE}/"}, "route": {"cluster": "gateway", "timeout": timeout},
                      "typed_per_filter_config": _unbuffered()},
+                    {"match": {"prefix": f"/{LIVE_SERVICE}/"}, "route": {"cluster": "gateway", "timeout": timeout},
+                     "typed_per_filter_config": _unbuffered()},
                     # Probes carry no key (gateway/auth.py's OPEN_METHODS): no key check on the way.
                     {"match": {"path": HEALTH_CHECK_PATH}, "route": {"cluster": "gateway", "timeout": "5s"},
                      "typed_per_filter_config": {**_unbuffered(), **_unchecked()}},
@@ -252,7 +255,7 @@ def _transcoder(config: EdgeConfig) -> dict:
         "typed_config": {
             "@type": f"{API}.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             **descriptor,
-            "services": [GATEWAY_SERVICE],
+            "services": [GATEWAY_SERVICE, LIVE_SERVICE],
             "print_options": {
                 "always_print_primitive_fields": True,
                 "preserve_proto_field_names": True,

@@ -7,7 +7,10 @@ seen of lip-sync is the mouth region leaving the avatar's own picture while spee
 staying still, in silence (the avatar is a still photo, so its idle frames do not change)."""
 
 import asyncio
+import json
 import re
+import urllib.error
+import urllib.request
 import wave
 
 import grpc
@@ -23,6 +26,7 @@ from gateway.live.webrtc import dbfs
 from tests.client.test_webui import sign_in, web_ui
 from tests.gateway.test_avatars import create_avatar
 from tests.gateway.test_live import speech
+from tests.support.envoy import envoy_in_front
 from tests.support.media_factory import encode_video, scene, with_marker
 from tests.support.paths import system_binary
 from tests.support.stack import MODULE_LOOP, running_stack
@@ -220,6 +224,33 @@ async def test_bad_offers_are_refused_with_what_to_change(stack, avatar_id):
         for peer in (pc, audio_only, receive_only):
             await peer.close()
     assert capacity.sessions == before  # no refused offer holds a session
+
+
+async def test_the_offer_through_the_envoy_edge_over_http_and_grpc(stack, avatar_id, tmp_path):
+    """A real Envoy rendered by deploy/envoy/render.py: POST /v1/live:offer (JSON, transcoded) and the native gRPC
+    method both reach the gateway."""
+    pc, sdp = await browser_like_offer()
+    try:
+        async with envoy_in_front(stack, tmp_path) as edge:
+            def post(body: dict) -> tuple[int, dict]:
+                request = urllib.request.Request(f"{edge}/v1/live:offer", json.dumps(body).encode(),
+                                                 {"content-type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as reply:
+                        return reply.status, json.load(reply)
+                except urllib.error.HTTPError as error:
+                    return error.code, json.load(error)
+
+            status, refused = await asyncio.to_thread(post, {"avatar_id": avatar_id, "sdp": ""})
+            assert status == 400 and "sdp is empty" in refused["message"], refused
+            status, answered = await asyncio.to_thread(post, {"avatar_id": avatar_id, "sdp": sdp})
+            assert status == 200 and "a=candidate" in answered["sdp"] and answered["ready"]["fps"] == 25, answered
+            async with grpc.aio.insecure_channel(edge.removeprefix("http://")) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as refused_grpc:
+                    await live_pb2_grpc.LiveStub(channel).Offer(live_pb2.OfferRequest(avatar_id=avatar_id), timeout=30)
+            assert refused_grpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused_grpc.value
+    finally:
+        await pc.close()  # the answered session ends when its peer never connects
 
 
 async def test_an_answered_peer_that_never_connects_frees_its_session(stack, avatar_id, monkeypatch):
