@@ -12,6 +12,8 @@ import logging
 from collections import OrderedDict
 from typing import Protocol
 
+import redis.asyncio
+
 from .metrics import GatewayMetrics
 from .options import PLANNING_FIELDS, JobOptions
 
@@ -27,6 +29,12 @@ def plan_key(face_sha256: str, detector_fingerprint: str, detection_encoding: st
     text = json.dumps({"face": face_sha256, "detector": detector_fingerprint, "encoding": detection_encoding,
                        "frames_cap": frames_cap, **planning}, sort_keys=True, default=list)
     return "swl:plan:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def redis_client(url: str, timeout_s: float) -> redis.asyncio.Redis:
+    """A client object only: connections open on first use, inside the event loop; connecting and each call are
+    bounded by `timeout_s`."""
+    return redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
 class PlanCache(Protocol):

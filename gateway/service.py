@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import redis.asyncio
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
 
@@ -33,7 +32,7 @@ from .limits import http_body_limit_bytes
 from .live.capacity import LiveCapacity
 from .live.webrtc import WebRtcLive
 from .metrics import GatewayMetrics
-from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache
+from .plan_cache import MemoryPlanCache, PlanCache, RedisPlanCache, redis_client
 from .quotas import DataVolumeUsage, TenantQuotas, quota_holder
 from .servicer import GatewayServicer
 from .tenants import TenantRegistry, TenantsFileError, TenantsWatcher
@@ -121,6 +120,10 @@ class GatewaySettings(ServerSettings):
     plan_cache_mb: int = setting(256, "In-process plan cache size, in MiB (when no Redis is configured); 0 disables.",
                                  ge=0, le=1 << 20)
     plan_cache_ttl_s: float = setting(7 * 86400.0, "How long Redis keeps a cached plan.", ge=1, le=365 * 86400)
+    plan_cache_redis_url: str = setting(
+        "", "Redis URL for the plan cache alone: a Redis of its own, which may evict (maxmemory-policy allkeys-lru), "
+            "while jobs, quotas and avatars stay on redis_url's, which must not (deploy/k8s/README.md#redis); "
+            "empty = the plans share redis_url's Redis.")
     data_dir: str = setting("data", "Folder for avatars, job inputs and results, and raw uploads (a shared volume "
                                     "across replicas).")
     # Asynchronous jobs (the store is Redis when redis_url is set, else this process).
@@ -198,11 +201,13 @@ class GatewayService(GrpcService):
                                     batch_items=settings.rpc_batch_items, max_inflight=settings.max_inflight_rpcs,
                                     metrics=self.metrics, detection_jpeg_quality=settings.detection_jpeg_quality)
         # A client object only: connections open on first use, inside the event loop.
-        self.redis = redis.asyncio.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s) if settings.redis_url else None
-        if self.redis is not None:
-            plans: PlanCache | None = RedisPlanCache(self.redis, settings.plan_cache_ttl_s, settings.redis_timeout_s, self.metrics)
+        self.redis = redis_client(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
+        # Plans may have a Redis of their own, one that evicts; jobs, quotas and avatars never may.
+        self.plans_redis = (redis_client(settings.plan_cache_redis_url, settings.redis_timeout_s)
+                            if settings.plan_cache_redis_url else self.redis)
+        if self.plans_redis is not None:
+            plans: PlanCache | None = RedisPlanCache(self.plans_redis, settings.plan_cache_ttl_s,
+                                                     settings.redis_timeout_s, self.metrics)
         else:
             plans = MemoryPlanCache(settings.plan_cache_mb << 20, self.metrics) if settings.plan_cache_mb else None
         avatars = AvatarStore(Path(settings.data_dir), self.redis, settings.redis_timeout_s)
@@ -267,8 +272,11 @@ class GatewayService(GrpcService):
             await self.tenants_watcher.stop()
         if self.authz is not None:
             await asyncio.to_thread(self.authz.close)
+        redis_clients = [self.redis] if self.redis is not None else []
+        if self.plans_redis is not None and self.plans_redis is not self.redis:  # its own: closed too
+            redis_clients.append(self.plans_redis)
         for step in (self.live.close_peers(), self.job_runner.stop(), self.clients.close(),
-                     self.redis.aclose() if self.redis is not None else asyncio.sleep(0)):
+                     *(client.aclose() for client in redis_clients)):
             try:
                 await asyncio.wait_for(step, CLOSE_STEP_S)
             except TimeoutError:
