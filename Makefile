@@ -44,8 +44,9 @@ lint: install  ## ruff (unused imports and names, syntax) and mypy (service_runt
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: install deps  ## the whole suite in TEST_WORKERS processes, a test file per worker at a time (first installs the missing system programs: make deps)
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+test: install deps  ## the whole suite in TEST_WORKERS processes, a test file per worker at a time, then the real-time (live) tests alone (first installs the missing system programs: make deps)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not realtime and not soak and not hostile"
+	$(PY) -m pytest -q -p no:cacheprovider -m "realtime and not soak and not hostile"
 
 gpu-check: install  ## on a CUDA machine (pip install -e .[gpu]): each model on CUDA and TensorRT vs CPU, latency at batch 1/8/32
 	$(PY) -m tools.gpu_check

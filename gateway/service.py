@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import logging
+import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +170,7 @@ class GatewaySettings(ServerSettings):
     live_max_sessions: int = setting(8, "Live sessions this gateway holds at once, whatever their cost.", ge=0,
                                      le=1024)
     live_capacity: float = setting(
-        0.85, "Seconds of frame-making per second that live sessions may share (a frame's cost is measured); a "
+        0.7, "Seconds of frame-making per second that live sessions may share (a frame's cost is measured); a "
               "session that would pass it gets a lower frame rate, or RESOURCE_EXHAUSTED below live_min_fps. "
               "Raise it with the lip-sync replicas behind this gateway.", ge=0.05, le=1024)
     live_min_fps: float = setting(10.0, "Lowest frame rate a live session is served at rather than refused.", ge=1,
@@ -180,6 +184,10 @@ class GatewaySettings(ServerSettings):
     live_idle_timeout_s: float = setting(60.0, "A live session with no message and nothing to play for this long "
                                                "is closed (DEADLINE_EXCEEDED).", ge=1, le=86400)
     live_max_session_s: float = setting(3600.0, "Longest a live session may stay open.", ge=1, le=7 * 86400)
+    batch_nice: int = setting(
+        10, "Niceness of the threads that do jobs' decoding, pasting and encoding (and of the encoder threads they "
+            "start): on a shared CPU live sessions' threads, at the process's own, go first. 0 = the same.",
+        ge=0, le=19)
 
     def __repr__(self) -> str:  # API keys are secrets: never in logs or tracebacks
         hidden = ("api_keys", "webhook_secret")
@@ -250,6 +258,9 @@ class GatewayService(GrpcService):
     async def warm_up(self) -> None:
         """Opens the model-service channels; compiles librosa's numba kernels so no request pays for it."""
         self.clients.open()
+        if self.settings.batch_nice:
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+                thread_name_prefix="batch", initializer=lower_priority, initargs=(self.settings.batch_nice,)))
         noise = np.random.default_rng(0).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1
         await asyncio.to_thread(melspectrogram, noise)
         log.info("mel warmed up")
@@ -294,6 +305,12 @@ def tenant_registry(settings: GatewaySettings) -> TenantRegistry:
     if not tenants.required:
         log.warning("serving without API keys: SWL_GATEWAY_ALLOW_ANONYMOUS is set and no tenant is configured")
     return tenants
+
+
+def lower_priority(nice: int) -> None:
+    """Makes the calling thread (on Linux, a thread is its own scheduling entity) `nice` steps less urgent."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: every thread keeps the process's priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
 
 
 def keep_large_buffers_returnable() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -47,6 +48,11 @@ URGENT_SHARE = 0.25
 # How long urgent traffic is remembered after its last item: a live session's next utterance may come a while
 # after its last, and its first frames must not find a full batch of a long job on the model.
 URGENT_MEMORY_S = 60.0
+# Live frames come every frame period or two. While they do, the model is kept free for the next one: a long job's
+# item waits until HOLD_PERIODS of their usual interval have passed without one (a pause in speech), so jobs run
+# between utterances and in the gaps, and a live frame never waits behind a job's item on the model.
+HOLD_PERIODS = 1.5
+MAX_URGENT_GAP_S = 0.5
 
 
 @dataclass(order=True)
@@ -93,6 +99,8 @@ class BatchingQueue(Generic[Item, Result]):
         self._seconds_per_item = 0.0  # measured: a moving average over batches
         self._urgent_slack = math.inf  # the tightest slack of recent urgent items
         self._urgent_until = 0.0
+        self._urgent_last = -math.inf  # when the last urgent item came
+        self._urgent_period = 0.0  # their usual interval (a moving average; 0: unknown)
         self._arrived = asyncio.Event()
         # One thread per model keeps one batch on the model at a time while the event loop keeps serving.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
@@ -176,6 +184,24 @@ class BatchingQueue(Generic[Item, Result]):
         if slack < URGENT_SLACK_S:
             self._urgent_slack = min(self._urgent_slack, max(slack, 0.0))
             self._urgent_until = now + URGENT_MEMORY_S
+            gap = now - self._urgent_last
+            if gap < MAX_URGENT_GAP_S:  # within a stream of live frames (a longer gap is a pause in speech)
+                self._urgent_period = gap if not self._urgent_period else 0.7 * self._urgent_period + 0.3 * gap
+            self._urgent_last = now
+
+    def _holding_for_urgent(self) -> float:
+        """Seconds to keep the model free for the next urgent item, expected within its usual period: while live
+        frames stream in, a long job's item started now would hold the next one behind it (0: no need)."""
+        if not self._urgent_period:
+            return 0.0
+        now = time.monotonic()
+        if self._urgent_last + self._urgent_period - now >= self._seconds_per_item:
+            return 0.0  # an item fits before the next live frame is due (a fast model: a GPU)
+        return max(0.0, self._urgent_last + HOLD_PERIODS * self._urgent_period - now)
+
+    @staticmethod
+    def _is_urgent(entry: _Entry) -> bool:
+        return entry.deadline - time.monotonic() < URGENT_SLACK_S
 
     def _batch_limit(self) -> int:
         """max_batch_size, or fewer while urgent items keep coming (see URGENT_SHARE)."""
@@ -216,6 +242,10 @@ class BatchingQueue(Generic[Item, Result]):
             await self._arrived.wait()
         if not self._across_calls:  # the seed's behaviour: one call's items at a time, no waiting for others
             return self._take(lambda entry, first: entry.call == first.call)
+        while not self._is_urgent(self._pending[0]) and (hold := self._holding_for_urgent()) > 0:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), hold)
         deadline = time.monotonic() + self._max_delay
         while len(self._pending) < self._batch_limit():
             remaining = deadline - time.monotonic()

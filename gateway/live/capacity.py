@@ -13,8 +13,7 @@ from service_runtime.errors import ResourceExhausted
 
 from ..limits import setting_name
 
-PROBE_FRAMES = 4
-REPROBE_AFTER_S = 10.0
+PROBE_FRAMES = 1  # live calls carry a frame or two: a larger probe batch would price frames too low
 RATE_STEP = Fraction(1, 2)  # a reduced rate is a multiple of half a frame per second
 
 
@@ -26,35 +25,25 @@ class Admission:
 
 class LiveCapacity:
     """Live sessions share `budget` seconds of frame-making per second (SWL_GATEWAY_LIVE_CAPACITY). A frame's
-    cost is measured: by a probe of the lip-sync service when nothing is known yet, then from every live frame
-    made. A session that would not fit at its asked rate gets the highest rate that fits, down to `min_fps`;
+    cost is measured when each session opens. A session that would not fit at its asked rate gets the highest rate that fits, down to `min_fps`;
     below that it is refused, so the sessions already running keep their rate."""
 
     def __init__(self, budget: float, min_fps: float, max_sessions: int) -> None:
         self.budget, self.min_fps, self.max_sessions = budget, Fraction(min_fps), max_sessions
         self.seconds_per_frame: float | None = None
-        self._measured_at = 0.0
         self._sessions: dict[int, Fraction] = {}
         self._ids = iter(range(1 << 62))
 
-    def observe(self, seconds_per_frame: float) -> None:
-        self.seconds_per_frame = (seconds_per_frame if self.seconds_per_frame is None
-                                  else 0.9 * self.seconds_per_frame + 0.1 * seconds_per_frame)
-        self._measured_at = time.monotonic()
-
     async def measure(self, probe: Callable[[int], Awaitable[None]]) -> float:
-        """The cost of a frame: probed when unknown, and again when it is stale and no session is running to
-        measure it (a machine that was busy when last measured must not refuse sessions for ever)."""
-        stale = time.monotonic() - self._measured_at > REPROBE_AFTER_S and not self._sessions
-        if self.seconds_per_frame is None or stale:
-            costs = []
-            for _ in range(2):  # the faster of two: the first may pay for cold caches
-                started = time.monotonic()
-                await probe(PROBE_FRAMES)
-                costs.append((time.monotonic() - started) / PROBE_FRAMES)
-            self.seconds_per_frame = None
-            self.observe(min(costs))
-        assert self.seconds_per_frame is not None
+        """The cost of a frame now: a frame alone through the lip-sync model, the faster of two (the first may pay
+        for cold caches), measured at every opening, so that the price includes what else the machine is doing
+        (a long job beside, other sessions)."""
+        costs = []
+        for _ in range(2):
+            started = time.monotonic()
+            await probe(PROBE_FRAMES)
+            costs.append((time.monotonic() - started) / PROBE_FRAMES)
+        self.seconds_per_frame = min(costs)
         return self.seconds_per_frame
 
     @property

@@ -12,7 +12,7 @@ from fractions import Fraction
 import numpy as np
 from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
 
-from service_runtime.errors import DeadlineExceeded, InvalidArgument, ServiceError
+from service_runtime.errors import DeadlineExceeded, InvalidArgument, ServiceError, Unavailable
 
 from ..audio import HOP, MEL_STEPS, N_FFT, SAMPLE_RATE
 from ..avatars import AvatarStore, check_avatar_id
@@ -35,6 +35,9 @@ MAX_CHUNK_S = 0.2
 # A live frame waits at most for one cut-short batch of another call on the model, then its own: margins below
 # three frames' cost make every speech frame late.
 MARGIN_PER_FRAME_COST = 3.0
+# A probe waits at most for the model's batch in progress (a long job's may be 32 frames) and is urgent (under
+# service_runtime.batching.URGENT_SLACK_S), so the queue cuts the batches after it short.
+PROBE_DEADLINE_S = 1.9
 OUT_QUEUE = 16  # messages waiting for a slow reader; past it frames are dropped, never held
 # 212.5 ms: the speech beyond a frame's time that its window reaches (its last mel column's centre plus half
 # an FFT), so the earliest a frame can be made exactly.
@@ -67,7 +70,12 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
                 raise InvalidArgument(f"open.fps {opened.fps:g}: at most the avatar's {float(avatar_fps):g} fps "
                                       "(0 = it)")
             framing = Framing(avatar.plan, opened.width, opened.height)
-            await self.capacity.measure(self._probe)
+            try:
+                await self.capacity.measure(self._probe)
+            except ServiceError as error:
+                raise Unavailable(f"the lip-sync model did not make a probe frame within {PROBE_DEADLINE_S:g} s "
+                                  f"({error.code.name}): too busy for a live session now; retry later or on another "
+                                  "replica", retry_after_s=5.0) from None
             with self.capacity.admitted(asked) as admission:
                 framed = self.framed.get((tenant.name, opened.avatar_id, framing.size), avatar.face, avatar.plan,
                                          framing)
@@ -81,9 +89,11 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
                                   f"{MAX_RATE} Hz and say which")
 
     async def _probe(self, frames: int) -> None:
+        """Blank frames through the lip-sync model as a live frame goes (urgent), which also tells its queue that
+        live frames are coming, so it cuts long jobs' batches short before this session's first speech frame."""
         faces = [np.zeros((96, 96, 3), np.uint8)] * frames
         mels = [np.zeros((80, MEL_STEPS), np.float32)] * frames
-        await self.clients.lipsync(faces, mels, JobDeadline(5.0, 0.0))
+        await self._lipsync(faces, mels, time.monotonic() + PROBE_DEADLINE_S)
 
     async def _serve(self, requests, opened, avatar, admission, framed: FramedAvatar):
         s = self.settings
@@ -112,8 +122,6 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
             session_id=session.id, fps=float(params.fps), width=framed.framing.size[0], height=framed.framing.size[1],
             lookahead_s=params.lookahead_s, reduced_because=admission.reduced_because,
             format=encoder.kind))  # type: ignore[arg-type]
-        with contextlib.suppress(ServiceError):  # only a signal: the session's frames will tell any failure
-            await self._mark_live()
         session.start(time.monotonic())
         tasks = [asyncio.create_task(session.run(), name=f"{session.id}-run"),
                  asyncio.create_task(self._read(requests, session, opened.sample_rate), name=f"{session.id}-read")]
@@ -127,7 +135,6 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.capacity.observe(session._cost_s)
             self.metrics.live_sessions.dec()
             self.sessions.pop(session.id, None)
             log.info("live session closed", extra={"session": session.id, "frames": session.sent_frames,
@@ -197,12 +204,6 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
             session.close()
         else:
             raise InvalidArgument(f"control {control} is not a Control")
-
-    async def _mark_live(self) -> None:
-        """One urgent frame through the lip-sync model, so that its queue cuts long jobs' batches short before
-        this session's first speech frame arrives (see service_runtime.batching.URGENT_MEMORY_S)."""
-        await self._lipsync([np.zeros((96, 96, 3), np.uint8)], [np.zeros((80, MEL_STEPS), np.float32)],
-                            time.monotonic() + 1.0)
 
     async def _lipsync(self, faces, mels, due: float):
         """A live frame's model call: its deadline is the frame's time, which orders the model's queue."""

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from superwav2lip.live.v1 import live_pb2
 
-from service_runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from service_runtime.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 
 from ..compositing import aligned_input, aligned_paste, crop_face, mouth_window, paste_face
 from ..face_source import source_index
@@ -74,12 +74,14 @@ class LiveSession:
         self._speech_arrived = asyncio.Event()
         self._closing = False
         self._window = mouth_window(options.mouth_padding)
-        self._cost_s = 0.02  # measured time to make a frame (a moving average)
+        # Measured time to make a batch, with speech (a lip-sync call) and without: when a frame must be started.
+        self._make_s = {True: 0.06, False: 0.01}
         self._encode_s = 0.005
         self._chunk_arrivals: dict[int, float] = {}
         self._started_utterance: Utterance | None = None
         self.sent_frames = 0
         self._failures = 0
+        self._heads_up: asyncio.Task | None = None
         # Two: the producer's and the emitter's work overlap (one frame is made while another is encoded).
         self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix=self.id)
         self.dropped = 0
@@ -95,9 +97,19 @@ class LiveSession:
 
     def push(self, pcm: np.ndarray) -> None:
         now = time.monotonic()
+        starts = self.timeline.open_utterance is None
         self.timeline.push(pcm, now, self._next_prepare)
         self._chunk_arrivals[self.timeline.chunks] = now
         self._speech_arrived.set()
+        if starts and (self._heads_up is None or self._heads_up.done()):
+            self._heads_up = asyncio.get_running_loop().create_task(self._warn_model(now))
+
+    async def _warn_model(self, now: float) -> None:
+        """One blank frame through the lip-sync model as speech starts, a lookahead before its first frame: the
+        model's queue then holds long jobs' items for the live frames to come (service_runtime.batching)."""
+        blank = [np.zeros((96, 96, 3), np.uint8)], [np.full((80, 16), -4.0, np.float32)]
+        with contextlib.suppress(ServiceError):
+            await self.lipsync(*blank, now + self.params.lookahead_s)
 
     def end_utterance(self) -> None:
         self.timeline.end_utterance()
@@ -139,6 +151,8 @@ class LiveSession:
         finally:
             emitter.cancel()
             producer.cancel()
+            if self._heads_up is not None:
+                self._heads_up.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
             self._threads.shutdown(wait=False)
@@ -149,8 +163,9 @@ class LiveSession:
             n = self._next_prepare = max(self._next_prepare, self._next_emit)
             due = self.timeline.time_of(n)
             await _sleep_until(due - self.params.horizon_s)
-            if time.monotonic() > due - self._cost_s - self._encode_s:  # too late to make it: skip it
-                self._decide(self.timeline.slot(n), forced=True)
+            slot = self.timeline.slot(n)
+            if time.monotonic() > due - self._make_s[slot.speaking] - self._encode_s:  # too late: skip it
+                self._decide(slot, forced=True)
                 self._next_prepare = n + 1
                 continue
             batch = await self._batch_from(n)
@@ -158,8 +173,9 @@ class LiveSession:
                 continue
             started = time.monotonic()
             await self._make(batch)
-            cost = (time.monotonic() - started) / len(batch)
-            self._cost_s = 0.8 * self._cost_s + 0.2 * cost
+            took = time.monotonic() - started
+            speaking = any(s.speaking for s in batch)
+            self._make_s[speaking] = 0.8 * self._make_s[speaking] + 0.2 * took
             self._next_prepare = batch[-1].index + 1
 
     async def _batch_from(self, n: int) -> list[Slot]:
@@ -173,12 +189,13 @@ class LiveSession:
                 break
             slot = self.timeline.slot(index)
             if slot.utterance is not None and not slot.utterance.window_ready(slot.k):
-                forced = time.monotonic() >= due - 2 * self._cost_s - self._encode_s
+                last_moment = due - self._make_s[True] - self._encode_s
+                forced = time.monotonic() >= last_moment
                 if batch and not forced:
                     break
                 if not forced:
                     self._speech_arrived.clear()
-                    wait = due - 2 * self._cost_s - self._encode_s - time.monotonic()
+                    wait = last_moment - time.monotonic()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._speech_arrived.wait(), max(0.0, wait))
                     return batch

@@ -20,14 +20,13 @@ from superwav2lip_client import (AsyncClient, Client, FrameFormat, LiveEvent, Li
                                  SuperWav2LipError)
 from superwav2lip_client.core import speech_requests
 
-from tests.gateway.test_avatars import create_avatar
-from tests.gateway.test_live import speech
+from tests.support.live import create_avatar, speech
 from tests.support.media_factory import encode_video, marker_frames
 from tests.support.paths import ROOT
 from tests.support.processes import cli
 from tests.support.stack import MODULE_LOOP, shared_stack
 
-pytestmark = MODULE_LOOP
+pytestmark = [MODULE_LOOP, pytest.mark.realtime]  # paced in real time: `make test` runs them alone
 stack = shared_stack()
 RATE = 16000
 UNKNOWN_AVATAR = "av_" + "0" * 24

@@ -23,12 +23,13 @@ import pytest
 import pytest_asyncio
 
 from tests.support.paths import ROOT, SHARED_MEDIA, SHARED_MODELS, system_binary
-from tests.support.processes import free_port, project_env
+from tests.support.processes import project_env
 from tests.support.media_factory import encode_png, scene, speech_wav, stream_durations, with_marker
 from tests.support.stack import MODULE_LOOP, running_stack
-from tests.support.waiting import eventually, eventually_async
+from tests.support.waiting import eventually_async
+from tests.support.webui import sign_in, web_ui
 from webui.app import NO_AVATAR, SIGN_IN_FIRST, SIGNED_OUT, Backend, Visitor
-from webui.settings import REMOVED_API_KEY, WebUISettings
+from webui.settings import WebUISettings
 
 ARTIFACTS = Path(os.environ.get("SWL_TEST_ARTIFACTS", ROOT / ".run" / "test-artifacts"))
 
@@ -53,36 +54,6 @@ def media_and_models(dev_models_dir: Path, tmp_path: Path) -> tuple[Path, Path, 
 API_KEY = "visitor-key-a-4242"  # tenant alpha's key on the shared stack; only the visitors type it
 OTHER_KEY = "visitor-key-b-4343"  # tenant beta's
 WRONG_KEY = "visitor-key-c-0000"  # no tenant's
-
-
-@contextlib.contextmanager
-def web_ui(gateway_address: str, log_path: Path):
-    port = free_port()
-    env = project_env(SWL_WEBUI_HOST="127.0.0.1", SWL_WEBUI_PORT=str(port), SWL_WEBUI_GATEWAY_ADDRESS=gateway_address,
-                      GRADIO_ANALYTICS_ENABLED="False")
-    env.pop(REMOVED_API_KEY, None)
-    env.pop("SUPERWAV2LIP_API_KEY", None)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "webui"], cwd=ROOT, env=env, stdout=log, stderr=log)
-        url = f"http://127.0.0.1:{port}/"
-
-        def answers() -> bool:
-            assert process.poll() is None, f"the web UI exited:\n{log_path.read_text()}"
-            try:
-                urllib.request.urlopen(url, timeout=2)
-            except OSError:
-                return False
-            return True
-
-        try:
-            try:
-                eventually(answers, seconds=90, every=0.1, what=f"the web UI answering on {url}")
-            except AssertionError as error:
-                raise AssertionError(f"{error}\n{log_path.read_text()}") from None
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -201,18 +172,6 @@ def submit_job(stack, face: Path, speech: Path, key: str = API_KEY, cancel: bool
         if cancel:
             client.cancel_job(job.job_id)
         return job
-
-
-async def sign_in(page, key: str, outcome: str) -> str:
-    """Types `key` into the sign-in form and sends it; waits for the page to say `outcome` about the account and
-    returns all it says."""
-    from playwright.async_api import expect
-
-    account = page.locator("#account")
-    await page.locator("#api-key input, #api-key textarea").first.fill(key)
-    await page.locator("#sign-in").click()
-    await expect(account).to_contain_text(outcome, timeout=30_000)
-    return await account.inner_text()
 
 
 async def refused(page) -> None:

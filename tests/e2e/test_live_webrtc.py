@@ -23,16 +23,15 @@ from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
 
 from gateway.live import webrtc
 from gateway.live.webrtc import dbfs
-from tests.client.test_webui import sign_in, web_ui
-from tests.gateway.test_avatars import create_avatar
-from tests.gateway.test_live import speech
+from tests.support.webui import sign_in, web_ui
+from tests.support.live import create_avatar, speech
 from tests.support.envoy import envoy_in_front
 from tests.support.media_factory import encode_video, scene, with_marker
 from tests.support.paths import system_binary
 from tests.support.stack import MODULE_LOOP, running_stack
 from tests.support.waiting import eventually_async
 
-pytestmark = MODULE_LOOP
+pytestmark = [MODULE_LOOP, pytest.mark.realtime]  # paced in real time: `make test` runs them alone
 RATE = 48000
 SPEECH_AT, SPEECH_S, FILE_S = 1.5, 4.0, 16.0  # the microphone: silence, speech, then silence to the end
 WATCH_S = 10.0

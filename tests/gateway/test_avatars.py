@@ -11,6 +11,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.options import JobOptions
 from gateway.pipeline import LipSyncJob
 
+from tests.support.live import create_avatar
 from tests.support.media_factory import assert_same_video, decode_all, encode_video, marker_frames, speech_wav, stream_durations
 from tests.support.gateway_processes import RedisServer, gateway_process, wait_serving
 from tests.support.metrics import metric
@@ -83,15 +84,6 @@ async def test_cached_plans_expire_after_their_ttl(dev_models_dir, tmp_path, red
         await asyncio.sleep(1.3)
         await stack.generate(face, audio)
         assert await detect_calls(stack) > calls  # expired: planned again
-
-
-async def create_avatar(stub, face: bytes, **planning) -> tuple[gateway_pb2.Avatar, list]:
-    chunks = [gateway_pb2.CreateAvatarChunk(options=gateway_pb2.AvatarOptions(
-                  name="presenter", planning=gateway_pb2.GenerateOptions(**planning))),
-              gateway_pb2.CreateAvatarChunk(face_chunk=face)]
-    events = [e async for e in stub.CreateAvatar(iter(chunks), timeout=60)]
-    assert events[-1].WhichOneof("event") == "avatar"
-    return events[-1].avatar, [e.progress for e in events[:-1]]
 
 
 async def test_avatar_frames_equal_those_of_the_original_upload(identity_models_dir, tmp_path):

@@ -2,7 +2,6 @@
 
 import asyncio
 import time
-from pathlib import Path
 
 import av
 import grpc
@@ -12,24 +11,13 @@ import pytest_asyncio
 from superwav2lip.live.v1 import live_pb2
 
 
-from tests.gateway.test_avatars import create_avatar
-from tests.support.live import LiveCall
-from tests.support.media_factory import encode_video, marker_frames, speech_wav
+from tests.support.live import LiveCall, create_avatar, speech
+from tests.support.media_factory import encode_video, marker_frames
 from tests.support.stack import MODULE_LOOP, shared_stack
 
-pytestmark = MODULE_LOOP
+pytestmark = [MODULE_LOOP, pytest.mark.realtime]  # paced in real time: `make test` runs them alone
 stack = shared_stack()
-SHARED_SPEECH = Path(__file__).resolve().parents[3] / "shared" / "media" / "speech_en_60s_16k.wav"
 Event = live_pb2.LiveEvent
-
-
-def speech(seconds: float, rate: int = 16000) -> np.ndarray:
-    """Real speech (../shared/media) when present, else a voiced tone sweep: PCM16 mono at `rate`."""
-    data = SHARED_SPEECH.read_bytes() if SHARED_SPEECH.exists() else speech_wav(seconds, rate)
-    with av.open(__import__("io").BytesIO(data)) as container:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-        parts = [f.to_ndarray().reshape(-1) for frame in container.decode(audio=0) for f in resampler.resample(frame)]
-    return np.concatenate(parts)[: int(seconds * rate)].astype(np.int16)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

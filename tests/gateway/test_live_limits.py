@@ -4,16 +4,15 @@ import asyncio
 import time
 
 import grpc
-import numpy as np
 import pytest
 from superwav2lip.live.v1 import live_pb2
 
-from tests.gateway.test_avatars import create_avatar
-from tests.gateway.test_live import speech
-from tests.support.live import LiveCall
+from tests.support.live import LiveCall, assert_continuous, create_avatar, played, speech
 from tests.support.media_factory import encode_video, marker_frames
 from tests.support.stack import running_stack
 from tests.support.tenants import tenants_file
+
+pytestmark = pytest.mark.realtime  # paced in real time: `make test` runs them alone
 
 Event = live_pb2.LiveEvent
 
@@ -24,25 +23,6 @@ def slowed(run_batch, seconds_per_item: float):
         time.sleep(seconds_per_item * len(items))
         return run_batch(items)
     return run
-
-
-async def played(live: LiveCall, pcm: np.ndarray, pace: bool = True) -> None:
-    await live.speak(pcm, 16000, pace=pace)
-    await live.control(live_pb2.CONTROL_END_OF_UTTERANCE)
-    await live.wait_for(Event.KIND_PLAYBACK_FINISHED, timeout=60)
-    await live.control(live_pb2.CONTROL_CLOSE)
-    await live.finish()
-
-
-def assert_continuous(received, pcm: np.ndarray, fps: float) -> None:
-    """Every frame's time came in order, and the returned audio is the speech between silences."""
-    indices = [f.index for _, f in received.frames]
-    assert indices == list(range(len(indices)))
-    audio = received.pcm()
-    assert abs(len(audio) - len(indices) * 16000 / fps) <= 2  # (utterances start on the frame grid)
-    assert not received.kinds(Event.KIND_AUDIO_UNDERRUN), received.events
-    start = int(np.flatnonzero(audio)[0]) - int(np.flatnonzero(pcm)[0])
-    assert np.array_equal(audio[start : start + len(pcm)], pcm)
 
 
 async def test_where_the_model_is_too_slow_the_session_serves_a_lower_rate_and_keeps_up(dev_models_dir):

@@ -7,7 +7,7 @@ import numpy as np
 from gateway.audio import SAMPLE_RATE, mel_window, melspectrogram
 from gateway.live.speech import Utterance
 
-from tests.gateway.test_live import speech
+from tests.support.live import speech
 
 
 def test_streamed_windows_equal_the_whole_files():

@@ -183,3 +183,27 @@ async def live_item_behind_a_long_job(model, queue, bulk_items, before_live=lamb
     assert await live == [14]
     await asyncio.gather(blocker, bulk)
     await queue.stop()
+
+
+async def test_while_live_frames_stream_in_a_long_jobs_items_wait_for_the_gaps():
+    """Urgent items every 100 ms on a model costing 60 ms an item: a job's item started between them would hold
+    the next one 60 ms, so the job's items wait until the urgent stream pauses, then all complete."""
+    class PerItem(SlowDoubler):
+        def __call__(self, items):
+            self.delay = 0.06 * len(items)
+            return super().__call__(items)
+
+    model = PerItem()
+    queue = make_queue(model, max_batch_size=8, max_queue_size=256)
+    queue.start()
+    await queue.run([0], time.monotonic() + 600)  # measures the model
+    job = asyncio.ensure_future(queue.run(list(range(100, 106)), time.monotonic() + 600))
+    waits = []
+    for _ in range(8):
+        started = time.monotonic()
+        await queue.run([1], time.monotonic() + 0.3)
+        waits.append(time.monotonic() - started)
+        await asyncio.sleep(max(0.0, 0.1 - waits[-1]))
+    assert await job == [2 * i for i in range(100, 106)]
+    await queue.stop()
+    assert max(waits[2:]) < 0.06 + 0.05, waits  # never a job item's 60 ms ahead of it once the stream is known

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import av
 import grpc
 import numpy as np
+from superwav2lip.gateway.v1 import gateway_pb2
 from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
+
+from tests.support.media_factory import speech_wav
+
 
 
 @dataclass
@@ -80,3 +87,43 @@ class LiveCall:
         await self.call.done_writing()
         assert self._reader is not None
         await asyncio.wait_for(self._reader, timeout)
+
+
+SHARED_SPEECH = Path(__file__).resolve().parents[3] / "shared" / "media" / "speech_en_60s_16k.wav"
+
+
+def speech(seconds: float, rate: int = 16000) -> np.ndarray:
+    """Real speech (../shared/media) when present, else a voiced tone sweep: PCM16 mono at `rate`."""
+    data = SHARED_SPEECH.read_bytes() if SHARED_SPEECH.exists() else speech_wav(seconds, rate)
+    with av.open(io.BytesIO(data)) as container:
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        parts = [f.to_ndarray().reshape(-1) for frame in container.decode(audio=0) for f in resampler.resample(frame)]
+    return np.concatenate(parts)[: int(seconds * rate)].astype(np.int16)
+
+
+async def create_avatar(stub, face: bytes, **planning) -> tuple[gateway_pb2.Avatar, list]:
+    chunks = [gateway_pb2.CreateAvatarChunk(options=gateway_pb2.AvatarOptions(
+                  name="presenter", planning=gateway_pb2.GenerateOptions(**planning))),
+              gateway_pb2.CreateAvatarChunk(face_chunk=face)]
+    events = [e async for e in stub.CreateAvatar(iter(chunks), timeout=60)]
+    assert events[-1].WhichOneof("event") == "avatar"
+    return events[-1].avatar, [e.progress for e in events[:-1]]
+
+
+async def played(live: LiveCall, pcm: np.ndarray, pace: bool = True) -> None:
+    await live.speak(pcm, 16000, pace=pace)
+    await live.control(live_pb2.CONTROL_END_OF_UTTERANCE)
+    await live.wait_for(live_pb2.LiveEvent.KIND_PLAYBACK_FINISHED, timeout=60)
+    await live.control(live_pb2.CONTROL_CLOSE)
+    await live.finish()
+
+
+def assert_continuous(received, pcm: np.ndarray, fps: float) -> None:
+    """Every frame's time came in order, and the returned audio is the speech between silences."""
+    indices = [f.index for _, f in received.frames]
+    assert indices == list(range(len(indices)))
+    audio = received.pcm()
+    assert abs(len(audio) - len(indices) * 16000 / fps) <= 2  # (utterances start on the frame grid)
+    assert not received.kinds(live_pb2.LiveEvent.KIND_AUDIO_UNDERRUN), received.events
+    start = int(np.flatnonzero(audio)[0]) - int(np.flatnonzero(pcm)[0])
+    assert np.array_equal(audio[start : start + len(pcm)], pcm)
