@@ -775,3 +775,4 @@ def test_the_edge_tls_component_mounts_the_secret_and_serves_tls_from_it(tmp_pat
     # The config map's hash follows its content, so the pods roll when TLS is turned on.
     plain = [obj for obj in yaml.safe_load_all(validate.render(validate.K8S / "overlays" / "cpu")) if obj]
     assert config_map["metadata"]["name"] not in {obj["metadata"]["name"] for obj in plain}
+    assert policy.envoy_config_problems(objects) == []  # an overlay with TLS passes make k8s-validate
