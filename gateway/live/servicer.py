@@ -34,7 +34,7 @@ MIN_RATE, MAX_RATE = 8000, 48000
 MAX_CHUNK_S = 0.2
 # A live frame waits at most for one cut-short batch of another call on the model, then its own: margins below
 # three frames' cost make every speech frame late.
-MARGIN_PER_FRAME_COST = 3.0
+MARGIN_PER_FRAME_COST = 2.5
 # A probe waits at most for the model's batch in progress (a long job's may be 32 frames) and is urgent (under
 # service_runtime.batching.URGENT_SLACK_S), so the queue cuts the batches after it short.
 PROBE_DEADLINE_S = 1.9
