@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.support.envoy import envoy_process, post_streamed
 from tests.support.media_factory import encode_png, scene, speech_wav, with_marker
 from tests.support.process_stack import ProcessStack
-from tests.support.processes import free_port
+from tests.support.processes import PeakRss, free_port
 
 KEY = "hostile-edge-key-0123456789"
 MiB = 1 << 20
@@ -40,31 +40,6 @@ def edge(tmp_path_factory, dev_models_dir) -> Iterator[tuple[str, psutil.Process
     with ProcessStack(folder, dev_models_dir, env) as stack, \
             envoy_process(folder, stack.config.port("gateway"), authz_port) as (base, envoy):
         yield base, envoy
-
-
-class PeakRss:
-    """Samples a process's resident memory every 20 ms in a thread, keeping the highest."""
-
-    def __init__(self, process: psutil.Process) -> None:
-        self.process, self.before = process, process.memory_info().rss
-        self.peak, self._done = self.before, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.02):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.before
 
 
 def json_pieces(size: int) -> Iterator[bytes]:

@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import redis
 from superwav2lip.gateway.v1 import gateway_pb2
 
-from deploy.redis import local as local_redis
 
+from tests.support.gateway_processes import redis_server
 from tests.support.media_factory import encode_video, marker_frames, speech_wav
 from tests.support.metrics import metric
-from tests.support.paths import system_binary
-from tests.support.processes import free_port
 from tests.support.stack import running_stack
 from tests.support.waiting import eventually
 
 PLANS = "*swl:plan:*"  # a plan's key, behind its tenant's prefix
-
-
-@contextlib.contextmanager
-def redis_server(folder, *extra: str):
-    """A real redis-server on a free port with these options; yields its URL and a client to inspect it."""
-    system_binary("redis-server")
-    port = free_port()
-    process = local_redis.start(port, folder, extra=extra)
-    client = redis.Redis(host="127.0.0.1", port=port)
-    try:
-        local_redis.wait_ready(port, process)
-        yield f"redis://127.0.0.1:{port}/0", client
-    finally:
-        client.close()
-        process.kill()
-        process.wait()
 
 
 def fill_with_old_plans(client: redis.Redis) -> int:

@@ -13,11 +13,9 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from deploy.redis import local as local_redis
 
-from tests.support.gateway_processes import gateway_process, wait_serving
+from tests.support.gateway_processes import gateway_process, redis_server, wait_serving
 from tests.support.media_factory import encode_png, scene, speech_wav
-from tests.support.paths import system_binary
 from tests.support.processes import free_port
 from tests.support.waiting import eventually_async
 
@@ -33,22 +31,6 @@ class NoModelServices:
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
-
-
-@contextlib.contextmanager
-def redis_server(folder, *extra: str):
-    """A real redis-server on a free port with the given options; yields its URL and a client to tamper with."""
-    system_binary("redis-server")
-    port = free_port()
-    process = local_redis.start(port, folder / "redis", extra=extra)
-    client = redis.Redis(host="127.0.0.1", port=port)
-    try:
-        local_redis.wait_ready(port, process)
-        yield f"redis://127.0.0.1:{port}/0", client
-    finally:
-        client.close()
-        process.kill()
-        process.wait()
 
 
 @contextlib.contextmanager

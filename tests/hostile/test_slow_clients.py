@@ -9,7 +9,6 @@ import http.client
 import io
 import json
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from fractions import Fraction
 import av
 import grpc
 import numpy as np
-import psutil
 import pytest
 from superwav2lip.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -27,7 +25,7 @@ from tests.support.media_factory import (decode_all, encode_png, encode_video, m
                                          stream_durations, with_marker)
 from tests.support.metrics import metric
 from tests.support.process_stack import ProcessStack
-from tests.support.processes import free_port
+from tests.support.processes import PeakRss, free_port
 from tests.support.waiting import eventually_async
 
 MiB = 1 << 20
@@ -190,27 +188,6 @@ def read_sse_video(base: str, body: bytes) -> tuple[bytes, dict]:
 def frame_count(mp4: bytes) -> int:
     with av.open(io.BytesIO(mp4)) as container:
         return sum(1 for _ in container.decode(video=0))
-
-
-class PeakRss:
-    """A process's resident memory sampled every 50 ms in a thread; the highest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak, self._stop = self.process.memory_info().rss, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def slow_sse_read(base: str, body: bytes, seconds: float) -> bytes:

@@ -31,6 +31,18 @@ class SlowDoubler:
         return [2 * i for i in items]
 
 
+class PerItemDoubler(SlowDoubler):
+    """SlowDoubler whose batch costs `seconds_per_item` per item, as a model on a CPU does."""
+
+    def __init__(self, seconds_per_item: float) -> None:
+        super().__init__()
+        self.seconds_per_item = seconds_per_item
+
+    def __call__(self, items):
+        self.delay = self.seconds_per_item * len(items)
+        return super().__call__(items)
+
+
 def make_queue(model, **kwargs):
     options = dict(max_batch_size=8, max_delay_s=0.02, max_queue_size=64, metrics=ServiceMetrics())
     options.update(kwargs)
@@ -137,12 +149,7 @@ async def test_while_urgent_items_come_batches_are_cut_to_a_share_of_their_slack
     (0.2 s x URGENT_SHARE / 0.05 s)."""
     from service_runtime import batching
 
-    class PerItem(SlowDoubler):  # costs 50 ms per item, as a CPU model does
-        def __call__(self, items):
-            self.delay = 0.05 * len(items)
-            return super().__call__(items)
-
-    model = PerItem()
+    model = PerItemDoubler(0.05)
     queue = make_queue(model, max_batch_size=32, max_queue_size=256)
     queue.start()
     await queue.run(list(range(8)), time.monotonic() + 600)  # measures the model's time per item
@@ -188,12 +195,7 @@ async def live_item_behind_a_long_job(model, queue, bulk_items, before_live=lamb
 async def test_while_live_frames_stream_in_a_long_jobs_items_wait_for_the_gaps():
     """Urgent items every 100 ms on a model costing 60 ms an item: a job's item started between them would hold
     the next one 60 ms, so the job's items wait until the urgent stream pauses, then all complete."""
-    class PerItem(SlowDoubler):
-        def __call__(self, items):
-            self.delay = 0.06 * len(items)
-            return super().__call__(items)
-
-    model = PerItem()
+    model = PerItemDoubler(0.06)
     queue = make_queue(model, max_batch_size=8, max_queue_size=256)
     queue.start()
     await queue.run([0], time.monotonic() + 600)  # measures the model

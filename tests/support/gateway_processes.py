@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import redis
+
 from deploy.redis import local as local_redis
 
 from .paths import ROOT, system_binary
@@ -62,3 +64,19 @@ def gateway_process(stack, redis_url: str, data_dir, log, extra: dict | None = N
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def redis_server(folder, *extra: str):
+    """A real redis-server on a free port with the given options; yields its URL and a client to tamper with."""
+    system_binary("redis-server")
+    port = free_port()
+    process = local_redis.start(port, folder / "redis", extra=extra)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        local_redis.wait_ready(port, process)
+        yield f"redis://127.0.0.1:{port}/0", client
+    finally:
+        client.close()
+        process.kill()
+        process.wait()

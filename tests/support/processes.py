@@ -7,6 +7,9 @@ import random
 import socket
 import subprocess
 import sys
+import threading
+
+import psutil
 
 from .paths import ROOT
 
@@ -55,3 +58,29 @@ def service_env(models_dir, prefix: str, **extra) -> dict[str, str]:
                 f"{prefix}HOST": "127.0.0.1", f"{prefix}WARMUP_BATCH_SIZES": "1"})
     env.update({f"{prefix}{k}": str(v) for k, v in extra.items()})
     return env
+
+
+class PeakRss:
+    """Samples a process's resident memory every 20 ms in a thread, keeping the highest."""
+
+    def __init__(self, process: psutil.Process | int) -> None:
+        self.process = process if isinstance(process, psutil.Process) else psutil.Process(process)
+        self.before = self.process.memory_info().rss
+        self.peak, self._done = self.before, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.before
