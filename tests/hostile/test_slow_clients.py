@@ -131,18 +131,21 @@ async def test_idle_upload_streams_are_cut_at_the_read_deadline_and_free_their_s
     assert abs(stream_durations(mp4)["audio"] - seconds) <= 1 / 25
 
 
-# The 1 KiB/s reader's job: 24 s of 640x480 noise (every frame new), sent at crf 42 (about 7 MiB) and asked for
-# losslessly (crf 0): over 80 MiB of mp4, so a gateway holding it for the reader would pass the bound. (At crf 43
-# the clip's noise is flattened and the output is ten times smaller.)
-CLIP_FRAMES, CLIP_SIZE, CLIP_CRF = 600, (640, 480), 42
+# The 1 KiB/s reader's job: 24 s of 640x480 noise (every frame new), asked for losslessly (crf 0): over 80 MiB
+# of mp4, so a gateway holding it for the reader would pass the bound. The face is 6 s of noise sent at crf 42
+# (1.6 MiB), played ping-pong: a 24 s clip (6.3 MiB, held as the request, its bytes and the decoder's input)
+# put the job's own working set near the bound. (At crf 43 the noise is flattened and the output is ten times
+# smaller.)
+CLIP_FRAMES, OUTPUT_FRAMES, CLIP_SIZE, CLIP_CRF = 150, 600, (640, 480), 42
 
 
 @pytest.fixture
 def sse_edge(tmp_path, dev_models_dir) -> Iterator[tuple[str, ProcessStack]]:
     authz_port = free_port()
-    # 4-frame chunks (16 by default) keep the job's own frames in flight small beside what the bound is about:
-    # the video held for its reader.
-    env = {"SWL_GATEWAY_MIN_CRF": "0", "SWL_GATEWAY_AUTHZ_PORT": str(authz_port), "SWL_GATEWAY_CHUNK_FRAMES": "4"}
+    # 2-frame chunks (16 by default) and one encoder thread (x264's frame threads each hold frames of their own)
+    # keep the job's own frames in flight small beside what the bound is about: the video held for its reader.
+    env = {"SWL_GATEWAY_MIN_CRF": "0", "SWL_GATEWAY_AUTHZ_PORT": str(authz_port), "SWL_GATEWAY_CHUNK_FRAMES": "2",
+           "SWL_GATEWAY_ENCODER_THREADS": "1"}
     with ProcessStack(tmp_path, dev_models_dir, env) as stack, \
             envoy_process(tmp_path, stack.config.port("gateway"), authz_port) as (base, _):
         yield base, stack
@@ -219,13 +222,13 @@ async def test_a_1_kib_per_second_sse_reader_leaves_the_gateways_memory_flat(sse
     resident memory stays within 64 MiB of its level before the slow call; when the reader hangs up, its job
     ends."""
     base, stack = sse_edge
-    body = sse_request(noise_clip(CLIP_FRAMES, CLIP_SIZE, CLIP_CRF), speech_wav(CLIP_FRAMES / 25), crf=0,
+    body = sse_request(noise_clip(CLIP_FRAMES, CLIP_SIZE, CLIP_CRF), speech_wav(OUTPUT_FRAMES / 25), crf=0,
                        preset="ultrafast")
     started = time.monotonic()
     mp4, last = await asyncio.to_thread(read_sse_video, base, body)
     full_speed_s = time.monotonic() - started
     assert int(last["result"]["size_bytes"]) == len(mp4) > RSS_GROWTH_LIMIT, len(mp4)
-    assert await asyncio.to_thread(frame_count, mp4) == CLIP_FRAMES
+    assert await asyncio.to_thread(frame_count, mp4) == OUTPUT_FRAMES
     del mp4
 
     other = sse_request(encode_png(with_marker(scene(), 100, 80)), speech_wav(0.8))
