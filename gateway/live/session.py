@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from ..face_source import source_index
 from ..options import JobOptions
 from .avatar_frames import FramedAvatar
 from .output import FrameEncoder
-from .speech import Utterance
+from .speech import Utterance, frame_samples
 from .timeline import Slot, Timeline
 
 log = logging.getLogger(__name__)
@@ -274,7 +273,8 @@ class LiveSession:
             if slot.speaking and self.params.return_audio:
                 frame.pcm = slot.utterance.audio(slot.k)  # type: ignore[union-attr]
             elif self.params.return_audio:
-                frame.pcm = bytes(2 * _samples_in(n, self.params.rate, self.params.fps))
+                start, stop = frame_samples(n, self.params.rate, self.params.fps)
+                frame.pcm = bytes(2 * (stop - start))
             if prepared is not None:
                 speech = prepared.speech if slot.speaking else None
                 image = speech if speech is not None else prepared.idle
@@ -322,11 +322,6 @@ class LiveSession:
     def _send_event(self, kind: Any, index: int, count: int = 0, reason: str = "") -> None:
         self.send(live_pb2.LiveResponse(event=live_pb2.LiveEvent(kind=kind, frame_index=index, count=count,
                                                                  reason=reason)))
-
-
-def _samples_in(n: int, rate: int, fps: Fraction) -> int:
-    per_frame = Fraction(rate) / fps
-    return math.floor((n + 1) * per_frame) - math.floor(n * per_frame)
 
 
 async def _sleep_until(t: float) -> None:

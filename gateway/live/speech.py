@@ -16,6 +16,12 @@ from ..audio import HOP, MEL_STEPS, N_FFT, SAMPLE_RATE, SILENCE, melspectrogram,
 CONTEXT_COLUMNS = 3
 
 
+def frame_samples(k: int, rate: int, fps: Fraction) -> tuple[int, int]:
+    """The samples [start, stop) at `rate` that play with frame k at `fps`."""
+    per_frame = Fraction(rate) / fps
+    return math.floor(k * per_frame), math.floor((k + 1) * per_frame)
+
+
 class Utterance:
     """Speech from its first chunk to its end (an end-of-utterance, an underrun or a clear), scheduled to start at
     session frame `start`. Frame k of the utterance plays samples [k rate / fps, (k + 1) rate / fps) and its mouth
@@ -93,13 +99,8 @@ class Utterance:
         frames = self.frames
         return math.inf if frames is None else self.start + frames
 
-    @property
-    def received_seconds(self) -> float:
-        return self._pcm_total / self.rate
-
     def slice_bounds(self, k: int) -> tuple[int, int]:
-        per_frame = Fraction(self.rate) / self.fps
-        return math.floor(k * per_frame), math.floor((k + 1) * per_frame)
+        return frame_samples(k, self.rate, self.fps)
 
     def has_slice(self, k: int) -> bool:
         return self.ended or self._pcm_total >= self.slice_bounds(k)[1]
