@@ -133,6 +133,7 @@ class _Rpc:
         self.metrics, self.method, self.context = metrics, method, context
         self.code = grpc.StatusCode.OK
         self.started = time.perf_counter()
+        self.recorded = False
 
     @contextlib.asynccontextmanager
     async def handled(self) -> AsyncIterator[None]:
@@ -154,14 +155,18 @@ class _Rpc:
             self.code = _aborted_code(self.context)
             raise error
         if isinstance(error, ServiceError):
-            self.code = error.code
-            log.warning("request failed", extra={"method": self.method, "code": self.code.name,
+            log.warning("request failed", extra={"method": self.method, "code": error.code.name,
                                                  "error": error.message})
-            await self.context.abort(self.code, error.message, trailing_metadata=status_details(error))
-        self.code = grpc.StatusCode.INTERNAL
+            await self.abort(error.code, error.message, status_details(error))
         log.error("request crashed", extra={"method": self.method}, exc_info=error)
-        await self.context.abort(self.code, f"internal error (request id {request_id_var.get()}); see the service "
-                                            "log")
+        await self.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()}); see the "
+                                                   "service log")
+
+    async def abort(self, code: grpc.StatusCode, message: str, trailers: Any = ()) -> NoReturn:
+        # Counted before the status leaves: a client that reads the metrics once it has its answer sees its call.
+        self.code = code
+        self.record()
+        await self.context.abort(code, message, trailing_metadata=trailers)
         raise AssertionError("context.abort returned")  # it always raises
 
     def ended_by(self, error: BaseException) -> None:
@@ -170,6 +175,9 @@ class _Rpc:
         self.code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
 
     def record(self) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
         self.metrics.requests.labels(self.method, self.code.name).inc()
         self.metrics.request_seconds.labels(self.method).observe(time.perf_counter() - self.started)
 
