@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 from superwav2lip.gateway.v1 import gateway_pb2
 
-from service_runtime.errors import InvalidArgument, NotFound, Unavailable
+from service_runtime.errors import InvalidArgument, NotFound
 
-from .redis_calls import bounded
+from .redis_calls import REDIS_FAILURES, bounded
 from .faces import FacePlan
 from .tenants import tenant_folder
 
@@ -120,7 +120,7 @@ class AvatarStore:
                 await self._redis(self.redis.set(self._meta_key(tenant, record.avatar_id), meta))
                 await self._redis(self.redis.zadd(self._tenant_index(tenant), {record.avatar_id: record.created_unix}))
                 await self._redis(self.redis.zadd(INDEX_KEY, {f"{tenant}/{record.avatar_id}": record.created_unix}))
-            except Unavailable:
+            except REDIS_FAILURES:
                 await asyncio.to_thread(shutil.rmtree, self._folder(tenant, record.avatar_id), True)
                 raise
         return record

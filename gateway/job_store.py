@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from superwav2lip.gateway.v1 import gateway_pb2
 
@@ -66,7 +66,27 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "JobRecord":
-        return cls(**json.loads(data))
+        """The record stored as `data`; UnreadableRecord when it is not one this code wrote (Redis is shared, and
+        a record that cannot be shown must fail here, by name, not later as an INTERNAL)."""
+        try:
+            stored = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise UnreadableRecord(f"not JSON ({error})") from None
+        if not isinstance(stored, dict):
+            raise UnreadableRecord(f"a JSON {type(stored).__name__}, not an object")
+        for name, value in stored.items():
+            expected = RECORD_FIELD_TYPES.get(name)
+            if expected is None:
+                raise UnreadableRecord(f"unknown field {name[:40]!r}")
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise UnreadableRecord(f"field {name!r} is a {type(value).__name__}")
+        if stored.get("state", "QUEUED") not in STATES:
+            raise UnreadableRecord(f"unknown state {str(stored['state'])[:40]!r}")
+        try:
+            gateway_pb2.ResultInfo(**stored.get("result", {}))
+        except (TypeError, ValueError) as error:
+            raise UnreadableRecord(f"its result is no ResultInfo ({error})") from None
+        return cls(**stored)
 
     def message(self, queue_position: int = 0) -> gateway_pb2.Job:
         return gateway_pb2.Job(
@@ -80,6 +100,15 @@ class JobRecord:
     def fail(self, code: int, status: str, message: str) -> None:
         self.state, self.finished = "FAILED", time.time()
         self.error_code, self.error_status, self.error_message = code, status, message
+
+
+class UnreadableRecord(ValueError):
+    """Stored bytes that are no job record (altered or corrupted in Redis)."""
+
+
+RECORD_FIELD_TYPES = {f.name: {"str": str, "float": (int, float), "int": int, "dict": dict}[f.type]
+                      for f in fields(JobRecord)}
+STATES = set(gateway_pb2.Job.State.keys()) - {"STATE_UNSPECIFIED"}
 
 
 class MemoryJobStore:
@@ -209,7 +238,7 @@ class RedisJobStore:
 
     async def claim(self, owner: str, lease_s: float) -> str | None:
         job_id = await self._call(self._claim(keys=[QUEUE, RUNNING], args=[owner, int(lease_s * 1000)]))
-        return job_id.decode() if job_id else None
+        return job_id.decode(errors="replace") if job_id else None
 
     async def renew(self, job_id: str, lease_s: float) -> None:
         await self._call(self.client.pexpire(f"swl:job:{job_id}:lease", int(lease_s * 1000)))
@@ -222,7 +251,7 @@ class RedisJobStore:
         """Running jobs whose lease lapsed; each is returned to exactly one caller (SREM decides)."""
         expired = []
         for raw in await self._call(self.client.smembers(RUNNING)):
-            job_id = raw.decode()
+            job_id = raw.decode(errors="replace")
             if not await self._call(self.client.exists(f"swl:job:{job_id}:lease")):
                 if await self._call(self.client.srem(RUNNING, job_id)):
                     expired.append(job_id)
@@ -259,7 +288,11 @@ class RedisJobStore:
         data = await self._call(self.client.get(f"swl:job:{job_id}"))
         if data is None:
             return None
-        record = JobRecord.from_json(data)
+        try:
+            record = JobRecord.from_json(data)
+        except UnreadableRecord as error:  # shown as no job at all: whose it was cannot be told
+            log.error("unreadable job record; treated as none", extra={"job_id": job_id, "error": str(error)})
+            return None
         if record.job_id != job_id:
             log.warning("job record names another job; its key's id is used",
                         extra={"job_id": job_id, "claimed": str(record.job_id)[:64]})
@@ -274,19 +307,25 @@ class RedisJobStore:
         return bool(await self._call(self.client.lrem(QUEUE, 0, job_id)))
 
     async def job_ids(self, tenant: str) -> list[str]:
-        """Every job of the tenant in its index (expired ones until a listing drops them; their folders are gone)."""
-        return [i.decode() for i in await self._call(self.client.zrange(tenant_index(tenant), 0, -1))]
+        """Every job of the tenant in its index (expired ones until a listing drops them; their folders are gone).
+        Members that are no job id (the index is in Redis, which is not trusted with paths) are left out."""
+        ids = [i.decode(errors="replace") for i in await self._call(self.client.zrange(tenant_index(tenant), 0, -1))]
+        hostile = [i for i in ids if not JOB_ID.fullmatch(i)]
+        if hostile:
+            log.warning("not a job id in a tenant's job index; ignored", extra={"tenant": tenant,
+                                                                                "job_id": hostile[0][:64]})
+        return [i for i in ids if JOB_ID.fullmatch(i)]
 
     async def queued(self, tenant: str) -> int:
         """The tenant's jobs waiting in the queue: one read of the queue and one of its records (the queue is
         bounded by SWL_GATEWAY_JOB_QUEUE_SIZE)."""
-        ids = [i.decode() for i in await self._call(self.client.lrange(QUEUE, 0, -1))]
+        ids = [i.decode(errors="replace") for i in await self._call(self.client.lrange(QUEUE, 0, -1))]
         records = await self._call(self.client.mget([f"swl:job:{i}" for i in ids])) if ids else []
-        return sum(1 for data in records if data is not None and JobRecord.from_json(data).tenant == tenant)
+        return sum(1 for data in records if data is not None and _tenant_of(data) == tenant)
 
     async def recent(self, tenant: str, start: int, count: int) -> list[JobRecord]:
         index = tenant_index(tenant)
-        ids = [i.decode() for i in await self._call(self.client.zrevrange(index, start, start + count - 1))]
+        ids = [i.decode(errors="replace") for i in await self._call(self.client.zrevrange(index, start, start + count - 1))]
         records = [await self.load(i) for i in ids]
         for job_id, record in zip(ids, records):
             if record is None:  # expired: drop it from the indexes too
@@ -301,9 +340,16 @@ class RedisJobStore:
         await self.unqueue(record.job_id)
 
     async def known(self) -> set[str]:
-        ids = [i.decode() for i in await self._call(self.client.zrange(INDEX, 0, -1))]
+        ids = [i.decode(errors="replace") for i in await self._call(self.client.zrange(INDEX, 0, -1))]
         exists = [await self._call(self.client.exists(f"swl:job:{i}")) for i in ids]
         return {i for i, e in zip(ids, exists) if e}
+
+
+def _tenant_of(data: bytes) -> str | None:
+    try:
+        return JobRecord.from_json(data).tenant
+    except UnreadableRecord:
+        return None
 
 
 JobStore = MemoryJobStore | RedisJobStore  # the same methods: one process's, or shared through Redis

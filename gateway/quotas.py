@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from service_runtime.errors import ResourceExhausted, Unavailable
+from service_runtime.errors import ResourceExhausted
 
-from .redis_calls import bounded
+from .redis_calls import REDIS_FAILURES, bounded
 from .tenants import ANONYMOUS, NO_LIMIT, Tenant, TenantRegistry, tenant_folder
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class TenantQuotas:
             count = await self._redis(self.redis.incr(key))
             if count == 1:
                 await self._redis(self.redis.expire(key, 2 * WINDOW_S))
-        except Unavailable:
+        except REDIS_FAILURES:
             return None
         return int(count)
 
@@ -111,7 +111,7 @@ class TenantQuotas:
         key, token = f"swl:quota:{SLOT_KEYS[name]}:{tenant.name}", secrets.token_hex(8)
         shared: bool | None = None  # None: counted here alone (no Redis, or it does not answer)
         if self.redis is not None:
-            with contextlib.suppress(Unavailable):
+            with contextlib.suppress(*REDIS_FAILURES):
                 shared = await self._take(key, token, quota)
         if shared is False:
             raise quota_exceeded(tenant, name, quota, f"{doing}, on every replica", 2.0)
@@ -130,7 +130,7 @@ class TenantQuotas:
             yield
         finally:
             renewal.cancel()
-            with contextlib.suppress(Unavailable):  # unreleased, the slot lapses with its lease
+            with contextlib.suppress(*REDIS_FAILURES):  # unreleased, the slot lapses with its lease
                 await self._redis(self.redis.zrem(key, token))
 
     async def _take(self, key: str, token: str, quota: int) -> bool:

@@ -144,7 +144,8 @@ async def gone(stub, job_id: str) -> bool:
 
 async def test_a_redis_out_of_memory_refuses_a_submission_with_a_status_a_person_can_act_on(tmp_path):
     """redis-server started with a tiny maxmemory and filled: writes get Redis's OOM error. A submission gets
-    RESOURCE_EXHAUSTED or UNAVAILABLE saying Redis is out of memory (never INTERNAL), its input files are removed,
+    RESOURCE_EXHAUSTED saying Redis is out of memory, with a retry hint (never INTERNAL, and not UNAVAILABLE: Redis
+    answers, it is full), its input files are removed,
     the gateway keeps serving, and once memory is freed the next submission is taken."""
     data = tmp_path / "data"
     with redis_server(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction") as (url, client):
@@ -160,10 +161,68 @@ async def test_a_redis_out_of_memory_refuses_a_submission_with_a_status_a_person
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.SubmitJob(submit_request(), timeout=30)
                 print("submission with Redis full:", refused.value.code().name, refused.value.details())
-                assert refused.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
-                assert "memory" in refused.value.details().lower() and "redis" in refused.value.details().lower()
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "out of memory" in refused.value.details() and "Redis" in refused.value.details()
+                assert "grpc-status-details-bin" in dict(refused.value.trailing_metadata())  # RetryInfo
                 assert not (data / "jobs").exists() or not any((data / "jobs").iterdir())  # its inputs removed
                 assert await health(channel) == "SERVING"
                 client.delete(*[f"ballast:{n}" for n in range(filled)])
                 job = await stub.SubmitJob(submit_request(), timeout=30)
                 assert State.Name(job.state) == "QUEUED"
+
+
+UNREADABLE = {
+    "not JSON": "{not json",
+    "a list": "[]",
+    "an unknown state": None,  # the stored record with "state": "HACKED"
+    "a field of the wrong type": None,  # "attempts": "many"
+    "an unknown field": None,  # "owner_of_everything": true
+}
+
+
+async def test_unreadable_records_and_hostile_index_entries_give_no_internal_and_stop_no_worker(tmp_path):
+    """Job records rewritten in Redis into bytes that are no record (not JSON, a list, an unknown state, a field of
+    the wrong type or an unknown one), and the tenant's index given members naming paths. Gateway A (no workers)
+    shows each such job as not found, never INTERNAL; the tenant's listing and next submission (which measures its
+    stored bytes over its index) still work. Gateway B's workers then take the queue: the unreadable jobs are
+    dropped, the queue empties, and no step of housekeeping fails."""
+    data = tmp_path / "data"
+    with redis_server(tmp_path) as (url, client):
+        with gateway(url, data, tmp_path / "a.log", SWL_GATEWAY_JOB_WORKERS="0") as (address, process):
+            await wait_serving(tmp_path / "a.log", process)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                altered = {}
+                for kind, raw in UNREADABLE.items():
+                    job = await stub.SubmitJob(submit_request(), timeout=30)
+                    key = f"swl:job:{job.job_id}"
+                    record = json.loads(client.get(key))
+                    replaced = {"an unknown state": {**record, "state": "HACKED"},
+                                "a field of the wrong type": {**record, "attempts": "many"},
+                                "an unknown field": {**record, "owner_of_everything": True}}.get(kind)
+                    client.set(key, raw if raw is not None else json.dumps(replaced))
+                    altered[kind] = job.job_id
+                (index,) = client.keys("swl:jobs:by-tenant:*")
+                client.zadd(index, {"/data": time.time(), "../..": time.time()})
+                codes = {}
+                for kind, job_id in altered.items():
+                    try:
+                        await stub.GetJob(gateway_pb2.JobRequest(job_id=job_id), timeout=10)
+                        codes[kind] = "OK"
+                    except grpc.aio.AioRpcError as error:
+                        codes[kind] = error.code().name
+                assert codes == {kind: "NOT_FOUND" for kind in UNREADABLE}, codes
+                listed = await stub.ListJobs(gateway_pb2.ListJobsRequest(page_size=50), timeout=10)
+                assert not {j.job_id for j in listed.jobs} & set(altered.values())
+                await serving_and_taking_jobs(channel)  # the submission measures the tenant's stored bytes
+        b_log = tmp_path / "b.log"
+        with gateway(url, data, b_log, SWL_GATEWAY_JOB_LEASE_S="0.5") as (address, process):
+            await wait_serving(b_log, process)
+            await eventually_async(lambda: not client.smembers("swl:jobs:running") and
+                                   not client.llen("swl:jobs:queue"), seconds=60, what="queue and running set empty")
+            async with grpc.aio.insecure_channel(address) as channel:
+                await serving_and_taking_jobs(channel)
+        log_text = b_log.read_text()
+        unexpected = [line for line in log_text.splitlines() if "unexpected error" in line or "Traceback" in line]
+        assert unexpected == [], f"{len(unexpected)} unexpected errors, the first: {unexpected[:1]}"
+        assert log_text.count("unreadable job record") >= len(UNREADABLE)
