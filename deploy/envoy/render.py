@@ -69,6 +69,14 @@ class EdgeConfig:
     max_gateway_pending_requests: int = 128
     max_gateway_requests: int = 1024
     max_gateway_retries: int = 3  # no retry policy is configured; bounded anyway
+    # Requests each client address may make (a token bucket: this many a second, up to the burst at once), with or
+    # without a key, counted before the key check: a flood from one address is answered 429 (RESOURCE_EXHAUSTED to
+    # gRPC) by Envoy alone and never queues other callers' key checks behind its own. The address is the socket's,
+    # or the X-Forwarded-For entry of a trusted hop (xff_num_trusted_hops): behind a load balancer that hides it,
+    # every client shares one bucket. Up to max_tracked_clients addresses are tracked at once (least recent out).
+    per_client_requests_per_s: int = 100
+    per_client_burst: int = 200
+    max_tracked_clients: int = 10000
     # The memory Envoy may use: its container's limit (1 GiB in deploy/k8s/base/envoy/deployment.yaml). The
     # overload manager shrinks the heap at 95% of it and answers every new request 503 at 98%, rather than
     # being killed for memory with every stream it holds.
@@ -185,10 +193,12 @@ def _http_connection_manager(config: EdgeConfig) -> dict:
                      "typed_per_filter_config": {**_unbuffered(), **_unchecked()}},
                 ],
             }]},
-            # In this order: /healthz answers at once; then the key is checked on the headers alone (ext_authz
-            # checks requests that have a route to a cluster), before any body is buffered, so a key-less 600 MiB
-            # post costs Envoy nothing; then a JSON body is buffered within its limit and transcoded.
-            "http_filters": [_health_check(), _key_check(config), _json_body_limit(config), _transcoder(config), {
+            # In this order: /healthz answers at once; then each client address's rate is limited; then the key is
+            # checked on the headers alone (ext_authz checks requests that have a route to a cluster), before any
+            # body is buffered, so a key-less 600 MiB post costs Envoy nothing; then a JSON body is buffered within
+            # its limit and transcoded.
+            "http_filters": [_health_check(), _per_client_rate(config), _key_check(config), _json_body_limit(config),
+                             _transcoder(config), {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": f"{API}.filters.http.router.v3.Router"},
             }],
@@ -206,6 +216,33 @@ def _health_check() -> dict:
             "pass_through_mode": False,
             "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
             "cluster_min_healthy_percentages": {"gateway": {"value": MIN_HEALTHY_PERCENT}},
+        },
+    }
+
+
+def _per_client_rate(config: EdgeConfig) -> dict:
+    """A token bucket per client address (a wildcard descriptor: one bucket for each address seen, LRU-bounded);
+    429 with x-ratelimit headers beyond it. The filter's default bucket is never consumed for a request that has
+    an address, which is every request."""
+    every = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "per_client_rate_enabled"}
+    return {
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": {
+            "@type": f"{API}.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "per_client",
+            "token_bucket": {"max_tokens": config.per_client_burst, "tokens_per_fill": config.per_client_requests_per_s,
+                             "fill_interval": "1s"},
+            "filter_enabled": every,
+            "filter_enforced": {**every, "runtime_key": "per_client_rate_enforced"},
+            "rate_limits": [{"actions": [{"remote_address": {}}]}],
+            "descriptors": [{"entries": [{"key": "remote_address", "value": ""}],  # "": each address its own
+                             "token_bucket": {"max_tokens": config.per_client_burst,
+                                              "tokens_per_fill": config.per_client_requests_per_s,
+                                              "fill_interval": "1s"}}],
+            "max_dynamic_descriptors": config.max_tracked_clients,
+            "always_consume_default_token_bucket": False,
+            "rate_limited_as_resource_exhausted": True,
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
         },
     }
 
@@ -350,6 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-idle-timeout-s", type=int, default=defaults.stream_idle_timeout_s)
     parser.add_argument("--xff-num-trusted-hops", type=int, default=defaults.xff_num_trusted_hops,
                         help="proxies in front of Envoy whose X-Forwarded-For entry is trusted (0: Envoy is the edge)")
+    parser.add_argument("--per-client-requests-per-s", type=int, default=defaults.per_client_requests_per_s,
+                        help="requests a second each client address may make, key or none (429 beyond)")
+    parser.add_argument("--per-client-burst", type=int, default=defaults.per_client_burst,
+                        help="requests a client address may make at once before its rate applies")
     parser.add_argument("--memory-limit-mib", type=int, default=defaults.memory_limit_mib,
                         help="Envoy's container memory limit: the overload manager's heap size")
     parser.add_argument("--tls-cert")
@@ -366,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                         route_timeout_s=args.route_timeout_s,
                         stream_idle_timeout_s=args.stream_idle_timeout_s,
                         xff_num_trusted_hops=args.xff_num_trusted_hops,
-                        memory_limit_mib=args.memory_limit_mib, tls_cert=args.tls_cert,
+                        per_client_requests_per_s=args.per_client_requests_per_s,
+                        per_client_burst=args.per_client_burst, memory_limit_mib=args.memory_limit_mib, tls_cert=args.tls_cert,
                         tls_key=args.tls_key, embed_descriptor=args.embed_descriptor)
     text = json.dumps(render(config), indent=2) + "\n"
     if args.output:

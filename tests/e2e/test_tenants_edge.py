@@ -38,8 +38,10 @@ A_KEY, B_KEY = "tenant-a-key-0123456789", "tenant-b-key-9876543210"
 FACE = encode_png(with_marker(scene(), 100, 80))
 SPEECH = speech_wav(0.4)
 NOT_FOUND_EXIT = 3  # client/README.md: NOT_FOUND is "the server refused the input"
-# Headers whose values differ from one answer to the next whoever asks.
-VARYING_HEADERS = {"date", "x-envoy-upstream-service-time", "x-request-id"}
+# Headers whose values differ from one answer to the next whoever asks (the caller's own rate-limit bucket goes
+# down with each call).
+VARYING_HEADERS = {"date", "x-envoy-upstream-service-time", "x-request-id", "x-ratelimit-remaining",
+                   "x-ratelimit-reset"}
 
 
 @dataclass
