@@ -471,20 +471,24 @@ def _policy_types(policy: dict) -> list[str]:
 
 
 def network_policy_problems(objects: Objects) -> list[str]:
-    """A default-deny ingress policy for the namespace, and for every workload's pods a policy of their own that
-    says who may reach them (without one, the default deny leaves them unreachable)."""
-    policies = [o for o in objects if o["kind"] == "NetworkPolicy" and "Ingress" in _policy_types(o)]
+    """Default-deny ingress and egress policies for the namespace, and for every workload's pods a policy of their
+    own that says who may reach them (without one, the default deny leaves them unreachable). Egress needs no
+    policy per workload: one that may reach nothing (a model service, Redis) is the point of the default."""
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     namespaces = {w["metadata"].get("namespace") for w in workloads(objects)}
     problems = []
     for namespace in sorted(namespaces, key=str):
-        if not any(p["metadata"].get("namespace") == namespace and not p["spec"].get("podSelector")
-                   and not p["spec"].get("ingress") for p in policies):
-            problems.append(f"namespace {namespace}: no default-deny NetworkPolicy (podSelector {{}}, policyTypes "
-                            f"[Ingress], no rules): every pod would take connections from anywhere ({NETWORK_HINT})")
+        for kind, rules, unlimited in (("Ingress", "ingress", "take connections from anywhere"),
+                                       ("Egress", "egress", "connect anywhere")):
+            if not any(p["metadata"].get("namespace") == namespace and not p["spec"].get("podSelector")
+                       and kind in _policy_types(p) and not p["spec"].get(rules) for p in policies):
+                problems.append(f"namespace {namespace}: no default-deny NetworkPolicy (podSelector {{}}, "
+                                f"policyTypes [{kind}], no rules): every pod could {unlimited} ({NETWORK_HINT})")
+    ingress = [p for p in policies if "Ingress" in _policy_types(p)]
     for workload in workloads(objects):
         labels = workload["spec"]["template"]["metadata"].get("labels", {})
         if not any(p["metadata"].get("namespace") == workload["metadata"].get("namespace") and p["spec"].get("podSelector")
-                   and _selects(p["spec"]["podSelector"], labels) for p in policies):
+                   and _selects(p["spec"]["podSelector"], labels) for p in ingress):
             problems.append(f"{name_of(workload)}: no NetworkPolicy selects its pods to say who may reach them "
                             f"({NETWORK_HINT})")
     return problems

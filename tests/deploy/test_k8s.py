@@ -693,6 +693,7 @@ def test_every_overlay_denies_ingress_by_default_and_says_who_reaches_each_workl
     policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
     assert all(o["metadata"]["namespace"] == "superwav2lip" for o in objects if o["kind"] != "Namespace")
     assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    assert policies["default-deny-egress"] == {"podSelector": {}, "policyTypes": ["Egress"]}
     assert policy.network_policy_problems(objects) == []
 
     def allowed(to: str, port: str, source: dict) -> bool:
@@ -720,6 +721,21 @@ def test_every_overlay_denies_ingress_by_default_and_says_who_reaches_each_workl
     assert internet["ports"] == [{"port": 80}, {"port": 443}]
     assert {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}} in internet["to"]
 
+    def egress_ports(name: str) -> set:
+        """Every port the workload's pods may connect to, by any egress policy that selects them."""
+        return {str(port["port"]) for spec in policies.values() if "Egress" in spec["policyTypes"]
+                and policy._selects(spec["podSelector"], {"app.kubernetes.io/name": name})
+                for rule in spec.get("egress", []) for port in rule["ports"]}
+
+    assert egress_ports("envoy") == {"53", "grpc", "authz"}
+    envoy_to = [rule["to"] for rule in policies["envoy-egress"]["egress"] if {"port": "grpc"} in rule["ports"]]
+    assert envoy_to == [[gateway]]  # the gateway's ports on the gateway's pods, nowhere else
+    downloads = "models-download" in (ROOT / "deploy/k8s/overlays" / overlay / "kustomization.yaml").read_text()
+    for service in ("detector", "lipsync", "enhancer"):  # nothing, or the weights' mirror at pod start
+        assert egress_ports(service) == ({"53", "80", "443"} if downloads else set()), (overlay, service)
+    for redis_name in ("redis", "redis-plans"):
+        assert egress_ports(redis_name) == set()
+
 
 def without_network_policies(overlay, name: str = ""):
     """Adds to a kustomization a patch deleting every NetworkPolicy, or the one named."""
@@ -744,8 +760,8 @@ def test_make_k8s_validate_fails_on_an_overlay_without_network_policies_or_witho
             current = line.split()[0]
             reports[current] = (line.split()[-1], [])
     status, problems = reports["cpu-no-policies"]
-    assert status == "FAILED" and any(p.startswith("namespace superwav2lip: no default-deny NetworkPolicy")
-                                      for p in problems), problems
+    denials = [p for p in problems if p.startswith("namespace superwav2lip: no default-deny NetworkPolicy")]
+    assert status == "FAILED" and len(denials) == 2 and "[Egress]" in denials[1], problems
     unselected = {p.split(":")[0] for p in problems if "no NetworkPolicy selects its pods" in p}
     assert unselected == {f"Deployment/{name}" for name in COMPONENTS} | {"StatefulSet/redis",
                                                                           "Deployment/redis-plans"}, problems
