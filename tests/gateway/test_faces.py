@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from superwav2lip.gateway.v1 import gateway_pb2
 
-from gateway.alignment import FFHQ_512, align_face, footprint, paste_aligned, similarity_transform
+from gateway.alignment import FFHQ_512, align_face, footprint, paste_aligned, similarity_transform, template
 from gateway.faces import Face
 from service_runtime.errors import FailedPrecondition
 from gateway.options import JobOptions
-from gateway.compositing import ENHANCE_MASKS
+from gateway.compositing import ENHANCE_MASKS, LOWER_FACE_MASK
 from gateway.pipeline import LipSyncJob
 from gateway.metrics import GatewayMetrics
 from gateway.tracking import build_tracks, detection_indices, interpolate, rank_tracks, target_per_frame
@@ -67,6 +67,34 @@ def test_paste_back_with_an_identity_enhancer_touches_only_the_face_region(regio
     assert (difference <= 1.0).all(), difference
     roi = footprint(matrix, 512, frame.shape)
     assert roi.x2 - roi.x1 < frame.shape[1] and roi.y2 - roi.y1 < frame.shape[0]  # only the face's ROI
+
+
+def reference_paste(frame, crop, matrix, mask):
+    """The blend written out in floats over the crop's whole footprint: frame + alpha * (crop - frame), rounded,
+    the frame's own pixel where alpha is 0."""
+    inverse = cv2.invertAffineTransform(matrix)
+    height, width = frame.shape[:2]
+    warped = cv2.warpAffine(crop, inverse, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    alpha = cv2.warpAffine(mask, inverse, (width, height), flags=cv2.INTER_LINEAR)[..., None]
+    blended = np.clip(np.rint(frame + alpha * (warped.astype(np.float32) - frame)), 0, 255).astype(np.uint8)
+    return np.where(alpha > 0, blended, frame)
+
+
+@pytest.mark.parametrize("size, mask", [(256, LOWER_FACE_MASK), (512, ENHANCE_MASKS["face"]),
+                                        (512, ENHANCE_MASKS["mouth"])], ids=["lower face", "face", "mouth"])
+def test_paste_back_equals_the_float_blend_within_one_level_and_only_under_the_mask(size, mask):
+    frame = textured_frame()
+    rotation = cv2.getRotationMatrix2D((256, 256), 12, 0.35)
+    rotation[:, 2] += (180, 90)
+    _, matrix = align_face(frame, FFHQ_512 @ rotation[:, :2].T + rotation[:, 2], template("ffhq", size), size)
+    crop = textured_frame(size, size)  # a "prediction" unlike the frame, so that every blended pixel moves
+    out, expected = paste_aligned(frame, crop, matrix, mask), reference_paste(frame, crop, matrix, mask)
+    assert np.abs(out.astype(int) - expected).max() <= 1
+    changed = (out != frame).any(axis=-1)
+    x, y, w, h = cv2.boundingRect((mask > 0).astype(np.uint8))
+    under = footprint(matrix, size, frame.shape, (x, y, x + w, y + h))
+    assert changed.sum() > 1000 and not changed[:under.y1].any() and not changed[under.y2:].any()
+    assert not changed[:, :under.x1].any() and not changed[:, under.x2:].any()
 
 
 # --- tracking -------------------------------------------------------------------------------------------------
