@@ -106,8 +106,8 @@ class UnreadableRecord(ValueError):
     """Stored bytes that are no job record (altered or corrupted in Redis)."""
 
 
-RECORD_FIELD_TYPES = {f.name: {"str": str, "float": (int, float), "int": int, "dict": dict}[f.type]
-                      for f in fields(JobRecord)}
+_STORED_AS: dict[str, type | tuple[type, ...]] = {"str": str, "float": (int, float), "int": int, "dict": dict}
+RECORD_FIELD_TYPES = {f.name: _STORED_AS[str(f.type)] for f in fields(JobRecord)}  # annotations are strings here
 STATES = set(gateway_pb2.Job.State.keys()) - {"STATE_UNSPECIFIED"}
 
 
