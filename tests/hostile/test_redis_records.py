@@ -33,6 +33,15 @@ class NoModelServices:
         return f"127.0.0.1:{self.ports[name]}"
 
 
+@contextlib.asynccontextmanager
+async def serving_gateway(url: str, data, log_path, **settings: str):
+    """A gateway process once SERVING, with a stub and a channel on it."""
+    with gateway(url, data, log_path, **settings) as (address, process):
+        await wait_serving(log_path, process)
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield gateway_pb2_grpc.GatewayStub(channel), channel
+
+
 @contextlib.contextmanager
 def gateway(url: str, data, log_path, **settings: str):
     with open(log_path, "w") as log, gateway_process(NoModelServices(), url, data, log, settings) as (address, process):
@@ -87,47 +96,41 @@ async def test_records_altered_to_name_paths_delete_nothing_when_cancelled_run_o
     victim, hostile = victims(tmp_path)
     data = tmp_path / "data"
     with redis_server(tmp_path) as (url, client):
-        with gateway(url, data, tmp_path / "a.log", SWL_GATEWAY_JOB_WORKERS="0") as (address, process):
-            await wait_serving(tmp_path / "a.log", process)
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = gateway_pb2_grpc.GatewayStub(channel)
-                codes = {}
-                for claimed in hostile:
-                    for state in ("QUEUED", "FAILED"):
-                        job = await stub.SubmitJob(submit_request(), timeout=30)
-                        alter(client, job.job_id, job_id=claimed, state=state)
-                        try:
-                            await stub.DeleteJob(gateway_pb2.JobRequest(job_id=job.job_id), timeout=10)
-                            codes[claimed, state] = "OK"
-                        except grpc.aio.AioRpcError as error:
-                            codes[claimed, state] = f"{error.code().name}: {error.details()}"
-                        intact(victim, tmp_path)
-                print("DeleteJob on altered records:", json.dumps({f"{k[0]} {k[1]}": v for k, v in codes.items()},
-                                                                  indent=1))
-                assert not any(code.startswith("INTERNAL") for code in codes.values()), codes
-                queued = []
-                for claimed in hostile:  # left queued for gateway B's workers, beside hostile queue entries
+        async with serving_gateway(url, data, tmp_path / "a.log", SWL_GATEWAY_JOB_WORKERS="0") as (stub, channel):
+            codes = {}
+            for claimed in hostile:
+                for state in ("QUEUED", "FAILED"):
                     job = await stub.SubmitJob(submit_request(), timeout=30)
-                    alter(client, job.job_id, job_id=claimed)
-                    queued.append(job.job_id)
-                    client.rpush("swl:jobs:queue", claimed)
-                    client.sadd("swl:jobs:running", claimed)  # "running" with no lease: housekeeping takes it
-                    client.zadd("swl:jobs", {claimed: time.time()})
-                    client.set(f"swl:job:{claimed}", json.dumps({**json.loads(client.get(f"swl:job:{job.job_id}")),
-                                                                  "state": "RUNNING"}))
-                await serving_and_taking_jobs(channel)
+                    alter(client, job.job_id, job_id=claimed, state=state)
+                    try:
+                        await stub.DeleteJob(gateway_pb2.JobRequest(job_id=job.job_id), timeout=10)
+                        codes[claimed, state] = "OK"
+                    except grpc.aio.AioRpcError as error:
+                        codes[claimed, state] = f"{error.code().name}: {error.details()}"
+                    intact(victim, tmp_path)
+            print("DeleteJob on altered records:", json.dumps({f"{k[0]} {k[1]}": v for k, v in codes.items()},
+                                                              indent=1))
+            assert not any(code.startswith("INTERNAL") for code in codes.values()), codes
+            queued = []
+            for claimed in hostile:  # left queued for gateway B's workers, beside hostile queue entries
+                job = await stub.SubmitJob(submit_request(), timeout=30)
+                alter(client, job.job_id, job_id=claimed)
+                queued.append(job.job_id)
+                client.rpush("swl:jobs:queue", claimed)
+                client.sadd("swl:jobs:running", claimed)  # "running" with no lease: housekeeping takes it
+                client.zadd("swl:jobs", {claimed: time.time()})
+                client.set(f"swl:job:{claimed}", json.dumps({**json.loads(client.get(f"swl:job:{job.job_id}")),
+                                                              "state": "RUNNING"}))
+            await serving_and_taking_jobs(channel)
         b_log = tmp_path / "b.log"
-        with gateway(url, data, b_log, SWL_GATEWAY_JOB_LEASE_S="0.5", SWL_GATEWAY_JOB_RESULT_TTL_S="1",
-                     SWL_GATEWAY_JOB_MAX_ATTEMPTS="1") as (address, process):
-            await wait_serving(b_log, process)
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = gateway_pb2_grpc.GatewayStub(channel)
-                for job_id in queued:  # each runs as itself and fails at its first model call, then expires
-                    await eventually_async(lambda: gone(stub, job_id), seconds=120, what=f"{job_id} run and expired")
-                await eventually_async(lambda: not client.smembers("swl:jobs:running") and
-                                       not client.llen("swl:jobs:queue"), seconds=30, what="queue and running set empty")
-                intact(victim, tmp_path)
-                await serving_and_taking_jobs(channel)
+        async with serving_gateway(url, data, b_log, SWL_GATEWAY_JOB_LEASE_S="0.5", SWL_GATEWAY_JOB_RESULT_TTL_S="1",
+                                   SWL_GATEWAY_JOB_MAX_ATTEMPTS="1") as (stub, channel):
+            for job_id in queued:  # each runs as itself and fails at its first model call, then expires
+                await eventually_async(lambda: gone(stub, job_id), seconds=120, what=f"{job_id} run and expired")
+            await eventually_async(lambda: not client.smembers("swl:jobs:running") and
+                                   not client.llen("swl:jobs:queue"), seconds=30, what="queue and running set empty")
+            intact(victim, tmp_path)
+            await serving_and_taking_jobs(channel)
         intact(victim, tmp_path)
         unexpected = [line for line in b_log.read_text().splitlines() if "unexpected error" in line]
         assert unexpected == [], f"{len(unexpected)} unexpected errors, the first: {unexpected[:1]}"
@@ -188,33 +191,30 @@ async def test_unreadable_records_and_hostile_index_entries_give_no_internal_and
     dropped, the queue empties, and no step of housekeeping fails."""
     data = tmp_path / "data"
     with redis_server(tmp_path) as (url, client):
-        with gateway(url, data, tmp_path / "a.log", SWL_GATEWAY_JOB_WORKERS="0") as (address, process):
-            await wait_serving(tmp_path / "a.log", process)
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = gateway_pb2_grpc.GatewayStub(channel)
-                altered = {}
-                for kind, raw in UNREADABLE.items():
-                    job = await stub.SubmitJob(submit_request(), timeout=30)
-                    key = f"swl:job:{job.job_id}"
-                    record = json.loads(client.get(key))
-                    replaced = {"an unknown state": {**record, "state": "HACKED"},
-                                "a field of the wrong type": {**record, "attempts": "many"},
-                                "an unknown field": {**record, "owner_of_everything": True}}.get(kind)
-                    client.set(key, raw if raw is not None else json.dumps(replaced))
-                    altered[kind] = job.job_id
-                (index,) = client.keys("swl:jobs:by-tenant:*")
-                client.zadd(index, {"/data": time.time(), "../..": time.time()})
-                codes = {}
-                for kind, job_id in altered.items():
-                    try:
-                        await stub.GetJob(gateway_pb2.JobRequest(job_id=job_id), timeout=10)
-                        codes[kind] = "OK"
-                    except grpc.aio.AioRpcError as error:
-                        codes[kind] = error.code().name
-                assert codes == {kind: "NOT_FOUND" for kind in UNREADABLE}, codes
-                listed = await stub.ListJobs(gateway_pb2.ListJobsRequest(page_size=50), timeout=10)
-                assert not {j.job_id for j in listed.jobs} & set(altered.values())
-                await serving_and_taking_jobs(channel)  # the submission measures the tenant's stored bytes
+        async with serving_gateway(url, data, tmp_path / "a.log", SWL_GATEWAY_JOB_WORKERS="0") as (stub, channel):
+            altered = {}
+            for kind, raw in UNREADABLE.items():
+                job = await stub.SubmitJob(submit_request(), timeout=30)
+                key = f"swl:job:{job.job_id}"
+                record = json.loads(client.get(key))
+                replaced = {"an unknown state": {**record, "state": "HACKED"},
+                            "a field of the wrong type": {**record, "attempts": "many"},
+                            "an unknown field": {**record, "owner_of_everything": True}}.get(kind)
+                client.set(key, raw if raw is not None else json.dumps(replaced))
+                altered[kind] = job.job_id
+            (index,) = client.keys("swl:jobs:by-tenant:*")
+            client.zadd(index, {"/data": time.time(), "../..": time.time()})
+            codes = {}
+            for kind, job_id in altered.items():
+                try:
+                    await stub.GetJob(gateway_pb2.JobRequest(job_id=job_id), timeout=10)
+                    codes[kind] = "OK"
+                except grpc.aio.AioRpcError as error:
+                    codes[kind] = error.code().name
+            assert codes == {kind: "NOT_FOUND" for kind in UNREADABLE}, codes
+            listed = await stub.ListJobs(gateway_pb2.ListJobsRequest(page_size=50), timeout=10)
+            assert not {j.job_id for j in listed.jobs} & set(altered.values())
+            await serving_and_taking_jobs(channel)  # the submission measures the tenant's stored bytes
         b_log = tmp_path / "b.log"
         with gateway(url, data, b_log, SWL_GATEWAY_JOB_LEASE_S="0.5") as (address, process):
             await wait_serving(b_log, process)
