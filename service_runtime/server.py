@@ -10,6 +10,7 @@ import signal
 import sys
 
 import grpc
+import threadpoolctl
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -218,8 +219,18 @@ class ServiceServer:
         await self.stop()
 
 
+def limit_blas_threads() -> None:
+    """numpy's OpenBLAS keeps a worker per core that busy-waits between calls. A service's products are small (the
+    mel filterbank, box arithmetic; the models run in onnxruntime's own pool), and live sessions make them a dozen
+    times a second, which kept a worker spinning: a gateway burnt 0.6 of two cores beside a live session, and 12
+    mel windows a second cost 1.0 core instead of 0.02 (tests/services/test_blas_threads.py). One thread: the
+    caller's own."""
+    threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
 def run_service(service: GrpcService) -> None:
     """Process entry point shared by every service's `__main__`."""
+    limit_blas_threads()
     configure_logging(service.settings.log_level)
     try:
         asyncio.run(ServiceServer(service).serve_until_signal())
