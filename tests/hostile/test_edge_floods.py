@@ -207,7 +207,8 @@ async def test_a_keyless_flood_from_one_address_is_answered_by_envoy_while_anoth
           f"{checked:.0f} (at most {allowed:.0f} allowed through)")
     assert status == 200 and video[4:8] == b"ftyp", video[:300]
     assert set(counts) <= {401, 429}, counts
-    assert counts.get(429, 0) > len(answers) / 2, counts  # most of the flood never reached the key check
-    assert counts.get(401, 0) <= allowed and checked <= allowed, (counts, checked)
+    assert len(answers) > 2 * allowed, counts  # the flood outran its allowance (else this shows nothing)
+    # Past the allowance Envoy answered alone: the gateway's key check saw no more than the bucket let through.
+    assert counts.get(429, 0) >= len(answers) - allowed and checked <= allowed, (counts, checked)
     limited = next(headers for status, headers in answers if status == 429)
     assert limited["x-ratelimit-limit"] == str(PER_CLIENT_BURST), limited  # says why, and how much
