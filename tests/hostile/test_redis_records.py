@@ -174,34 +174,40 @@ async def test_a_redis_out_of_memory_refuses_a_submission_with_a_status_a_person
                 assert State.Name(job.state) == "QUEUED"
 
 
-UNREADABLE = {
+UNREADABLE = {  # how each job's stored record is rewritten: raw bytes, or its fields changed
     "not JSON": "{not json",
     "a list": "[]",
-    "an unknown state": None,  # the stored record with "state": "HACKED"
-    "a field of the wrong type": None,  # "attempts": "many"
-    "an unknown field": None,  # "owner_of_everything": true
+    "an unknown state": {"state": "HACKED"},
+    "a field of the wrong type": {"attempts": "many"},
+    "no job_id": {"job_id": None},
+    "a number beyond int64": {"attempts": 10**20},
+    "a string that cannot be encoded": {"error_message": "\ud800"},
 }
 
 
 async def test_unreadable_records_and_hostile_index_entries_give_no_internal_and_stop_no_worker(tmp_path):
-    """Job records rewritten in Redis into bytes that are no record (not JSON, a list, an unknown state, a field of
-    the wrong type or an unknown one), and the tenant's index given members naming paths. Gateway A (no workers)
-    shows each such job as not found, never INTERNAL; the tenant's listing and next submission (which measures its
-    stored bytes over its index) still work. Gateway B's workers then take the queue: the unreadable jobs are
-    dropped, the queue empties, and no step of housekeeping fails."""
+    """Job records rewritten in Redis into bytes that are no record (UNREADABLE), one given a field this version
+    does not know (as a newer replica's would be), and the tenant's index and the queue given members naming
+    paths. Gateway A (no workers) shows each unreadable job as not found, never INTERNAL, and gives its record the
+    result TTL; the job with the extra field is shown as itself; the tenant's listing and next submission (which
+    measures its stored bytes over its index and reads the queue's records) still work. Gateway B's workers then
+    take the queue: the unreadable jobs are dropped, the queue empties, and no step of housekeeping fails."""
     data = tmp_path / "data"
     with redis_server(tmp_path) as (url, client):
         async with serving_gateway(url, data, tmp_path / "a.log", SWL_GATEWAY_JOB_WORKERS="0") as (stub, channel):
             altered = {}
-            for kind, raw in UNREADABLE.items():
+            for kind, change in UNREADABLE.items():
                 job = await stub.SubmitJob(submit_request(), timeout=30)
                 key = f"swl:job:{job.job_id}"
                 record = json.loads(client.get(key))
-                replaced = {"an unknown state": {**record, "state": "HACKED"},
-                            "a field of the wrong type": {**record, "attempts": "many"},
-                            "an unknown field": {**record, "owner_of_everything": True}}.get(kind)
-                client.set(key, raw if raw is not None else json.dumps(replaced))
+                if change == {"job_id": None}:
+                    del record["job_id"]
+                client.set(key, change if isinstance(change, str) else
+                           json.dumps({**record, **change} if "job_id" not in change else record))
                 altered[kind] = job.job_id
+            newer = await stub.SubmitJob(submit_request(), timeout=30)
+            alter(client, newer.job_id, added_by_a_newer_version={"any": "thing"})
+            client.rpush("swl:jobs:queue", "/data")
             (index,) = client.keys("swl:jobs:by-tenant:*")
             client.zadd(index, {"/data": time.time(), "../..": time.time()})
             codes = {}
@@ -212,6 +218,9 @@ async def test_unreadable_records_and_hostile_index_entries_give_no_internal_and
                 except grpc.aio.AioRpcError as error:
                     codes[kind] = error.code().name
             assert codes == {kind: "NOT_FOUND" for kind in UNREADABLE}, codes
+            assert all(0 < client.ttl(f"swl:job:{job_id}") for job_id in altered.values())  # swept in time
+            shown = await stub.GetJob(gateway_pb2.JobRequest(job_id=newer.job_id), timeout=10)
+            assert shown.job_id == newer.job_id and State.Name(shown.state) == "QUEUED"
             listed = await stub.ListJobs(gateway_pb2.ListJobsRequest(page_size=50), timeout=10)
             assert not {j.job_id for j in listed.jobs} & set(altered.values())
             await serving_and_taking_jobs(channel)  # the submission measures the tenant's stored bytes
