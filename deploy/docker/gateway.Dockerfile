@@ -19,8 +19,10 @@ RUN /opt/venv/bin/pip install .
 FROM ${PYTHON_IMAGE}
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin superwav2lip
 COPY --from=build /opt/venv /opt/venv
-# Read-only root file system: every write goes to /tmp or /data (volumes).
+# Read-only root file system: every write goes to /tmp or /data (volumes). OPENBLAS_NUM_THREADS: numpy's BLAS in one
+# thread from the first import, lazily loaded copies included (run_service also limits it at start).
 ENV PATH=/opt/venv/bin:$PATH \
+    OPENBLAS_NUM_THREADS=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     NUMBA_CACHE_DIR=/tmp/numba \

@@ -35,8 +35,9 @@ COPY --from=cpu-build /opt/venv /opt/venv
 # The manifest (names, sizes, sha256) is part of the image; the weights come from the models volume.
 COPY models/manifest.json /app/models/manifest.json
 # glibc: two arenas, large tensors mapped and unmapped (tools/run_stack.py allocator_env says why).
+# OPENBLAS_NUM_THREADS: numpy's BLAS in one thread from the first import (run_service also limits it at start).
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
-    MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576
+    MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576 OPENBLAS_NUM_THREADS=1
 WORKDIR /app
 USER 10001:10001
 
@@ -85,7 +86,7 @@ COPY --from=gpu-build /opt/venv /opt/venv
 COPY models/manifest.json /app/models/manifest.json
 # TensorRT's libraries come from the tensorrt-cu13-libs (or -cu12-libs) wheel inside the virtual environment.
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp \
-    MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576 \
+    MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576 OPENBLAS_NUM_THREADS=1 \
     LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/tensorrt_libs
 WORKDIR /app
 USER 10001:10001

@@ -69,8 +69,9 @@ class EdgeConfig:
     max_gateway_pending_requests: int = 128
     max_gateway_requests: int = 1024
     max_gateway_retries: int = 3  # no retry policy is configured; bounded anyway
-    # Requests each client address may make (a token bucket: this many a second, up to the burst at once), with or
-    # without a key, counted before the key check: a flood from one address is answered 429 (RESOURCE_EXHAUSTED to
+    # Requests each client address may make through each Envoy replica (a token bucket: this many a second, up to
+    # the burst at once; an IPv6 client's whole /64 is one address), with or without a key, counted before the key
+    # check: a flood from one address is answered 429 (RESOURCE_EXHAUSTED to
     # gRPC) by Envoy alone and never queues other callers' key checks behind its own. The address is the socket's,
     # or the X-Forwarded-For entry of a trusted hop (xff_num_trusted_hops): behind a load balancer that hides it,
     # every client shares one bucket. Up to max_tracked_clients addresses are tracked at once (least recent out).
@@ -221,7 +222,8 @@ def _health_check() -> dict:
 
 
 def _per_client_rate(config: EdgeConfig) -> dict:
-    """A token bucket per client address (a wildcard descriptor: one bucket for each address seen, LRU-bounded);
+    """A token bucket per client address, IPv6 by /64 (a wildcard descriptor: one bucket for each address seen,
+    LRU-bounded);
     429 with x-ratelimit headers beyond it. The filter's default bucket is never consumed for a request that has
     an address, which is every request."""
     every = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "per_client_rate_enabled"}
@@ -234,8 +236,10 @@ def _per_client_rate(config: EdgeConfig) -> dict:
                              "fill_interval": "1s"},
             "filter_enabled": every,
             "filter_enforced": {**every, "runtime_key": "per_client_rate_enforced"},
-            "rate_limits": [{"actions": [{"remote_address": {}}]}],
-            "descriptors": [{"entries": [{"key": "remote_address", "value": ""}],  # "": each address its own
+            # An IPv6 client holds a /64 and could rotate through it for fresh buckets: one bucket per /64.
+            "rate_limits": [{"actions": [{"masked_remote_address": {"v4_prefix_mask_len": 32,
+                                                                     "v6_prefix_mask_len": 64}}]}],
+            "descriptors": [{"entries": [{"key": "masked_remote_address", "value": ""}],  # "": each its own
                              "token_bucket": {"max_tokens": config.per_client_burst,
                                               "tokens_per_fill": config.per_client_requests_per_s,
                                               "fill_interval": "1s"}}],

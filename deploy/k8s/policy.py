@@ -470,10 +470,15 @@ def _policy_types(policy: dict) -> list[str]:
     return spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
 
 
+# The workloads that cannot work without calling out, and what they call.
+MUST_CALL_OUT = {"envoy": "the gateway", "gateway": "the model services and Redis"}
+
+
 def network_policy_problems(objects: Objects) -> list[str]:
-    """Default-deny ingress and egress policies for the namespace, and for every workload's pods a policy of their
-    own that says who may reach them (without one, the default deny leaves them unreachable). Egress needs no
-    policy per workload: one that may reach nothing (a model service, Redis) is the point of the default."""
+    """Default-deny ingress and egress policies for the namespace; for every workload's pods a policy of their
+    own that says who may reach them (without one, the default deny leaves them unreachable); and an egress policy
+    for the workloads that must call out (MUST_CALL_OUT). Others need none: a model service or Redis that reaches
+    nothing is the point of the default."""
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     namespaces = {w["metadata"].get("namespace") for w in workloads(objects)}
     problems = []
@@ -484,13 +489,21 @@ def network_policy_problems(objects: Objects) -> list[str]:
                        and kind in _policy_types(p) and not p["spec"].get(rules) for p in policies):
                 problems.append(f"namespace {namespace}: no default-deny NetworkPolicy (podSelector {{}}, "
                                 f"policyTypes [{kind}], no rules): every pod could {unlimited} ({NETWORK_HINT})")
-    ingress = [p for p in policies if "Ingress" in _policy_types(p)]
     for workload in workloads(objects):
         labels = workload["spec"]["template"]["metadata"].get("labels", {})
-        if not any(p["metadata"].get("namespace") == workload["metadata"].get("namespace") and p["spec"].get("podSelector")
-                   and _selects(p["spec"]["podSelector"], labels) for p in ingress):
+
+        def selected(kind: str) -> bool:
+            return any(p["metadata"].get("namespace") == workload["metadata"].get("namespace")
+                       and p["spec"].get("podSelector") and kind in _policy_types(p)
+                       and _selects(p["spec"]["podSelector"], labels) for p in policies)
+
+        if not selected("Ingress"):
             problems.append(f"{name_of(workload)}: no NetworkPolicy selects its pods to say who may reach them "
                             f"({NETWORK_HINT})")
+        needs = MUST_CALL_OUT.get(labels.get("app.kubernetes.io/name", ""))
+        if needs and not selected("Egress"):
+            problems.append(f"{name_of(workload)}: no egress NetworkPolicy lets its pods reach {needs}; the default "
+                            f"deny leaves them reaching nothing ({NETWORK_HINT})")
     return problems
 
 

@@ -765,6 +765,8 @@ def test_make_k8s_validate_fails_on_an_overlay_without_network_policies_or_witho
     unselected = {p.split(":")[0] for p in problems if "no NetworkPolicy selects its pods" in p}
     assert unselected == {f"Deployment/{name}" for name in COMPONENTS} | {"StatefulSet/redis",
                                                                           "Deployment/redis-plans"}, problems
+    no_way_out = {p.split(":")[0] for p in problems if "no egress NetworkPolicy lets its pods reach" in p}
+    assert no_way_out == {"Deployment/envoy", "Deployment/gateway"}, problems
     assert reports["gpu-no-gateway-policy"][0] == "FAILED"
     assert [p for p in reports["gpu-no-gateway-policy"][1] if "NetworkPolicy" in p] == [
         "Deployment/gateway: no NetworkPolicy selects its pods to say who may reach them (deploy/k8s/README.md#network)"]

@@ -289,7 +289,7 @@ def served_connection(port: int) -> socket.socket | None:
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n")
     try:
         answer = sock.recv(100)
-    except ConnectionResetError:
+    except OSError:  # reset, or no answer within the timeout: not served (yet)
         answer = b""
     if answer.startswith(b"HTTP/1.1 200"):
         return sock

@@ -102,15 +102,17 @@ def generate_through_edge(base: str) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
-async def watch_wave(address: str) -> list[grpc.StatusCode]:
+async def watch_wave(address: str, wave: int) -> list[grpc.StatusCode]:
     """FLOOD_STREAMS key-less Health/Watch streams at once, over as many connections as the edge's stream limit
-    needs; each one's end (a stream still open after 30 s counts as OK: it was held)."""
+    needs, each connection from an address of its own (fresh in each wave: a flood from many addresses, which the
+    per-client rate limit does not stop, so every stream reaches the routing and the key check); each one's end
+    (a stream still open after 30 s counts as OK: it was held)."""
     channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(FLOOD_STREAMS // STREAMS_PER_CONNECTION)]
 
-    async def watch(channel) -> grpc.StatusCode:
+    async def watch(channel, origin: str) -> grpc.StatusCode:
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30,
-                                                         metadata=(("x-forwarded-for", ATTACKER),))
+                                                         metadata=(("x-forwarded-for", origin),))
         try:
             await call.read()
             return grpc.StatusCode.OK
@@ -118,7 +120,10 @@ async def watch_wave(address: str) -> list[grpc.StatusCode]:
             return error.code()
 
     try:
-        return await asyncio.gather(*(watch(channels[i % len(channels)]) for i in range(FLOOD_STREAMS)))
+        # 198.18.0.0/15 is set aside for benchmarks (RFC 2544): an address per wave and connection.
+        return await asyncio.gather(*(watch(channels[i % len(channels)],
+                                            f"198.{18 + wave // 256 % 2}.{wave % 256}.{i % len(channels) + 1}")
+                                      for i in range(FLOOD_STREAMS)))
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
 
@@ -139,7 +144,7 @@ async def test_1200_keyless_watch_streams_do_not_stop_a_keyed_generation_through
     started = time.monotonic()
     try:
         while not generation.done() or not ends:
-            ends += await watch_wave(base.removeprefix("http://"))
+            ends += await watch_wave(base.removeprefix("http://"), wave=len(ends) // FLOOD_STREAMS)
         status, video = await generation
     finally:
         stop.set()
@@ -147,10 +152,9 @@ async def test_1200_keyless_watch_streams_do_not_stop_a_keyed_generation_through
     print(f"{len(ends)} Watch streams in {time.monotonic() - started:.1f} s: "
           f"{ {code.name: ends.count(code) for code in set(ends)} }; /healthz {len(health)} probes")
     assert status == 200 and video[4:8] == b"ftyp", video[:300]
-    # None of them got a stream held open: refused at the edge without a key, not routed at all, or past the
-    # attacker's rate.
-    assert set(ends) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED,
-                         grpc.StatusCode.RESOURCE_EXHAUSTED}, set(ends)
+    # None of them got a stream held open: refused at the edge without a key, or not routed at all (each address
+    # stayed within its rate, so none was refused for that).
+    assert set(ends) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED}, set(ends)
     assert health and set(health) == {200}, health
 
 
