@@ -26,7 +26,7 @@ from ..tenants import tenant_of_call
 from .avatar_frames import DECODE_RUN, FramedAvatar, FramedAvatars
 from .capacity import LiveCapacity
 from .output import FrameEncoder, Framing
-from .session import LiveParams, LiveSession
+from .session import LiveParams, LiveSession, blank_frames
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
     async def _probe(self, frames: int) -> None:
         """Blank frames through the lip-sync model as a live frame goes (urgent), which also tells its queue that
         live frames are coming, so it cuts long jobs' batches short before this session's first speech frame."""
-        faces = [np.zeros((96, 96, 3), np.uint8)] * frames
-        mels = [np.zeros((80, MEL_STEPS), np.float32)] * frames
-        await self._lipsync(faces, mels, time.monotonic() + PROBE_DEADLINE_S)
+        await self._lipsync(*blank_frames(frames), time.monotonic() + PROBE_DEADLINE_S)
 
     async def _serve(self, requests, opened, avatar, admission, framed: FramedAvatar):
         s = self.settings

@@ -23,6 +23,7 @@ from superwav2lip.live.v1 import live_pb2
 
 from service_runtime.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 
+from ..audio import MEL_STEPS, SILENCE
 from ..compositing import aligned_input, aligned_paste, crop_face, mouth_window, paste_face
 from ..face_source import source_index
 from ..options import JobOptions
@@ -106,9 +107,8 @@ class LiveSession:
     async def _warn_model(self, now: float) -> None:
         """One blank frame through the lip-sync model as speech starts, a lookahead before its first frame: the
         model's queue then holds long jobs' items for the live frames to come (service_runtime.batching)."""
-        blank = [np.zeros((96, 96, 3), np.uint8)], [np.full((80, 16), -4.0, np.float32)]
         with contextlib.suppress(ServiceError):
-            await self.lipsync(*blank, now + self.params.lookahead_s)
+            await self.lipsync(*blank_frames(1), now + self.params.lookahead_s)
 
     def end_utterance(self) -> None:
         self.timeline.end_utterance()
@@ -322,6 +322,11 @@ class LiveSession:
     def _send_event(self, kind: Any, index: int, count: int = 0, reason: str = "") -> None:
         self.send(live_pb2.LiveResponse(event=live_pb2.LiveEvent(kind=kind, frame_index=index, count=count,
                                                                  reason=reason)))
+
+
+def blank_frames(n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`n` black faces with silent mel windows: lip-sync inputs that cost what a live frame costs, for probes."""
+    return [np.zeros((96, 96, 3), np.uint8)] * n, [np.full((80, MEL_STEPS), SILENCE, np.float32)] * n
 
 
 async def _sleep_until(t: float) -> None:
