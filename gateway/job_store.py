@@ -328,7 +328,7 @@ class RedisJobStore:
     async def job_ids(self, tenant: str) -> list[str]:
         """Every job of the tenant in its index (expired ones until a listing drops them; their folders are gone).
         Members that are no job id (the index is in Redis, which is not trusted with paths) are left out."""
-        ids = [i.decode(errors="replace") for i in await self._call(self.client.zrange(tenant_index(tenant), 0, -1))]
+        ids = _as_text(await self._call(self.client.zrange(tenant_index(tenant), 0, -1)))
         hostile = [i for i in ids if not JOB_ID.fullmatch(i)]
         if hostile:
             log.warning("not a job id in a tenant's job index; ignored", extra={"tenant": tenant,
@@ -338,13 +338,13 @@ class RedisJobStore:
     async def queued(self, tenant: str) -> int:
         """The tenant's jobs waiting in the queue: one read of the queue and one of its records (the queue is
         bounded by SWL_GATEWAY_JOB_QUEUE_SIZE)."""
-        ids = [i.decode(errors="replace") for i in await self._call(self.client.lrange(QUEUE, 0, -1))]
+        ids = _as_text(await self._call(self.client.lrange(QUEUE, 0, -1)))
         records = await self._call(self.client.mget([f"swl:job:{i}" for i in ids])) if ids else []
         return sum(1 for data in records if data is not None and _tenant_of(data) == tenant)
 
     async def recent(self, tenant: str, start: int, count: int) -> list[JobRecord]:
         index = tenant_index(tenant)
-        ids = [i.decode(errors="replace") for i in await self._call(self.client.zrevrange(index, start, start + count - 1))]
+        ids = _as_text(await self._call(self.client.zrevrange(index, start, start + count - 1)))
         records = [await self.load(i) for i in ids]
         for job_id, record in zip(ids, records):
             if record is None:  # expired: drop it from the indexes too
@@ -359,9 +359,14 @@ class RedisJobStore:
         await self.unqueue(record.job_id)
 
     async def known(self) -> set[str]:
-        ids = [i.decode(errors="replace") for i in await self._call(self.client.zrange(INDEX, 0, -1))]
+        ids = _as_text(await self._call(self.client.zrange(INDEX, 0, -1)))
         exists = [await self._call(self.client.exists(f"swl:job:{i}")) for i in ids]
         return {i for i, e in zip(ids, exists) if e}
+
+
+def _as_text(members: list[bytes]) -> list[str]:
+    """Redis members as text; bytes that are not UTF-8 (anyone may write there) become U+FFFD, never an error."""
+    return [member.decode(errors="replace") for member in members]
 
 
 def _tenant_of(data: bytes) -> str | None:
