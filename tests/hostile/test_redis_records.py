@@ -174,7 +174,7 @@ async def test_a_redis_out_of_memory_refuses_a_submission_with_a_status_a_person
                 assert State.Name(job.state) == "QUEUED"
 
 
-UNREADABLE = {  # how each job's stored record is rewritten: raw bytes, or its fields changed
+UNREADABLE = {  # how each job's stored record is rewritten: raw bytes, or its fields changed (None: removed)
     "not JSON": "{not json",
     "a list": "[]",
     "an unknown state": {"state": "HACKED"},
@@ -199,11 +199,11 @@ async def test_unreadable_records_and_hostile_index_entries_give_no_internal_and
             for kind, change in UNREADABLE.items():
                 job = await stub.SubmitJob(submit_request(), timeout=30)
                 key = f"swl:job:{job.job_id}"
-                record = json.loads(client.get(key))
-                if change == {"job_id": None}:
-                    del record["job_id"]
-                client.set(key, change if isinstance(change, str) else
-                           json.dumps({**record, **change} if "job_id" not in change else record))
+                if isinstance(change, str):
+                    client.set(key, change)
+                else:  # None removes the field
+                    changed = {**json.loads(client.get(key)), **change}
+                    client.set(key, json.dumps({name: value for name, value in changed.items() if value is not None}))
                 altered[kind] = job.job_id
             newer = await stub.SubmitJob(submit_request(), timeout=30)
             alter(client, newer.job_id, added_by_a_newer_version={"any": "thing"})
