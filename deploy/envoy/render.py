@@ -71,8 +71,8 @@ class EdgeConfig:
     max_gateway_retries: int = 3  # no retry policy is configured; bounded anyway
     # Requests each client address may make through each Envoy replica (a token bucket: this many a second, up to
     # the burst at once; an IPv6 client's whole /64 is one address), with or without a key, counted before the key
-    # check: a flood from one address is answered 429 (RESOURCE_EXHAUSTED to
-    # gRPC) by Envoy alone and never queues other callers' key checks behind its own. The address is the socket's,
+    # check: a flood from one address is answered 429 (RESOURCE_EXHAUSTED to gRPC) by Envoy alone and never queues
+    # other callers' key checks behind its own. The address is the socket's,
     # or the X-Forwarded-For entry of a trusted hop (xff_num_trusted_hops): behind a load balancer that hides it,
     # every client shares one bucket. Up to max_tracked_clients addresses are tracked at once (least recent out).
     per_client_requests_per_s: int = 100
@@ -223,26 +223,24 @@ def _health_check() -> dict:
 
 def _per_client_rate(config: EdgeConfig) -> dict:
     """A token bucket per client address, IPv6 by /64 (a wildcard descriptor: one bucket for each address seen,
-    LRU-bounded);
-    429 with x-ratelimit headers beyond it. The filter's default bucket is never consumed for a request that has
-    an address, which is every request."""
+    LRU-bounded); 429 with x-ratelimit headers beyond it. The filter's default bucket, which Envoy requires, is the
+    same size and never consumed for a request that has an address, which is every request."""
     every = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "per_client_rate_enabled"}
+    bucket = {"max_tokens": config.per_client_burst, "tokens_per_fill": config.per_client_requests_per_s,
+              "fill_interval": "1s"}
     return {
         "name": "envoy.filters.http.local_ratelimit",
         "typed_config": {
             "@type": f"{API}.filters.http.local_ratelimit.v3.LocalRateLimit",
             "stat_prefix": "per_client",
-            "token_bucket": {"max_tokens": config.per_client_burst, "tokens_per_fill": config.per_client_requests_per_s,
-                             "fill_interval": "1s"},
+            "token_bucket": bucket,
             "filter_enabled": every,
             "filter_enforced": {**every, "runtime_key": "per_client_rate_enforced"},
             # An IPv6 client holds a /64 and could rotate through it for fresh buckets: one bucket per /64.
             "rate_limits": [{"actions": [{"masked_remote_address": {"v4_prefix_mask_len": 32,
                                                                      "v6_prefix_mask_len": 64}}]}],
             "descriptors": [{"entries": [{"key": "masked_remote_address", "value": ""}],  # "": each its own
-                             "token_bucket": {"max_tokens": config.per_client_burst,
-                                              "tokens_per_fill": config.per_client_requests_per_s,
-                                              "fill_interval": "1s"}}],
+                             "token_bucket": bucket}],
             "max_dynamic_descriptors": config.max_tracked_clients,
             "always_consume_default_token_bucket": False,
             "rate_limited_as_resource_exhausted": True,
@@ -412,8 +410,8 @@ def main(argv: list[str] | None = None) -> None:
                         stream_idle_timeout_s=args.stream_idle_timeout_s,
                         xff_num_trusted_hops=args.xff_num_trusted_hops,
                         per_client_requests_per_s=args.per_client_requests_per_s,
-                        per_client_burst=args.per_client_burst, memory_limit_mib=args.memory_limit_mib, tls_cert=args.tls_cert,
-                        tls_key=args.tls_key, embed_descriptor=args.embed_descriptor)
+                        per_client_burst=args.per_client_burst, memory_limit_mib=args.memory_limit_mib,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, embed_descriptor=args.embed_descriptor)
     text = json.dumps(render(config), indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)
