@@ -5,6 +5,7 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio
 from superwav2lip.gateway.v1 import gateway_pb2
 
 from gateway.metrics import GatewayMetrics
@@ -16,6 +17,7 @@ from tests.support.media_factory import assert_same_video, decode_all, encode_vi
 from tests.support.gateway_processes import RedisServer, gateway_process, wait_serving
 from tests.support.metrics import metric
 from tests.support.stack import model_clients, running_stack
+from tests.support.waiting import eventually_async
 
 
 
@@ -74,16 +76,30 @@ async def test_redis_dying_mid_run_degrades_to_detection(dev_models_dir, tmp_pat
 
 
 async def test_cached_plans_expire_after_their_ttl(dev_models_dir, tmp_path, redis_server):
+    """Redis, not this test's clock, ends a plan's life: a plan is stored with the configured TTL, and once Redis has
+    dropped it (made to happen now with PEXPIRE, as it happens at the TTL's end) the face is planned again. A 1 s TTL
+    timed with sleeps failed when a loaded machine took over a second between two requests."""
+    ttl_s = 600.0
     face, audio = face_clip(), speech_wav(0.6)
-    async with running_stack(dev_models_dir, redis_url=redis_server.url, plan_cache_ttl_s=1.0,
+    store = redis.asyncio.Redis.from_url(redis_server.url)
+    async with running_stack(dev_models_dir, redis_url=redis_server.url, plan_cache_ttl_s=ttl_s,
                              data_dir=str(tmp_path / "data")) as stack:
         await stack.generate(face, audio)
         calls = await detect_calls(stack)
+        plans = [key async for key in store.scan_iter(match="anonymous:swl:plan:*")]
+        assert len(plans) == 1
+        assert (ttl_s - 60) * 1000 < await store.pttl(plans[0]) <= ttl_s * 1000
         await stack.generate(face, audio)
         assert await detect_calls(stack) == calls  # within the TTL: cached
-        await asyncio.sleep(1.3)
+        await store.pexpire(plans[0], 1)
+
+        async def dropped() -> bool:
+            return not await store.exists(plans[0])
+
+        await eventually_async(dropped, what="Redis dropping the expired plan")
         await stack.generate(face, audio)
         assert await detect_calls(stack) > calls  # expired: planned again
+    await store.aclose()
 
 
 async def test_avatar_frames_equal_those_of_the_original_upload(identity_models_dir, tmp_path):
