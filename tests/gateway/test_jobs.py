@@ -1,7 +1,6 @@
 """Asynchronous jobs: shared by gateway processes through a real redis-server, surviving a killed replica,
 bounded, cancellable, expiring, and announced by signed webhooks to a real HTTP receiver."""
 
-import asyncio
 import json
 import signal
 import time
@@ -66,7 +65,8 @@ async def test_any_replica_answers_for_a_job_and_a_cancel_stops_it(dev_models_di
                 asked = time.monotonic()
                 await stack.stub.DeleteJob(gateway_pb2.JobRequest(job_id=long_job.job_id), timeout=10)
                 cancelled = await wait_for(stack.stub, long_job.job_id, {"CANCELLED", "SUCCEEDED", "FAILED"}, 10)
-                assert State.Name(cancelled.state) == "CANCELLED" and time.monotonic() - asked < 2.0
+                # Within a few heartbeats (0.5 s each) of the ask, with room for a loaded machine.
+                assert State.Name(cancelled.state) == "CANCELLED" and time.monotonic() - asked < 5.0
                 assert not (data / "jobs" / long_job.job_id).exists()
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     await stack.stub.GetJobVideo(gateway_pb2.JobRequest(job_id=long_job.job_id), timeout=10)
@@ -79,7 +79,7 @@ async def test_a_job_whose_replica_is_killed_is_run_by_the_survivor(dev_models_d
     server, data = RedisServer(tmp_path), tmp_path / "data"
     try:
         async with running_stack(dev_models_dir, redis_url=server.url, data_dir=str(data), job_workers=0) as stack:
-            extra = {"SWL_GATEWAY_JOB_LEASE_S": "1"}
+            extra = {"SWL_GATEWAY_JOB_LEASE_S": "3"}  # short, yet three renewals long: a loaded replica keeps it
             first_log, second_log = tmp_path / "b1.log", tmp_path / "b2.log"
             with open(first_log, "w") as log, gateway_process(stack, server.url, data, log, extra) as (_, first):
                 await wait_serving(first_log, first)
@@ -111,11 +111,13 @@ async def test_a_full_queue_refuses_at_once(dev_models_dir, tmp_path):
 
 
 async def test_results_past_their_ttl_are_gone_with_their_files(dev_models_dir, tmp_path):
-    async with running_stack(dev_models_dir, data_dir=str(tmp_path), job_result_ttl_s=1.0) as stack:
+    """The job's finish is moved an hour back in the store instead of waiting out a short TTL, which a loaded
+    machine could pass before the test had seen the job succeed."""
+    async with running_stack(dev_models_dir, data_dir=str(tmp_path), job_result_ttl_s=60.0) as stack:
         job = await stack.stub.SubmitJob(submit_request(), timeout=30)
         await wait_for(stack.stub, job.job_id, {"SUCCEEDED"})
         assert (tmp_path / "jobs" / job.job_id / "result.mp4").is_file()
-        await asyncio.sleep(1.2)
+        stack.servers["gateway"].service.jobs.store._records[job.job_id].finished -= 3600
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stack.stub.GetJob(gateway_pb2.JobRequest(job_id=job.job_id), timeout=10)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND and "SWL_GATEWAY_JOB_RESULT_TTL_S" in error.value.details()
@@ -137,7 +139,12 @@ async def test_webhooks_are_signed_retried_and_restricted_to_the_allow_list(dev_
             await wait_for(stack.stub, job.job_id, {"SUCCEEDED"})
             await eventually_async(lambda: len(received) >= 2, seconds=10,
                                    what="the webhook retried after a 500 (a second delivery)")
-            gateway = await stack.metrics_text("gateway")
+
+            async def counted_delivered() -> str | None:  # the receiver has the body before the sender its 200
+                text = await stack.metrics_text("gateway")
+                return text if 'swl_gateway_webhook_attempts_total{outcome="delivered"}' in text else None
+
+            gateway = await eventually_async(counted_delivered, seconds=10, what="the delivery counted")
     for headers, body in received:
         lowered = {k.lower(): v for k, v in headers.items()}
         assert lowered["x-swl-signature"] == sign(secret, lowered["x-swl-timestamp"], body)

@@ -21,7 +21,7 @@ from tests.support.gateway_processes import RedisServer
 from tests.support.media_factory import encode_png, encode_video, marker_frames, scene, speech_wav, with_marker
 from tests.support.tenants import tenants_file
 from tests.support.stack import MODULE_LOOP, running_stack
-from tests.support.waiting import eventually_async
+from tests.support.waiting import clear_of_a_minute_boundary, eventually_async
 
 pytestmark = MODULE_LOOP
 
@@ -51,6 +51,7 @@ def retry_delay_s(error: grpc.aio.AioRpcError) -> float:
 
 
 async def test_past_requests_per_minute_a_tenant_is_refused_with_a_retry_hint_and_others_are_not(stack):
+    await clear_of_a_minute_boundary()
     for _ in range(3):
         await stack.stub.ListJobs(gateway_pb2.ListJobsRequest(), **as_(CHATTY))
     with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -137,7 +138,7 @@ async def redis_server(tmp_path):
 async def replicas(redis_server):
     clients = [redis.asyncio.Redis.from_url(redis_server.url) for _ in range(2)]
     try:
-        yield [TenantQuotas(client, timeout_s=2.0, slot_lease_s=0.6) for client in clients]
+        yield [TenantQuotas(client, timeout_s=2.0, slot_lease_s=2.0) for client in clients]
     finally:
         for client in clients:
             await client.aclose()
@@ -146,6 +147,7 @@ async def replicas(redis_server):
 async def test_two_replicas_share_the_running_and_per_minute_counts(replicas):
     a, b = replicas
     tenant = Tenant("acme", (), quotas=Quotas(running_generations=2, requests_per_minute=4))
+    await clear_of_a_minute_boundary()
     async with a.generation(tenant), b.generation(tenant):
         with pytest.raises(ResourceExhausted, match="running_generations quota of 2"):
             async with a.generation(tenant):
@@ -159,6 +161,8 @@ async def test_two_replicas_share_the_running_and_per_minute_counts(replicas):
 
 
 async def test_a_dead_replicas_slot_lapses_and_a_live_ones_is_renewed(replicas):
+    """Leases of 2 s (the fixture's): the dead replica's slot is taken over once it lapses, and a slot held for
+    longer than a lease stays held, renewed, however loaded the machine is between renewals (a third of a lease)."""
     a, b = replicas
     tenant = Tenant("acme", (), quotas=Quotas(running_generations=1))
     dead = a.generation(tenant)
@@ -167,12 +171,23 @@ async def test_a_dead_replicas_slot_lapses_and_a_live_ones_is_renewed(replicas):
     with pytest.raises(ResourceExhausted):
         async with b.generation(tenant):
             pass
-    await asyncio.sleep(1.0)  # past the 0.6 s lease
-    async with b.generation(tenant):
-        await asyncio.sleep(1.0)  # renewed while held: nobody else gets it
+
+    async def taken_over():
+        held = b.generation(tenant)
+        try:
+            await held.__aenter__()
+        except ResourceExhausted:
+            return None
+        return held
+
+    held = await eventually_async(taken_over, seconds=10, every=0.1, what="the dead replica's slot lapsing")
+    try:
+        await asyncio.sleep(3.0)  # longer than a lease: renewed while held, nobody else gets it
         with pytest.raises(ResourceExhausted):
             async with a.generation(tenant):
                 pass
+    finally:
+        await held.__aexit__(None, None, None)
 
 
 async def test_a_queued_job_waits_while_its_tenant_runs_its_quota_and_others_jobs_overtake_it(dev_models_dir, tmp_path):
@@ -207,6 +222,7 @@ async def _is(state, wanted: str) -> bool:
 async def test_with_redis_down_each_replica_counts_alone_and_calls_go_on(replicas, redis_server):
     a, _ = replicas
     tenant = Tenant("acme", (), quotas=Quotas(running_generations=1, requests_per_minute=2))
+    await clear_of_a_minute_boundary()
     a.timeout_s = 0.3
     redis_server.stop()
     await a.admit_request(tenant)

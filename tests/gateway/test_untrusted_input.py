@@ -315,8 +315,12 @@ async def test_jobs_cancelled_at_random_points_leave_the_gateway_serving(dev_mod
                 await task
                 completed += 1
         await eventually_async(lambda: slots.running == 0, seconds=20, every=0.01, what="every job slot free")
-        metrics = await stack.metrics_text("gateway")
-        assert "swl_gateway_jobs_inflight 0.0" in metrics
+
+        async def settled() -> str | None:  # a cancelled run's task counts itself once its encoder has stopped
+            text = await stack.metrics_text("gateway")
+            return text if "swl_gateway_jobs_inflight 0.0" in text else None
+
+        metrics = await eventually_async(settled, seconds=20, what="no job in flight in the gateway's metrics")
         assert 'swl_gateway_jobs_total{code="CANCELLED"}' in metrics
         assert await gateway_is_serving(stack)
         assert await call_status(stack, chunks_of(face, audio, Options())) is None
@@ -342,7 +346,7 @@ async def test_a_model_service_that_never_answers_ends_in_deadline_exceeded(dev_
             elapsed = time.monotonic() - started
             assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
             assert "deadline of 3 s" in error.details() and "SWL_GATEWAY_JOB_DEADLINE_S" in error.details()
-            assert elapsed < 3 + 2, elapsed  # the gateway's default, far before the client's 60 s
+            assert elapsed < 3 + 10, elapsed  # the gateway's deadline, far before the client's 60 s
             process.send_signal(signal.SIGCONT)
             assert await call_status(stack, chunks) is None
     finally:
@@ -353,8 +357,8 @@ async def test_a_model_service_that_never_answers_ends_in_deadline_exceeded(dev_
 async def test_a_client_that_drips_its_upload_loses_its_slot_at_the_read_deadline(dev_models_dir):
     """A job slot is taken before the upload is read; a stream that then sends nothing (or too slowly) is ended
     with DEADLINE_EXCEEDED naming the setting, and its slot is free again for the next caller."""
-    async with running_stack(dev_models_dir, max_concurrent_jobs=1, upload_idle_timeout_s=0.5,
-                             upload_timeout_s=2.0) as stack:
+    async with running_stack(dev_models_dir, max_concurrent_jobs=1, upload_idle_timeout_s=1.5,
+                             upload_timeout_s=4.0) as stack:
         never = asyncio.Event()
 
         async def options_then_drip(pause: float):
@@ -365,7 +369,7 @@ async def test_a_client_that_drips_its_upload_loses_its_slot_at_the_read_deadlin
                 if never.is_set():
                     return
 
-        for pause, setting in ((5.0, "UPLOAD_IDLE_TIMEOUT_S"), (0.2, "UPLOAD_TIMEOUT_S")):
+        for pause, setting in ((5.0, "UPLOAD_IDLE_TIMEOUT_S"), (0.1, "UPLOAD_TIMEOUT_S")):
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 async for _ in stack.stub.Generate(options_then_drip(pause), timeout=30):
                     pass

@@ -34,3 +34,11 @@ async def eventually_async(check: Callable[[], T | Awaitable[T]], *, seconds: fl
             return value  # type: ignore[return-value]
         assert time.monotonic() < deadline, f"{what} not reached within {seconds:g} s (last: {value!r})"
         await asyncio.sleep(every)
+
+
+async def clear_of_a_minute_boundary(seconds: float = 5.0) -> None:
+    """Waits (at most `seconds`) until the wall clock's minute has `seconds` left, so that a test counting calls
+    in one clock minute (per-minute quotas) does not have its calls split across two."""
+    into_the_minute = time.time() % 60
+    if into_the_minute > 60 - seconds:
+        await asyncio.sleep(60 - into_the_minute + 0.01)

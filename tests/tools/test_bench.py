@@ -230,14 +230,15 @@ def test_live_bench_quick_runs_a_real_session_and_writes_its_table(tmp_path, mon
     monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
     bench = live.main(["--quick"])
     (row,) = bench.rows
-    assert not row.refused and row.fps == 25.0 and set(bench.alone) == {live.LIVE_BATCH}
+    # The rate admission grants depends on how loaded this machine is (25 fps when idle): any rate, as its cell.
+    assert not row.refused and 0 < row.fps <= 25.0 and set(bench.alone) == {live.LIVE_BATCH}
     assert abs(row.expected - 2.0 * row.fps) <= 2  # the speech's frames, from speaking started to finished
     assert len(row.latencies_ms) + row.unshown_chunks == 20 and row.first_frame_ms > 0
     text = (tmp_path / "RESULTS.md").read_text()
     section = text[text.index("<!-- bench:live-quick -->"):text.index("<!-- /bench:live-quick -->")]
     line = next(line for line in section.splitlines() if line.startswith("| on | 512x512 |"))
     cells = cells_of(line)
-    assert cells[:5] == ["on", "512x512", "1", "1", "25"]
+    assert cells[:5] == ["on", "512x512", "1", "1", f"{row.fps:g}"]
     assert cells[5] == f"{row.sustained_fps:.1f}" and cells[6] == f"{row.sustained_fps / bench.reference:.2f}"
     assert cells[7] == f"{row.dropped:.1%}" and cells[9] == f"{row.percentile(95):.0f}"
     assert all(float(x) >= 0 for x in cells[11].split(" / "))  # every process's CPU was found
