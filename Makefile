@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-deps:  ## the system programs the tests start for real (redis-server, chromium, ffprobe, curl, openssl): apt-get installs the missing ones
+deps:  ## the system programs the tests start for real (redis-server, chromium, ffprobe, curl, openssl, coturn): apt-get installs the missing ones
 	$(PYTHON) tools/system_deps.py
 
 protos: install  ## regenerate stubs, .pyi and the Envoy descriptor set from protos/ (and the Kubernetes Envoy config that embeds it)

@@ -184,13 +184,25 @@ class GatewaySettings(ServerSettings):
     live_idle_timeout_s: float = setting(60.0, "A live session with no message and nothing to play for this long "
                                                "is closed (DEADLINE_EXCEEDED).", ge=1, le=86400)
     live_max_session_s: float = setting(3600.0, "Longest a live session may stay open.", ge=1, le=7 * 86400)
+    live_ice_servers: tuple[str, ...] = setting(
+        (), "Comma-separated STUN and TURN URLs of live WebRTC sessions (stun:host:port, "
+            "turn:host:port?transport=udp): the gateway gathers with them and Live/IceServers hands them to browsers. "
+            "None: host candidates only, for browsers on the gateway's network (docs/live-webrtc.md).")
+    live_turn_secret: str = setting(
+        "", "The TURN server's shared secret (coturn's static-auth-secret): each caller gets TURN credentials of its "
+            "own, valid for live_turn_credential_ttl_s. Needed with a turn: URL.")
+    live_turn_credential_ttl_s: float = setting(3600.0, "How long the TURN credentials handed out stay valid.",
+                                                ge=60, le=7 * 86400)
+    live_ice_relay_only: bool = setting(
+        False, "The gateway's side offers relay (TURN) candidates only: its own addresses (a pod's) never reach a "
+               "browser, and media always goes through the TURN server.")
     batch_nice: int = setting(
         10, "Niceness of the threads that do jobs' decoding, pasting and encoding (and of the encoder threads they "
             "start): on a shared CPU live sessions' threads, at the process's own, go first. 0 = the same.",
         ge=0, le=19)
 
     def __repr__(self) -> str:  # API keys are secrets: never in logs or tracebacks
-        hidden = ("api_keys", "webhook_secret")
+        hidden = ("api_keys", "webhook_secret", "live_turn_secret")
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in hidden}
         return f"GatewaySettings({shown}, secrets hidden)"
 

@@ -28,6 +28,7 @@ BINARIES = (
     SystemBinary("ffmpeg", "ffmpeg", "the A/V sync test decodes outputs with the FFmpeg command line too"),
     SystemBinary("curl", "curl", "the HTTP edge tests call Envoy as a user's shell does"),
     SystemBinary("openssl", "openssl", "the TLS tests make their own certificates"),
+    SystemBinary("turnserver", "coturn", "live WebRTC through TURN is tested against a real coturn"),
 )
 BY_NAME = {binary.name: binary for binary in BINARIES}
 

@@ -7,6 +7,7 @@ import logging
 
 import gradio as gr
 import grpc
+from google.protobuf import json_format
 from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
 
 from .settings import WebUISettings
@@ -14,8 +15,9 @@ from .settings import WebUISettings
 log = logging.getLogger(__name__)
 OFFER_TIMEOUT_S = 30.0  # the gateway answers once the session is admitted and its first frames are decoded
 
-# The browser side: getUserMedia, the offer (ICE gathered: the gateway does not trickle), the answer, and the
-# latency shown from getStats. The page's own server relays the offer, with the visitor's key, to the gateway.
+# The browser side: getUserMedia, the offer (ICE gathered with the gateway's STUN/TURN servers: the gateway does not
+# trickle), the answer, and the latency shown from getStats. The page's own server fetches the ICE servers and
+# relays the offer, with the visitor's key, to the gateway.
 SCRIPT = """
 <script>
 window.swlLive = (() => {
@@ -28,10 +30,10 @@ window.swlLive = (() => {
     if (pc) { pc.getSenders().forEach((s) => s.track && s.track.stop()); pc.close(); }
     pc = null;
   }
-  async function offer() {
+  async function offer(ice) {
     await stop();
     const mic = await navigator.mediaDevices.getUserMedia({audio: true});
-    pc = new RTCPeerConnection({iceServers: []});
+    pc = new RTCPeerConnection({iceServers: ice ? JSON.parse(ice).iceServers || [] : []});
     mic.getTracks().forEach((track) => pc.addTrack(track, mic));
     pc.addTransceiver("video", {direction: "recvonly"});
     pc.ontrack = (event) => { const v = $("swl-live-video"); if (v.srcObject !== event.streams[0]) v.srcObject = event.streams[0]; };
@@ -83,6 +85,19 @@ class LiveBackend:
     def __init__(self, settings: WebUISettings) -> None:
         self.settings = settings
 
+    def ice_servers(self, key: str) -> str:
+        """The gateway's STUN/TURN servers for this visitor as the page's RTCConfiguration wants them (JSON with
+        `iceServers`), or "" when the gateway gives none or cannot be asked: the offer then says why, if it fails."""
+        metadata = (("x-api-key", key),) if key else ()
+        try:
+            with grpc.insecure_channel(self.settings.gateway_address) as channel:
+                servers = live_pb2_grpc.LiveStub(channel).IceServers(live_pb2.IceServersRequest(),
+                                                                     timeout=OFFER_TIMEOUT_S, metadata=metadata)
+        except grpc.RpcError as error:
+            log.warning("no ICE servers from the gateway", extra={"code": error.code().name})
+            return ""
+        return json.dumps(json_format.MessageToDict(servers)) if servers.ice_servers else ""
+
     def offer(self, key: str, avatar: str, sdp: str) -> tuple[str, str]:
         """(the answer for the page as JSON, or "" when refused; the status message)."""
         if not sdp:
@@ -112,6 +127,7 @@ def live_tab(settings: WebUISettings, signed_in, visitor: gr.State) -> gr.Dropdo
         stop = gr.Button("Stop", elem_id="live-stop")
     status = gr.Markdown("Pick an avatar, start, and speak.", elem_id="live-status")
     gr.HTML(VIDEO, js_on_load=None)
+    ice_box = gr.Textbox(visible=False)
     offer_box = gr.Textbox(visible=False)
     answer_box = gr.Textbox(visible=False)
 
@@ -121,7 +137,9 @@ def live_tab(settings: WebUISettings, signed_in, visitor: gr.State) -> gr.Dropdo
             return "", "**Pick an avatar first** (make one in the Avatars tab)."
         return backend.offer(visitor_now.key, chosen, sdp)
 
-    start.click(None, None, offer_box, js="async () => await window.swlLive.offer()").then(
+    # Not signed in: the first step says so, and nothing more runs (success, not then).
+    start.click(lambda current: backend.ice_servers(signed_in(current).key), visitor, ice_box).success(
+        None, ice_box, offer_box, js="async (ice) => await window.swlLive.offer(ice)").then(
         offered, [visitor, avatar, offer_box], [answer_box, status]).then(
         None, answer_box, None, js="async (answer) => { await window.swlLive.answer(answer); }")
     stop.click(None, None, None, js="async () => { await window.swlLive.stop(); }")

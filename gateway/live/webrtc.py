@@ -13,11 +13,14 @@ from fractions import Fraction
 
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from superwav2lip.live.v1 import live_pb2
 
-from service_runtime.errors import InvalidArgument, ServiceError
+from service_runtime.errors import InvalidArgument, ServiceError, Unavailable
+
+from ..tenants import tenant_of_call
+from .ice import IceServers
 
 from .servicer import LiveServicer
 
@@ -173,9 +176,14 @@ class WebRtcLive(LiveServicer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._peers: set[asyncio.Task] = set()
+        self.ice = IceServers.from_settings(self.settings)
+
+    async def IceServers(self, request: live_pb2.IceServersRequest, context) -> live_pb2.IceServersResponse:
+        return self.ice.for_caller(tenant_of_call().name)
 
     async def Offer(self, request: live_pb2.OfferRequest, context) -> live_pb2.OfferResponse:
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates: docs/live-webrtc.md
+        pc = RTCPeerConnection(self.ice.configuration(tenant_of_call().name))
+        responses: AsyncIterator[live_pb2.LiveResponse] | None = None
         try:
             microphone = await _remote(pc, request.sdp)
             requests: asyncio.Queue[live_pb2.LiveRequest | None] = asyncio.Queue(MAX_PENDING)
@@ -189,7 +197,14 @@ class WebRtcLive(LiveServicer):
             pc.addTrack(audio)
             pc.addTrack(video)
             await pc.setLocalDescription(await pc.createAnswer())
+            if self.ice.relay_only and "typ relay" not in pc.localDescription.sdp:
+                raise Unavailable("the TURN server gave this gateway no relay address, so no browser could reach "
+                                  "it: check that SWL_GATEWAY_LIVE_ICE_SERVERS names a TURN server this gateway "
+                                  "reaches and that SWL_GATEWAY_LIVE_TURN_SECRET is its static-auth-secret")
         except BaseException:
+            if responses is not None:
+                with contextlib.suppress(Exception):
+                    await responses.aclose()  # type: ignore[attr-defined]
             await pc.close()
             raise
         task = asyncio.create_task(self._peer(pc, microphone, requests, responses, video, audio),

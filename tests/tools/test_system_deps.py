@@ -13,7 +13,7 @@ def test_without_root_or_sudo_it_stops_at_once_with_the_exact_command(monkeypatc
     monkeypatch.setattr(system_deps.subprocess, "run", lambda *a, **k: calls.append(a) or None)
     assert system_deps.main() == 2
     message = capsys.readouterr().err
-    assert "sudo apt-get install -y -q --no-install-recommends chromium ffmpeg redis-server" in message, message
+    assert "sudo apt-get install -y -q --no-install-recommends chromium coturn ffmpeg redis-server" in message, message
     assert calls == []  # no apt-get was attempted (sudo itself is absent)
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsuperwav2lip/live/v1/live.proto\x12\x14superwav2lip.live.v1\x1a\x1cgoogle/api/annotations.proto\"Z\n\x0cOfferRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0b\n\x03sdp\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x01\"L\n\rOfferResponse\x12\x0b\n\x03sdp\x18\x01 \x01(\t\x12.\n\x05ready\x18\x02 \x01(\x0b\x32\x1f.superwav2lip.live.v1.LiveReady\"\xb8\x01\n\x08LiveOpen\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x31\n\x06\x66ormat\x18\x04 \x01(\x0e\x32!.superwav2lip.live.v1.FrameFormat\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x06 \x01(\r\x12\x14\n\x0creturn_audio\x18\x07 \x01(\x08\x12\x0f\n\x07quality\x18\x08 \x01(\r\"/\n\x0bSpeechChunk\x12\x0b\n\x03pcm\x18\x01 \x01(\x0c\x12\x13\n\x0bsample_rate\x18\x02 \x01(\r\"\xac\x01\n\x0bLiveRequest\x12.\n\x04open\x18\x01 \x01(\x0b\x32\x1e.superwav2lip.live.v1.LiveOpenH\x00\x12\x33\n\x06speech\x18\x02 \x01(\x0b\x32!.superwav2lip.live.v1.SpeechChunkH\x00\x12\x30\n\x07\x63ontrol\x18\x03 \x01(\x0e\x32\x1d.superwav2lip.live.v1.ControlH\x00\x42\x06\n\x04kind\"\xac\x01\n\tLiveReady\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x13\n\x0blookahead_s\x18\x05 \x01(\x01\x12\x31\n\x06\x66ormat\x18\x06 \x01(\x0e\x32!.superwav2lip.live.v1.FrameFormat\x12\x17\n\x0freduced_because\x18\x07 \x01(\t\"l\n\tLiveFrame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05pts_s\x18\x02 \x01(\x01\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08speaking\x18\x04 \x01(\x08\x12\x0b\n\x03pcm\x18\x05 \x01(\x0c\x12\x14\n\x0cspeech_chunk\x18\x06 \x01(\x04\"\x9e\x02\n\tLiveEvent\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.superwav2lip.live.v1.LiveEvent.Kind\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xa8\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15KIND_SPEAKING_STARTED\x10\x01\x12\x1a\n\x16KIND_PLAYBACK_FINISHED\x10\x02\x12\x10\n\x0cKIND_CLEARED\x10\x03\x12\x17\n\x13KIND_FRAMES_DROPPED\x10\x04\x12\x17\n\x13KIND_AUDIO_UNDERRUN\x10\x05\x12\x0f\n\x0bKIND_CLOSED\x10\x06\"\xac\x01\n\x0cLiveResponse\x12\x30\n\x05ready\x18\x01 \x01(\x0b\x32\x1f.superwav2lip.live.v1.LiveReadyH\x00\x12\x30\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1f.superwav2lip.live.v1.LiveFrameH\x00\x12\x30\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x1f.superwav2lip.live.v1.LiveEventH\x00\x42\x06\n\x04kind*p\n\x0b\x46rameFormat\x12\x1c\n\x18\x46RAME_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46RAME_FORMAT_JPEG\x10\x01\x12\x15\n\x11\x46RAME_FORMAT_I420\x10\x02\x12\x15\n\x11\x46RAME_FORMAT_H264\x10\x03*f\n\x07\x43ontrol\x12\x17\n\x13\x43ONTROL_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONTROL_END_OF_UTTERANCE\x10\x01\x12\x11\n\rCONTROL_CLEAR\x10\x02\x12\x11\n\rCONTROL_CLOSE\x10\x03\x32\xc9\x01\n\x04Live\x12T\n\x07Session\x12!.superwav2lip.live.v1.LiveRequest\x1a\".superwav2lip.live.v1.LiveResponse(\x01\x30\x01\x12k\n\x05Offer\x12\".superwav2lip.live.v1.OfferRequest\x1a#.superwav2lip.live.v1.OfferResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/live:offer:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsuperwav2lip/live/v1/live.proto\x12\x14superwav2lip.live.v1\x1a\x1cgoogle/api/annotations.proto\"\x13\n\x11IceServersRequest\"?\n\tIceServer\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"`\n\x12IceServersResponse\x12\x34\n\x0bice_servers\x18\x01 \x03(\x0b\x32\x1f.superwav2lip.live.v1.IceServer\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\"Z\n\x0cOfferRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0b\n\x03sdp\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x01\"L\n\rOfferResponse\x12\x0b\n\x03sdp\x18\x01 \x01(\t\x12.\n\x05ready\x18\x02 \x01(\x0b\x32\x1f.superwav2lip.live.v1.LiveReady\"\xb8\x01\n\x08LiveOpen\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x31\n\x06\x66ormat\x18\x04 \x01(\x0e\x32!.superwav2lip.live.v1.FrameFormat\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x06 \x01(\r\x12\x14\n\x0creturn_audio\x18\x07 \x01(\x08\x12\x0f\n\x07quality\x18\x08 \x01(\r\"/\n\x0bSpeechChunk\x12\x0b\n\x03pcm\x18\x01 \x01(\x0c\x12\x13\n\x0bsample_rate\x18\x02 \x01(\r\"\xac\x01\n\x0bLiveRequest\x12.\n\x04open\x18\x01 \x01(\x0b\x32\x1e.superwav2lip.live.v1.LiveOpenH\x00\x12\x33\n\x06speech\x18\x02 \x01(\x0b\x32!.superwav2lip.live.v1.SpeechChunkH\x00\x12\x30\n\x07\x63ontrol\x18\x03 \x01(\x0e\x32\x1d.superwav2lip.live.v1.ControlH\x00\x42\x06\n\x04kind\"\xac\x01\n\tLiveReady\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x13\n\x0blookahead_s\x18\x05 \x01(\x01\x12\x31\n\x06\x66ormat\x18\x06 \x01(\x0e\x32!.superwav2lip.live.v1.FrameFormat\x12\x17\n\x0freduced_because\x18\x07 \x01(\t\"l\n\tLiveFrame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05pts_s\x18\x02 \x01(\x01\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08speaking\x18\x04 \x01(\x08\x12\x0b\n\x03pcm\x18\x05 \x01(\x0c\x12\x14\n\x0cspeech_chunk\x18\x06 \x01(\x04\"\x9e\x02\n\tLiveEvent\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.superwav2lip.live.v1.LiveEvent.Kind\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xa8\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15KIND_SPEAKING_STARTED\x10\x01\x12\x1a\n\x16KIND_PLAYBACK_FINISHED\x10\x02\x12\x10\n\x0cKIND_CLEARED\x10\x03\x12\x17\n\x13KIND_FRAMES_DROPPED\x10\x04\x12\x17\n\x13KIND_AUDIO_UNDERRUN\x10\x05\x12\x0f\n\x0bKIND_CLOSED\x10\x06\"\xac\x01\n\x0cLiveResponse\x12\x30\n\x05ready\x18\x01 \x01(\x0b\x32\x1f.superwav2lip.live.v1.LiveReadyH\x00\x12\x30\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1f.superwav2lip.live.v1.LiveFrameH\x00\x12\x30\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x1f.superwav2lip.live.v1.LiveEventH\x00\x42\x06\n\x04kind*p\n\x0b\x46rameFormat\x12\x1c\n\x18\x46RAME_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46RAME_FORMAT_JPEG\x10\x01\x12\x15\n\x11\x46RAME_FORMAT_I420\x10\x02\x12\x15\n\x11\x46RAME_FORMAT_H264\x10\x03*f\n\x07\x43ontrol\x12\x17\n\x13\x43ONTROL_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONTROL_END_OF_UTTERANCE\x10\x01\x12\x11\n\rCONTROL_CLEAR\x10\x02\x12\x11\n\rCONTROL_CLOSE\x10\x03\x32\xc7\x02\n\x04Live\x12T\n\x07Session\x12!.superwav2lip.live.v1.LiveRequest\x1a\".superwav2lip.live.v1.LiveResponse(\x01\x30\x01\x12k\n\x05Offer\x12\".superwav2lip.live.v1.OfferRequest\x1a#.superwav2lip.live.v1.OfferResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/live:offer:\x01*\x12|\n\nIceServers\x12\'.superwav2lip.live.v1.IceServersRequest\x1a(.superwav2lip.live.v1.IceServersResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/live:iceServersb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LIVE'].methods_by_name['Offer']._loaded_options = None
   _globals['_LIVE'].methods_by_name['Offer']._serialized_options = b'\202\323\344\223\002\023\"\016/v1/live:offer:\001*'
-  _globals['_FRAMEFORMAT']._serialized_start=1417
-  _globals['_FRAMEFORMAT']._serialized_end=1529
-  _globals['_CONTROL']._serialized_start=1531
-  _globals['_CONTROL']._serialized_end=1633
-  _globals['_OFFERREQUEST']._serialized_start=87
-  _globals['_OFFERREQUEST']._serialized_end=177
-  _globals['_OFFERRESPONSE']._serialized_start=179
-  _globals['_OFFERRESPONSE']._serialized_end=255
-  _globals['_LIVEOPEN']._serialized_start=258
-  _globals['_LIVEOPEN']._serialized_end=442
-  _globals['_SPEECHCHUNK']._serialized_start=444
-  _globals['_SPEECHCHUNK']._serialized_end=491
-  _globals['_LIVEREQUEST']._serialized_start=494
-  _globals['_LIVEREQUEST']._serialized_end=666
-  _globals['_LIVEREADY']._serialized_start=669
-  _globals['_LIVEREADY']._serialized_end=841
-  _globals['_LIVEFRAME']._serialized_start=843
-  _globals['_LIVEFRAME']._serialized_end=951
-  _globals['_LIVEEVENT']._serialized_start=954
-  _globals['_LIVEEVENT']._serialized_end=1240
-  _globals['_LIVEEVENT_KIND']._serialized_start=1072
-  _globals['_LIVEEVENT_KIND']._serialized_end=1240
-  _globals['_LIVERESPONSE']._serialized_start=1243
-  _globals['_LIVERESPONSE']._serialized_end=1415
-  _globals['_LIVE']._serialized_start=1636
-  _globals['_LIVE']._serialized_end=1837
+  _globals['_LIVE'].methods_by_name['IceServers']._loaded_options = None
+  _globals['_LIVE'].methods_by_name['IceServers']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/live:iceServers'
+  _globals['_FRAMEFORMAT']._serialized_start=1601
+  _globals['_FRAMEFORMAT']._serialized_end=1713
+  _globals['_CONTROL']._serialized_start=1715
+  _globals['_CONTROL']._serialized_end=1817
+  _globals['_ICESERVERSREQUEST']._serialized_start=87
+  _globals['_ICESERVERSREQUEST']._serialized_end=106
+  _globals['_ICESERVER']._serialized_start=108
+  _globals['_ICESERVER']._serialized_end=171
+  _globals['_ICESERVERSRESPONSE']._serialized_start=173
+  _globals['_ICESERVERSRESPONSE']._serialized_end=269
+  _globals['_OFFERREQUEST']._serialized_start=271
+  _globals['_OFFERREQUEST']._serialized_end=361
+  _globals['_OFFERRESPONSE']._serialized_start=363
+  _globals['_OFFERRESPONSE']._serialized_end=439
+  _globals['_LIVEOPEN']._serialized_start=442
+  _globals['_LIVEOPEN']._serialized_end=626
+  _globals['_SPEECHCHUNK']._serialized_start=628
+  _globals['_SPEECHCHUNK']._serialized_end=675
+  _globals['_LIVEREQUEST']._serialized_start=678
+  _globals['_LIVEREQUEST']._serialized_end=850
+  _globals['_LIVEREADY']._serialized_start=853
+  _globals['_LIVEREADY']._serialized_end=1025
+  _globals['_LIVEFRAME']._serialized_start=1027
+  _globals['_LIVEFRAME']._serialized_end=1135
+  _globals['_LIVEEVENT']._serialized_start=1138
+  _globals['_LIVEEVENT']._serialized_end=1424
+  _globals['_LIVEEVENT_KIND']._serialized_start=1256
+  _globals['_LIVEEVENT_KIND']._serialized_end=1424
+  _globals['_LIVERESPONSE']._serialized_start=1427
+  _globals['_LIVERESPONSE']._serialized_end=1599
+  _globals['_LIVE']._serialized_start=1820
+  _globals['_LIVE']._serialized_end=2147
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,10 @@
 isort:skip_file
 Live mode: speech streamed in, a talking avatar streamed out at the avatar's frame rate, in real time."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -66,6 +68,77 @@ CONTROL_CLEAR: Control.ValueType  # 2
 CONTROL_CLOSE: Control.ValueType  # 3
 """end the session after the frames already made"""
 Global___Control: _TypeAlias = Control  # noqa: Y015
+
+@_typing.final
+class IceServersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IceServersRequest: _TypeAlias = IceServersRequest  # noqa: Y015
+
+@_typing.final
+class IceServer(_message.Message):
+    """as the browser's RTCIceServer"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URLS_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """TURN only: "<expiry>:<tenant>" """
+    credential: _builtins.str
+    """TURN only"""
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """stun:host:port, turn:host:port?transport=udp, ..."""
+
+    def __init__(
+        self,
+        *,
+        urls: _abc.Iterable[_builtins.str] | None = ...,
+        username: _builtins.str = ...,
+        credential: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "urls", b"urls", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IceServer: _TypeAlias = IceServer  # noqa: Y015
+
+@_typing.final
+class IceServersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ICE_SERVERS_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_FIELD_NUMBER: _builtins.int
+    expires_unix: _builtins.int
+    """when the TURN credentials stop working (0: none given); fetch again before an offer"""
+    @_builtins.property
+    def ice_servers(self) -> _containers.RepeatedCompositeFieldContainer[Global___IceServer]: ...
+    def __init__(
+        self,
+        *,
+        ice_servers: _abc.Iterable[Global___IceServer] | None = ...,
+        expires_unix: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix", b"expires_unix", "ice_servers", b"ice_servers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IceServersResponse: _TypeAlias = IceServersResponse  # noqa: Y015
 
 @_typing.final
 class OfferRequest(_message.Message):

@@ -44,6 +44,11 @@ class LiveStub:
                 request_serializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferRequest.SerializeToString,
                 response_deserializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferResponse.FromString,
                 _registered_method=True)
+        self.IceServers = channel.unary_unary(
+                '/superwav2lip.live.v1.Live/IceServers',
+                request_serializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.IceServersRequest.SerializeToString,
+                response_deserializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.IceServersResponse.FromString,
+                _registered_method=True)
 
 
 class LiveServicer:
@@ -69,6 +74,15 @@ class LiveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IceServers(self, request, context):
+        """The STUN and TURN servers a browser gives its RTCPeerConnection before it makes its offer, with TURN
+        credentials of the caller's own that expire (docs/live-webrtc.md). Empty when the gateway has none: host
+        candidates only. The JSON form (GET /v1/live:iceServers) is the browser's RTCConfiguration.iceServers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LiveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +95,11 @@ def add_LiveServicer_to_server(servicer, server):
                     servicer.Offer,
                     request_deserializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferRequest.FromString,
                     response_serializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferResponse.SerializeToString,
+            ),
+            'IceServers': grpc.unary_unary_rpc_method_handler(
+                    servicer.IceServers,
+                    request_deserializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.IceServersRequest.FromString,
+                    response_serializer=superwav2lip_dot_live_dot_v1_dot_live__pb2.IceServersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +156,33 @@ class Live:
             '/superwav2lip.live.v1.Live/Offer',
             superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferRequest.SerializeToString,
             superwav2lip_dot_live_dot_v1_dot_live__pb2.OfferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IceServers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/superwav2lip.live.v1.Live/IceServers',
+            superwav2lip_dot_live_dot_v1_dot_live__pb2.IceServersRequest.SerializeToString,
+            superwav2lip_dot_live_dot_v1_dot_live__pb2.IceServersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,11 @@ class LiveStub:
     (ICE, DTLS-SRTP) directly between the browser and this gateway; speech followed by 600 ms of silence is an
     utterance. The session ends when the peer connection closes.
     """
+    IceServers: _grpc.UnaryUnaryMultiCallable[_live_pb2.IceServersRequest, _live_pb2.IceServersResponse]
+    """The STUN and TURN servers a browser gives its RTCPeerConnection before it makes its offer, with TURN
+    credentials of the caller's own that expire (docs/live-webrtc.md). Empty when the gateway has none: host
+    candidates only. The JSON form (GET /v1/live:iceServers) is the browser's RTCConfiguration.iceServers.
+    """
 
 @_typing.type_check_only
 class LiveAsyncStub(LiveStub):
@@ -58,6 +63,11 @@ class LiveAsyncStub(LiveStub):
     track; the answer adds the avatar's video track and its speech's audio track. Media then flows over UDP
     (ICE, DTLS-SRTP) directly between the browser and this gateway; speech followed by 600 ms of silence is an
     utterance. The session ends when the peer connection closes.
+    """
+    IceServers: _aio.UnaryUnaryMultiCallable[_live_pb2.IceServersRequest, _live_pb2.IceServersResponse]  # type: ignore[assignment]
+    """The STUN and TURN servers a browser gives its RTCPeerConnection before it makes its offer, with TURN
+    credentials of the caller's own that expire (docs/live-webrtc.md). Empty when the gateway has none: host
+    candidates only. The JSON form (GET /v1/live:iceServers) is the browser's RTCConfiguration.iceServers.
     """
 
 class LiveServicer(metaclass=_abc_1.ABCMeta):
@@ -83,6 +93,17 @@ class LiveServicer(metaclass=_abc_1.ABCMeta):
         track; the answer adds the avatar's video track and its speech's audio track. Media then flows over UDP
         (ICE, DTLS-SRTP) directly between the browser and this gateway; speech followed by 600 ms of silence is an
         utterance. The session ends when the peer connection closes.
+        """
+
+    @_abc_1.abstractmethod
+    def IceServers(
+        self,
+        request: _live_pb2.IceServersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_live_pb2.IceServersResponse, _abc.Awaitable[_live_pb2.IceServersResponse]]:
+        """The STUN and TURN servers a browser gives its RTCPeerConnection before it makes its offer, with TURN
+        credentials of the caller's own that expire (docs/live-webrtc.md). Empty when the gateway has none: host
+        candidates only. The JSON form (GET /v1/live:iceServers) is the browser's RTCConfiguration.iceServers.
         """
 
 def add_LiveServicer_to_server(servicer: LiveServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
