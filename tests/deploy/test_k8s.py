@@ -794,3 +794,27 @@ def test_the_edge_tls_component_mounts_the_secret_and_serves_tls_from_it(tmp_pat
     plain = [obj for obj in yaml.safe_load_all(validate.render(validate.K8S / "overlays" / "cpu")) if obj]
     assert config_map["metadata"]["name"] not in {obj["metadata"]["name"] for obj in plain}
     assert policy.envoy_config_problems(objects) == []  # an overlay with TLS passes make k8s-validate
+
+
+def test_the_live_turn_component_gives_the_gateway_a_turn_server_relay_only_and_the_egress_to_reach_it(tmp_path):
+    """The component as a user adds it: its settings are ones the gateway starts with (given the Secret's value),
+    the secret is required, and the gateway may reach TURN's ports and no others beyond the shipped ones."""
+    from gateway.live.ice import IceServers
+    from gateway.service import GatewaySettings
+
+    objects = [obj for obj in yaml.safe_load_all(validate.render(overlay_copy(tmp_path, "cpu-live-turn",
+                                                                              components=("live-turn",)))) if obj]
+    env = gateway_env(objects)
+    urls = find(objects, "ConfigMap", next(o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"
+                                           and o["metadata"]["name"].startswith("live-turn")))["data"]["ice-servers"]
+    assert env["SWL_GATEWAY_LIVE_TURN_SECRET"]["valueFrom"] == {"secretKeyRef": {"name": "live-turn", "key": "secret"}}
+    assert env["SWL_GATEWAY_LIVE_ICE_RELAY_ONLY"]["value"] == "true"
+    ice = IceServers.from_settings(GatewaySettings.from_env({
+        "SWL_GATEWAY_LIVE_ICE_SERVERS": urls, "SWL_GATEWAY_LIVE_TURN_SECRET": "from the Secret",
+        "SWL_GATEWAY_LIVE_ICE_RELAY_ONLY": env["SWL_GATEWAY_LIVE_ICE_RELAY_ONLY"]["value"]}))
+    assert ice.relay_only and all(url.startswith("turn:") for url in ice.urls)
+    turn = find(objects, "NetworkPolicy", "gateway-egress-turn")["spec"]
+    assert policy._selects(turn["podSelector"], {"app.kubernetes.io/name": "gateway"})
+    assert [(p["port"], p["protocol"]) for rule in turn["egress"] for p in rule["ports"]] == [
+        (3478, "UDP"), (3478, "TCP"), (5349, "TCP")]
+    assert policy.all_problems(objects, gpu=False) == []
