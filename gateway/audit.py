@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Audited:
-    action: str  # create, generate, delete, cancel, download
+    action: str  # create, generate, delete, cancel, download, live, credentials
     request_id_field: str = ""  # the object named by the request
     response_id_field: str = ""  # the object the call made (for streams: on the event that carries it)
 
@@ -44,6 +44,12 @@ AUDITED = {
     "GetJobVideo": Audited("download", request_id_field="job_id"),
     "DeleteJob": Audited("cancel", request_id_field="job_id"),
 }
+AUDITED_LIVE = {
+    "Session": Audited("live", response_id_field="ready.session_id"),
+    "Offer": Audited("live", request_id_field="avatar_id"),
+    "IceServers": Audited("credentials"),  # TURN credentials of the caller's own
+}
+AUDITED_BY_SERVICE = {"/superwav2lip.gateway.": AUDITED, "/superwav2lip.live.": AUDITED_LIVE}
 
 
 def field_of(message: Any, path: str) -> str:
@@ -99,7 +105,8 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         method = details.method.rsplit("/", 1)[-1]
-        audited = AUDITED.get(method) if details.method.startswith("/superwav2lip.gateway.") else None
+        audited = next((table.get(method) for prefix, table in AUDITED_BY_SERVICE.items()
+                        if details.method.startswith(prefix)), None)
         if handler is None or audited is None:
             return handler
         return audited_handler(handler, method, audited)

@@ -6,16 +6,17 @@ import base64
 import hashlib
 import hmac
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiortc import RTCConfiguration, RTCIceServer
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
-from aiortc.rtcicetransport import parse_stun_turn_uri
+from aiortc.rtcicetransport import connection_kwargs, parse_stun_turn_uri
 from superwav2lip.live.v1 import live_pb2
 
 from service_runtime.settings import SettingsError
 
 URLS_SETTING, SECRET_SETTING = "SWL_GATEWAY_LIVE_ICE_SERVERS", "SWL_GATEWAY_LIVE_TURN_SECRET"
+RELAY_ONLY_SETTING = "SWL_GATEWAY_LIVE_ICE_RELAY_ONLY"
 
 
 def turn_credentials(secret: str, name: str, ttl_s: float, now: float) -> tuple[str, str, int]:
@@ -52,17 +53,20 @@ class IceServers:
     candidates only (a browser on the gateway's network)."""
 
     urls: tuple[str, ...] = ()
-    turn_secret: str = ""
+    turn_secret: str = field(default="", repr=False)
     credential_ttl_s: float = 3600.0
     relay_only: bool = False  # the gateway's side offers relay candidates only: its own addresses never leave
 
     @classmethod
     def from_settings(cls, settings) -> IceServers:
         if settings.live_ice_relay_only and not settings.live_turn_secret:
-            raise SettingsError("SWL_GATEWAY_LIVE_ICE_RELAY_ONLY needs a TURN server: set "
-                                f"{URLS_SETTING} and {SECRET_SETTING}")
-        return cls(checked_urls(settings.live_ice_servers, settings.live_turn_secret), settings.live_turn_secret,
-                   settings.live_turn_credential_ttl_s, settings.live_ice_relay_only)
+            raise SettingsError(f"{RELAY_ONLY_SETTING} needs a TURN server: set {URLS_SETTING} and {SECRET_SETTING}")
+        ice = cls(checked_urls(settings.live_ice_servers, settings.live_turn_secret), settings.live_turn_secret,
+                  settings.live_turn_credential_ttl_s, settings.live_ice_relay_only)
+        if ice.relay_only and "turn_server" not in connection_kwargs(ice.configuration("-").iceServers or []):
+            raise SettingsError(f"{RELAY_ONLY_SETTING}: none of {URLS_SETTING}'s TURN URLs is one this gateway can use "
+                                "(turn: over udp or tcp, turns: over tcp)")
+        return ice
 
     def for_caller(self, name: str, now: float | None = None) -> live_pb2.IceServersResponse:
         """The servers for one caller (a tenant's name goes into its TURN username, so the TURN server's logs and

@@ -80,8 +80,9 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
                 framed = self.framed.get((tenant.name, opened.avatar_id, framing.size), avatar.face, avatar.plan,
                                          framing)
                 await framed.frames(list(range(min(DECODE_RUN, avatar.plan.source_frames))))  # before the clock
-                async for message in self._serve(requests, opened, avatar, admission, framed):
-                    yield message
+                async with contextlib.aclosing(self._serve(requests, opened, avatar, admission, framed)) as served:
+                    async for message in served:
+                        yield message
 
     def _check_open(self, opened: live_pb2.LiveOpen) -> None:
         if not MIN_RATE <= opened.sample_rate <= MAX_RATE:
@@ -116,14 +117,15 @@ class LiveServicer(live_pb2_grpc.LiveServicer):
         self.sessions[session.id] = session
         log.info("live session opened", extra={"session": session.id, "avatar": opened.avatar_id,
                                                "fps": float(params.fps), "size": list(framed.framing.size)})
-        yield live_pb2.LiveResponse(ready=live_pb2.LiveReady(
-            session_id=session.id, fps=float(params.fps), width=framed.framing.size[0], height=framed.framing.size[1],
-            lookahead_s=params.lookahead_s, reduced_because=admission.reduced_because,
-            format=encoder.kind))  # type: ignore[arg-type]
-        session.start(time.monotonic())
-        tasks = [asyncio.create_task(session.run(), name=f"{session.id}-run"),
-                 asyncio.create_task(self._read(requests, session, opened.sample_rate), name=f"{session.id}-read")]
-        try:
+        tasks: list[asyncio.Task] = []
+        try:  # from the ready message on: a caller that stops after it (a failed WebRTC answer) still closes here
+            yield live_pb2.LiveResponse(ready=live_pb2.LiveReady(
+                session_id=session.id, fps=float(params.fps), width=framed.framing.size[0],
+                height=framed.framing.size[1], lookahead_s=params.lookahead_s,
+                reduced_because=admission.reduced_because, format=encoder.kind))  # type: ignore[arg-type]
+            session.start(time.monotonic())
+            tasks += [asyncio.create_task(session.run(), name=f"{session.id}-run"),
+                      asyncio.create_task(self._read(requests, session, opened.sample_rate), name=f"{session.id}-read")]
             async for message in _drain(out, tasks):
                 yield message
             for task in tasks:  # a failure of either (a bad chunk, an idle timeout) ends the call with its status

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import urllib.request
 
 import grpc
@@ -41,6 +42,8 @@ def test_turn_credentials_are_coturns_rest_api_ones():
     ({"SWL_GATEWAY_LIVE_ICE_SERVERS": "stun:stun.example.com:3478", "SWL_GATEWAY_LIVE_TURN_SECRET": SECRET},
      "SWL_GATEWAY_LIVE_TURN_SECRET", "names no TURN server"),
     ({"SWL_GATEWAY_LIVE_ICE_RELAY_ONLY": "true"}, "SWL_GATEWAY_LIVE_ICE_RELAY_ONLY", "needs a TURN server"),
+    ({"SWL_GATEWAY_LIVE_ICE_SERVERS": "turns:turn.example.com:443?transport=udp", "SWL_GATEWAY_LIVE_TURN_SECRET": SECRET,
+      "SWL_GATEWAY_LIVE_ICE_RELAY_ONLY": "true"}, "SWL_GATEWAY_LIVE_ICE_RELAY_ONLY", "turns: over tcp"),
 ])
 def test_ice_settings_that_cannot_work_are_refused_at_start_with_what_to_write(environment, named, advice):
     with pytest.raises(SettingsError) as refused:
@@ -48,9 +51,10 @@ def test_ice_settings_that_cannot_work_are_refused_at_start_with_what_to_write(e
     assert named in str(refused.value) and advice in str(refused.value), refused.value
 
 
-def test_the_turn_secret_never_shows_in_the_settings_repr():
+def test_the_turn_secret_never_shows_in_a_repr():
     settings = GatewaySettings.from_env({"SWL_GATEWAY_LIVE_ICE_SERVERS": TURN, "SWL_GATEWAY_LIVE_TURN_SECRET": SECRET})
     assert SECRET not in repr(settings) and "live_ice_servers" in repr(settings)
+    assert SECRET not in repr(IceServers.from_settings(settings)) and TURN in repr(IceServers.from_settings(settings))
 
 
 def test_stun_and_turn_are_handed_out_apart_with_credentials_for_turn_only():
@@ -64,7 +68,8 @@ def test_stun_and_turn_are_handed_out_apart_with_credentials_for_turn_only():
 
 
 async def test_each_tenant_gets_turn_credentials_of_its_own_over_grpc_and_as_json_through_envoy(dev_models_dir,
-                                                                                                tmp_path):
+                                                                                                tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.audit")
     path = tenants_file(tmp_path, acme={"key": "acme-key-0001"}, other={"key": "other-key-0002"})
     async with running_stack(dev_models_dir, tenants_file=str(path), allow_anonymous=False,
                              live_ice_servers=("stun:stun.example.com:3478", TURN), live_turn_secret=SECRET) as stack:
@@ -77,6 +82,8 @@ async def test_each_tenant_gets_turn_credentials_of_its_own_over_grpc_and_as_jso
             assert base64.b64decode(servers.ice_servers[1].credential) == hmac.new(
                 SECRET.encode(), username.encode(), hashlib.sha1).digest()
         assert names == ["acme", "other"]
+        audit = [(r.tenant, r.method, r.action, r.outcome) for r in caplog.records if r.name == "gateway.audit"]
+        assert audit == [("acme", "IceServers", "credentials", "OK"), ("other", "IceServers", "credentials", "OK")]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await live.IceServers(live_pb2.IceServersRequest(), timeout=10)  # TURN credentials need a key
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
