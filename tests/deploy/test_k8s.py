@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -797,22 +798,25 @@ def test_the_edge_tls_component_mounts_the_secret_and_serves_tls_from_it(tmp_pat
 
 
 def test_the_live_turn_component_gives_the_gateway_a_turn_server_relay_only_and_the_egress_to_reach_it(tmp_path):
-    """The component as a user adds it: its settings are ones the gateway starts with (given the Secret's value),
-    the secret is required, and the gateway may reach TURN's ports and no others beyond the shipped ones."""
+    """The component added in a user's own overlay on a shipped one, as its comment says: its settings come from
+    the required Secret and are ones the gateway starts with (given the README's example values), every object it
+    adds is in the namespace, and the gateway may reach TURN's ports."""
     from gateway.live.ice import IceServers
     from gateway.service import GatewaySettings
 
     objects = [obj for obj in yaml.safe_load_all(validate.render(overlay_copy(tmp_path, "cpu-live-turn",
                                                                               components=("live-turn",)))) if obj]
     env = gateway_env(objects)
-    urls = find(objects, "ConfigMap", next(o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"
-                                           and o["metadata"]["name"].startswith("live-turn")))["data"]["ice-servers"]
-    assert env["SWL_GATEWAY_LIVE_TURN_SECRET"]["valueFrom"] == {"secretKeyRef": {"name": "live-turn", "key": "secret"}}
+    for variable, key in (("SWL_GATEWAY_LIVE_ICE_SERVERS", "ice-servers"), ("SWL_GATEWAY_LIVE_TURN_SECRET", "secret")):
+        assert env[variable]["valueFrom"] == {"secretKeyRef": {"name": "live-turn", "key": key}}  # not optional
     assert env["SWL_GATEWAY_LIVE_ICE_RELAY_ONLY"]["value"] == "true"
+    comment = (validate.K8S / "components/live-turn/kustomization.yaml").read_text()
+    urls = re.search(r"--from-literal=ice-servers='([^']+)'", comment).group(1)
     ice = IceServers.from_settings(GatewaySettings.from_env({
         "SWL_GATEWAY_LIVE_ICE_SERVERS": urls, "SWL_GATEWAY_LIVE_TURN_SECRET": "from the Secret",
         "SWL_GATEWAY_LIVE_ICE_RELAY_ONLY": env["SWL_GATEWAY_LIVE_ICE_RELAY_ONLY"]["value"]}))
-    assert ice.relay_only and all(url.startswith("turn:") for url in ice.urls)
+    assert ice.relay_only and len(ice.urls) == 2
+    assert all(o["metadata"].get("namespace") == "superwav2lip" for o in objects if o["kind"] != "Namespace")
     turn = find(objects, "NetworkPolicy", "gateway-egress-turn")["spec"]
     assert policy._selects(turn["podSelector"], {"app.kubernetes.io/name": "gateway"})
     assert [(p["port"], p["protocol"]) for rule in turn["egress"] for p in rule["ports"]] == [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -31,9 +33,18 @@ class TurnServer:
         eventually(self._listening, seconds=20, what=f"coturn listening on UDP {self.port} (its log: {self.log})")
 
     def _listening(self) -> bool:
+        """Answers a STUN binding request over UDP, as the peers' first message to it is."""
         assert self.process.poll() is None, f"coturn exited with {self.process.returncode}:\n{self.log.read_text()}"
-        with socket.socket() as probe:  # it opens TCP and UDP together; TCP can be probed without a STUN message
-            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+        transaction = os.urandom(12)
+        request = struct.pack("!HHI", 0x0001, 0, 0x2112A442) + transaction  # RFC 5389: type, length, magic cookie
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.settimeout(0.5)
+            probe.sendto(request, ("127.0.0.1", self.port))
+            try:
+                answer = probe.recv(2048)
+            except OSError:  # not yet listening: a timeout, or the port refused
+                return False
+        return answer[:2] == b"\x01\x01" and answer[8:20] == transaction  # a binding success for this request
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

@@ -77,7 +77,8 @@ class LiveServicer:
     def IceServers(self, request, context):
         """The STUN and TURN servers a browser gives its RTCPeerConnection before it makes its offer, with TURN
         credentials of the caller's own that expire (docs/live-webrtc.md). Empty when the gateway has none: host
-        candidates only. The JSON form (GET /v1/live:iceServers) is the browser's RTCConfiguration.iceServers.
+        candidates only. Over HTTP (GET /v1/live:iceServers), `ice_servers` is what a browser's
+        RTCConfiguration.iceServers takes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

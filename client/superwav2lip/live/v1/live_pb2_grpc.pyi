@@ -46,7 +46,8 @@ class LiveStub:
     IceServers: _grpc.UnaryUnaryMultiCallable[_live_pb2.IceServersRequest, _live_pb2.IceServersResponse]
     """The STUN and TURN servers a browser gives its RTCPeerConnection before it makes its offer, with TURN
     credentials of the caller's own that expire (docs/live-webrtc.md). Empty when the gateway has none: host
-    candidates only. The JSON form (GET /v1/live:iceServers) is the browser's RTCConfiguration.iceServers.
+    candidates only. Over HTTP (GET /v1/live:iceServers), `ice_servers` is what a browser's
+    RTCConfiguration.iceServers takes.
     """
 
 @_typing.type_check_only
@@ -67,7 +68,8 @@ class LiveAsyncStub(LiveStub):
     IceServers: _aio.UnaryUnaryMultiCallable[_live_pb2.IceServersRequest, _live_pb2.IceServersResponse]  # type: ignore[assignment]
     """The STUN and TURN servers a browser gives its RTCPeerConnection before it makes its offer, with TURN
     credentials of the caller's own that expire (docs/live-webrtc.md). Empty when the gateway has none: host
-    candidates only. The JSON form (GET /v1/live:iceServers) is the browser's RTCConfiguration.iceServers.
+    candidates only. Over HTTP (GET /v1/live:iceServers), `ice_servers` is what a browser's
+    RTCConfiguration.iceServers takes.
     """
 
 class LiveServicer(metaclass=_abc_1.ABCMeta):
@@ -103,7 +105,8 @@ class LiveServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_live_pb2.IceServersResponse, _abc.Awaitable[_live_pb2.IceServersResponse]]:
         """The STUN and TURN servers a browser gives its RTCPeerConnection before it makes its offer, with TURN
         credentials of the caller's own that expire (docs/live-webrtc.md). Empty when the gateway has none: host
-        candidates only. The JSON form (GET /v1/live:iceServers) is the browser's RTCConfiguration.iceServers.
+        candidates only. Over HTTP (GET /v1/live:iceServers), `ice_servers` is what a browser's
+        RTCConfiguration.iceServers takes.
         """
 
 def add_LiveServicer_to_server(servicer: LiveServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
