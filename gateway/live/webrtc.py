@@ -41,6 +41,10 @@ PLAYOUT_DELAY_S = 0.06
 CONNECT_TIMEOUT_S = 15.0  # an answered peer that has not connected by then never will: its session is freed
 MAX_MEDIA_SECTIONS = 4  # a browser's offer has two (audio, video); each one costs an ICE gathering
 KEEPALIVE_S = 10.0  # while the microphone streams silence, the session hears from it this often (idle timeout)
+# A browser's microphone sends an Opus frame every 20 ms, silence included (the answer does not ask for DTX): none for
+# this long is a dead peer (a crashed tab, a lost network), ended as a hang-up long before ICE's consent checks
+# give up (about 30 s).
+MIC_SILENT_S = 10.0
 MAX_PENDING = 500  # speech messages (10 s) waiting for the session; a peer sending faster than real time loses more
 
 
@@ -304,7 +308,11 @@ async def _listen(microphone: MediaStreamTrack, requests: asyncio.Queue) -> None
 
     try:
         while True:
-            frame = await microphone.recv()
+            try:
+                frame = await asyncio.wait_for(microphone.recv(), MIC_SILENT_S)
+            except TimeoutError:
+                log.info("webrtc peer stopped sending", extra={"seconds": MIC_SILENT_S})
+                return
             if not isinstance(frame, av.AudioFrame):  # an audio track's receiver yields decoded audio only
                 continue
             for mono in resampler.resample(frame):

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 from superwav2lip.live.v1 import live_pb2, live_pb2_grpc
 
@@ -263,6 +263,27 @@ async def test_an_answered_peer_that_never_connects_frees_its_session(stack, ava
         assert answer.ready.session_id and "a=candidate" in answer.sdp and answer.ready.fps == 25
         assert capacity.sessions == before + 1
         await eventually_async(lambda: capacity.sessions == before, seconds=10, what="the session freed")
+    finally:
+        await pc.close()
+
+
+async def test_a_peer_that_stops_sending_without_hanging_up_frees_its_session(stack, avatar_id, monkeypatch):
+    """A browser that dies (a crashed tab, a lost network) sends nothing more and never closes; ICE notices only
+    when its consent checks fail, about 30 s later. Here the peer stays up (it still answers consent checks) but its
+    microphone stops sending: the session ends MIC_SILENT_S later, and not while the microphone streams."""
+    monkeypatch.setattr(webrtc, "MIC_SILENT_S", 1.0)
+    capacity = stack.servers["gateway"].service.live_capacity
+    before = capacity.sessions
+    pc, sdp = await browser_like_offer()
+    try:
+        answer = await live_pb2_grpc.LiveStub(stack.channel).Offer(
+            live_pb2.OfferRequest(avatar_id=avatar_id, sdp=sdp), timeout=30)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+        await eventually_async(lambda: pc.connectionState == "connected", seconds=10, what="the peer connected")
+        await asyncio.sleep(2.5)  # the microphone streams (aiortc's silence): the session stays
+        assert capacity.sessions == before + 1
+        pc.getSenders()[0].replaceTrack(None)  # no more audio packets; the connection itself stays up
+        await eventually_async(lambda: capacity.sessions == before, seconds=10, what="the silent peer's session freed")
     finally:
         await pc.close()
 
