@@ -298,7 +298,7 @@ async def _listen(microphone: MediaStreamTrack, requests: asyncio.Queue) -> None
     resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
     gate, pending = SpeechGate(), np.zeros(0, np.int16)
     heard = time.monotonic()
-    sent_speech = False
+    sent_speech = got_audio = False
 
     def send(message: live_pb2.LiveRequest) -> None:
         nonlocal heard
@@ -308,11 +308,12 @@ async def _listen(microphone: MediaStreamTrack, requests: asyncio.Queue) -> None
 
     try:
         while True:
-            try:
-                frame = await asyncio.wait_for(microphone.recv(), MIC_SILENT_S)
+            try:  # before its first frame the peer is connecting: _peer's CONNECT_TIMEOUT_S covers that
+                frame = await asyncio.wait_for(microphone.recv(), MIC_SILENT_S if got_audio else None)
             except TimeoutError:
                 log.info("webrtc peer stopped sending", extra={"seconds": MIC_SILENT_S})
                 return
+            got_audio = True
             if not isinstance(frame, av.AudioFrame):  # an audio track's receiver yields decoded audio only
                 continue
             for mono in resampler.resample(frame):
@@ -334,8 +335,18 @@ async def _listen(microphone: MediaStreamTrack, requests: asyncio.Queue) -> None
     except MediaStreamError:
         pass
     finally:
-        with contextlib.suppress(asyncio.QueueFull):
+        _end(requests)
+
+
+def _end(requests: asyncio.Queue) -> None:
+    """Puts the end of the speech on the queue, dropping its oldest message if it is full: without the end the
+    session would outlive its peer until the idle timeout."""
+    while True:
+        try:
             requests.put_nowait(None)
+            return
+        except asyncio.QueueFull:
+            requests.get_nowait()
 
 
 async def _play(responses: AsyncIterator[live_pb2.LiveResponse], video: FrameTrack, audio: SpeechTrack) -> None:

@@ -271,7 +271,7 @@ async def test_a_peer_that_stops_sending_without_hanging_up_frees_its_session(st
     """A browser that dies (a crashed tab, a lost network) sends nothing more and never closes; ICE notices only
     when its consent checks fail, about 30 s later. Here the peer stays up (it still answers consent checks) but its
     microphone stops sending: the session ends MIC_SILENT_S later, and not while the microphone streams."""
-    monkeypatch.setattr(webrtc, "MIC_SILENT_S", 1.0)
+    monkeypatch.setattr(webrtc, "MIC_SILENT_S", 1.0)  # counted from the peer's first audio, not from the answer
     capacity = stack.servers["gateway"].service.live_capacity
     before = capacity.sessions
     pc, sdp = await browser_like_offer()
