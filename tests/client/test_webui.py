@@ -419,7 +419,11 @@ FIRST_FRAME_MEDIA_TIME = """async (src) => {
     const video = document.createElement("video");
     video.muted = true;
     video.preload = "auto";
-    const first = new Promise(resolve => video.requestVideoFrameCallback((now, frame) => resolve(frame.mediaTime)));
+    const first = new Promise((resolve, reject) => {
+        video.requestVideoFrameCallback((now, frame) => resolve(frame.mediaTime));
+        video.onerror = () => reject(new Error(`${src} did not load: ${video.error && video.error.message}`));
+        setTimeout(() => reject(new Error(`${src}: no frame presented within 30 s`)), 30000);
+    });
     video.src = src;
     document.body.appendChild(video);
     return await first;

@@ -82,24 +82,26 @@ async def test_cached_plans_expire_after_their_ttl(dev_models_dir, tmp_path, red
     ttl_s = 600.0
     face, audio = face_clip(), speech_wav(0.6)
     store = redis.asyncio.Redis.from_url(redis_server.url)
-    async with running_stack(dev_models_dir, redis_url=redis_server.url, plan_cache_ttl_s=ttl_s,
-                             data_dir=str(tmp_path / "data")) as stack:
-        await stack.generate(face, audio)
-        calls = await detect_calls(stack)
-        plans = [key async for key in store.scan_iter(match="anonymous:swl:plan:*")]
-        assert len(plans) == 1
-        assert (ttl_s - 60) * 1000 < await store.pttl(plans[0]) <= ttl_s * 1000
-        await stack.generate(face, audio)
-        assert await detect_calls(stack) == calls  # within the TTL: cached
-        await store.pexpire(plans[0], 1)
+    try:
+        async with running_stack(dev_models_dir, redis_url=redis_server.url, plan_cache_ttl_s=ttl_s,
+                                 data_dir=str(tmp_path / "data")) as stack:
+            await stack.generate(face, audio)
+            calls = await detect_calls(stack)
+            plans = [key async for key in store.scan_iter(match="anonymous:swl:plan:*")]
+            assert len(plans) == 1
+            assert (ttl_s - 60) * 1000 < await store.pttl(plans[0]) <= ttl_s * 1000
+            await stack.generate(face, audio)
+            assert await detect_calls(stack) == calls  # within the TTL: cached
+            await store.pexpire(plans[0], 1)
 
-        async def dropped() -> bool:
-            return not await store.exists(plans[0])
+            async def dropped() -> bool:
+                return not await store.exists(plans[0])
 
-        await eventually_async(dropped, what="Redis dropping the expired plan")
-        await stack.generate(face, audio)
-        assert await detect_calls(stack) > calls  # expired: planned again
-    await store.aclose()
+            await eventually_async(dropped, what="Redis dropping the expired plan")
+            await stack.generate(face, audio)
+            assert await detect_calls(stack) > calls  # expired: planned again
+    finally:
+        await store.aclose()
 
 
 async def test_avatar_frames_equal_those_of_the_original_upload(identity_models_dir, tmp_path):

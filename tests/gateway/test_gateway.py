@@ -152,7 +152,7 @@ async def test_client_deadline_stops_the_work(dev_models_dir):
 
         async def settled() -> tuple[float] | None:  # the calls in flight at the deadline end and are counted
             first = lipsync_calls(await stack.metrics_text("lipsync"))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.5)
             return (first,) if lipsync_calls(await stack.metrics_text("lipsync")) == first else None
 
         (before,) = await eventually_async(settled, seconds=20, what="the lip-sync call count settled")

@@ -79,7 +79,7 @@ async def test_a_job_whose_replica_is_killed_is_run_by_the_survivor(dev_models_d
     server, data = RedisServer(tmp_path), tmp_path / "data"
     try:
         async with running_stack(dev_models_dir, redis_url=server.url, data_dir=str(data), job_workers=0) as stack:
-            extra = {"SWL_GATEWAY_JOB_LEASE_S": "3"}  # short, yet three renewals long: a loaded replica keeps it
+            extra = {"SWL_GATEWAY_JOB_LEASE_S": "3"}  # short, yet six heartbeats long: a loaded replica keeps it
             first_log, second_log = tmp_path / "b1.log", tmp_path / "b2.log"
             with open(first_log, "w") as log, gateway_process(stack, server.url, data, log, extra) as (_, first):
                 await wait_serving(first_log, first)

@@ -222,9 +222,9 @@ async def _is(state, wanted: str) -> bool:
 async def test_with_redis_down_each_replica_counts_alone_and_calls_go_on(replicas, redis_server):
     a, _ = replicas
     tenant = Tenant("acme", (), quotas=Quotas(running_generations=1, requests_per_minute=2))
-    await clear_of_a_minute_boundary()
     a.timeout_s = 0.3
     redis_server.stop()
+    await clear_of_a_minute_boundary()
     await a.admit_request(tenant)
     await a.admit_request(tenant)
     with pytest.raises(ResourceExhausted, match="requests_per_minute quota of 2"):

@@ -230,8 +230,10 @@ def test_live_bench_quick_runs_a_real_session_and_writes_its_table(tmp_path, mon
     monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
     bench = live.main(["--quick"])
     (row,) = bench.rows
-    # The rate admission grants depends on how loaded this machine is (25 fps when idle): any rate, as its cell.
-    assert not row.refused and 0 < row.fps <= 25.0 and set(bench.alone) == {live.LIVE_BATCH}
+    # The rate admission grants depends on how loaded this machine is: 25 fps when idle, else a lower rate it
+    # says why it gave.
+    assert not row.refused and (row.fps == 25.0 or 0 < row.fps < 25.0 and row.reduced_because)
+    assert set(bench.alone) == {live.LIVE_BATCH}
     assert abs(row.expected - 2.0 * row.fps) <= 2  # the speech's frames, from speaking started to finished
     assert len(row.latencies_ms) + row.unshown_chunks == 20 and row.first_frame_ms > 0
     text = (tmp_path / "RESULTS.md").read_text()
