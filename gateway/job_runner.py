@@ -132,6 +132,8 @@ class JobRunner:
             if not cancelled_by_user.is_set():
                 raise  # this replica is stopping: the lease lapses and another replica takes the job
             await self.ledger.cancelled(record)
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # and this replica is stopping too: the worker stops with it
             return
         except ServiceError as error:
             await self.ledger.failed(record, error.code.value[0], error.code.name, error.message)
@@ -168,16 +170,20 @@ class JobRunner:
                 "audio_seconds": plan.speech.seconds, "size_bytes": len(mp4)}
 
     async def _heartbeat(self, job_id: str, run: asyncio.Task, cancelled_by_user: asyncio.Event) -> None:
-        """Renews the lease, and cancels the run within a beat of a cancel from any replica."""
+        """Renews the lease until the run has ended, and cancels the run within a beat of a cancel from any
+        replica, again at every beat until it ends: a cancel can be lost inside the pipeline (Python 3.11's
+        asyncio.wait_for returns a result that completed as the cancel arrived), and the run then went on, its
+        lease no longer renewed, so that housekeeping queued the job again while it ran."""
         beat = min(0.5, self.settings.job_lease_s / 3)
         while not run.done():
-            await asyncio.sleep(beat)
+            await asyncio.wait({run}, timeout=beat)
+            if run.done():
+                return
             try:
                 await self.store.renew(job_id, self.settings.job_lease_s)
-                if await self.store.cancel_requested(job_id):
+                if cancelled_by_user.is_set() or await self.store.cancel_requested(job_id):
                     cancelled_by_user.set()
                     run.cancel()
-                    return
             except Exception as error:  # noqa: BLE001 - a missed beat is retried; the lease outlasts three
                 log.warning("job heartbeat failed", extra={"job_id": job_id, "error": f"{type(error).__name__}"})
 
