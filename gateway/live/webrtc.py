@@ -298,7 +298,7 @@ async def _listen(microphone: MediaStreamTrack, requests: asyncio.Queue) -> None
     resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
     gate, pending = SpeechGate(), np.zeros(0, np.int16)
     heard = time.monotonic()
-    sent_speech = got_audio = False
+    sent_speech = False
 
     def send(message: live_pb2.LiveRequest) -> None:
         nonlocal heard
@@ -306,34 +306,36 @@ async def _listen(microphone: MediaStreamTrack, requests: asyncio.Queue) -> None
         with contextlib.suppress(asyncio.QueueFull):
             requests.put_nowait(message)
 
+    loop = asyncio.get_running_loop()
     try:
-        while True:
-            try:  # before its first frame the peer is connecting: _peer's CONNECT_TIMEOUT_S covers that
-                frame = await asyncio.wait_for(microphone.recv(), MIC_SILENT_S if got_audio else None)
-            except TimeoutError:
-                log.info("webrtc peer stopped sending", extra={"seconds": MIC_SILENT_S})
-                return
-            got_audio = True
-            if not isinstance(frame, av.AudioFrame):  # an audio track's receiver yields decoded audio only
-                continue
-            for mono in resampler.resample(frame):
-                pending = np.concatenate([pending, mono.to_ndarray().reshape(-1).astype(np.int16)])
-            while len(pending) >= CHUNK:
-                chunk, pending = pending[:CHUNK], pending[CHUNK:]
-                speech, ended = gate.feed(chunk)
-                for part in speech:
-                    send(live_pb2.LiveRequest(speech=live_pb2.SpeechChunk(pcm=part.astype("<i2").tobytes())))
-                if speech and not sent_speech:
-                    log.info("webrtc utterance started", extra={"dbfs": round(dbfs(chunk), 1)})
-                sent_speech = gate.speaking
-                if ended:
-                    log.info("webrtc utterance ended")
+        # One timer moved on at each frame (a wait_for per frame would make a task 50 times a second). Before the
+        # first frame the peer is connecting: _peer's CONNECT_TIMEOUT_S covers that.
+        async with asyncio.timeout(None) as silence:
+            while True:
+                frame = await microphone.recv()
+                silence.reschedule(loop.time() + MIC_SILENT_S)
+                if not isinstance(frame, av.AudioFrame):  # an audio track's receiver yields decoded audio only
+                    continue
+                for mono in resampler.resample(frame):
+                    pending = np.concatenate([pending, mono.to_ndarray().reshape(-1).astype(np.int16)])
+                while len(pending) >= CHUNK:
+                    chunk, pending = pending[:CHUNK], pending[CHUNK:]
+                    speech, ended = gate.feed(chunk)
+                    for part in speech:
+                        send(live_pb2.LiveRequest(speech=live_pb2.SpeechChunk(pcm=part.astype("<i2").tobytes())))
+                    if speech and not sent_speech:
+                        log.info("webrtc utterance started", extra={"dbfs": round(dbfs(chunk), 1)})
+                    sent_speech = gate.speaking
+                    if ended:
+                        log.info("webrtc utterance ended")
+                        send(live_pb2.LiveRequest(control=live_pb2.CONTROL_END_OF_UTTERANCE))
+                if not gate.speaking and time.monotonic() - heard > KEEPALIVE_S:
+                    # The peer is there, silent: an end of utterance with none open changes nothing and shows it.
                     send(live_pb2.LiveRequest(control=live_pb2.CONTROL_END_OF_UTTERANCE))
-            if not gate.speaking and time.monotonic() - heard > KEEPALIVE_S:
-                # The peer is there, silent: an end of utterance with none open changes nothing and shows it.
-                send(live_pb2.LiveRequest(control=live_pb2.CONTROL_END_OF_UTTERANCE))
     except MediaStreamError:
         pass
+    except TimeoutError:
+        log.info("webrtc peer stopped sending", extra={"seconds": MIC_SILENT_S})
     finally:
         _end(requests)
 
