@@ -69,8 +69,8 @@ class IceServers:
         return ice
 
     def for_caller(self, name: str, now: float | None = None) -> live_pb2.IceServersResponse:
-        """The servers for one caller (a tenant's name goes into its TURN username, so the TURN server's logs and
-        quotas can tell tenants apart)."""
+        """The servers for one caller (a tenant's name goes into its TURN username, so the TURN server's logs can
+        tell tenants apart; the username also carries the expiry, so it is no key for per-user quotas)."""
         now = time.time() if now is None else now
         stun = [url for url in self.urls if url.startswith("stun")]
         turn = [url for url in self.urls if url.startswith("turn")]
